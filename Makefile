@@ -1,0 +1,39 @@
+# Two commands on a fresh Debian machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test apt-deps bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { $(MAKE) apt-deps && $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Build tools for evdev's C extension (gcc, kernel headers) and the venv module.
+apt-deps:
+	@missing=""; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	[ -f /usr/include/linux/input.h ] || missing="$$missing linux-libc-dev"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv python3-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+demo: apt-deps $(STAMP)
+	$(BIN)/appliance demo
+
+test: apt-deps $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

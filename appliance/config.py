@@ -1,0 +1,414 @@
+"""Configuration: one TOML file validated at start into frozen dataclasses.
+
+The schema is the dataclasses below. Every field has a default or is required, and every error
+names its dotted key (`scanner.baudrate: must be one of ...`). Unknown keys are errors, so a typo
+never silently falls back to a default. Secrets (platform keys, the MQTT password) are never
+written inline: the config names a file (`*_file` keys, type `SecretFile`) whose content is read
+only by the adapter that needs it.
+
+Lookup order of the file: `--config PATH`, else `$APPLIANCE_CONFIG`, else
+`/etc/appliance/appliance.toml`. Loading touches no hardware and opens no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from appliance.errors import ConfigError
+from appliance.money import parse_amount
+
+DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
+ENV_VAR = "APPLIANCE_CONFIG"
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A secret kept in a file (mode 0600, owned by the service user). Its text never enters the config."""
+
+    path: Path
+
+    def read(self) -> str:
+        """The secret with surrounding whitespace stripped. Raises ConfigError if unreadable."""
+        try:
+            return self.path.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError("", f"secret file {self.path}: {e.strerror}") from None
+
+    def __str__(self) -> str:
+        return f"<secret in {self.path}>"
+
+
+class Amount(int):
+    """Money in fen, written in the config as a string with two decimals ("50000.00")."""
+
+
+def _opt(default: Any = dataclasses.MISSING, *, check=None, doc: str = "") -> Any:
+    """A schema field: its default (omit = required), an optional check(value) -> value, a doc line."""
+    meta = {"check": check, "doc": doc}
+    if isinstance(default, (list, dict, tuple)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _ident(max_len: int):
+    def check(v: str) -> str:
+        if not re.fullmatch(rf"[A-Za-z0-9]{{1,{max_len}}}", v):
+            raise ValueError(f"must be 1-{max_len} letters or digits (it becomes part of out_trade_no)")
+        return v
+    return check
+
+
+def _positive(v):
+    if v <= 0:
+        raise ValueError("must be greater than zero")
+    return v
+
+
+def _non_negative(v):
+    if v < 0:
+        raise ValueError("must not be negative")
+    return v
+
+
+def _gpio_pin(v: int) -> int:
+    if not 0 <= v <= 53:
+        raise ValueError("must be a BCM GPIO number 0-53")
+    return v
+
+
+def _port(v: int) -> int:
+    if not 1 <= v <= 65535:
+        raise ValueError("must be a TCP port 1-65535")
+    return v
+
+
+def _regex(v: str) -> str:
+    try:
+        rx = re.compile(v)
+    except re.error as e:
+        raise ValueError(f"is not a valid regular expression: {e}") from None
+    missing = {"order", "amount"} - set(rx.groupindex)
+    if missing:
+        raise ValueError(f"must have named groups (?P<order>...) and (?P<amount>...); missing {sorted(missing)}")
+    return v
+
+
+def _terminator(v: str) -> str:
+    if v.upper() in ("CR", "LF", "CRLF", "TAB", "ENTER"):
+        return v.upper()
+    if re.fullmatch(r"0x[0-9a-fA-F]{2}", v):
+        return v.lower()
+    raise ValueError("must be CR, LF, CRLF, TAB, ENTER or one byte as 0xNN")
+
+
+def _vid_pid(v: str) -> str:
+    if v and not re.fullmatch(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{4}", v):
+        raise ValueError("must be VID:PID in hex, like 05e0:1200")
+    return v.lower()
+
+
+@dataclass(frozen=True)
+class TerminalConfig:
+    store_id: str = _opt(check=_ident(8), doc="store number at the payment platforms")
+    terminal_id: str = _opt(check=_ident(4), doc="lane number within the store")
+    state_dir: Path = _opt(Path("/var/lib/appliance"), doc="journal and device keys live here")
+
+
+@dataclass(frozen=True)
+class TillConfig:
+    order_timeout_s: float = _opt(60.0, check=_positive, doc="wait for a payment code after an order ticket")
+    cancel_timeout_s: float = _opt(30.0, check=_positive, doc="wait for an order ticket after the cancel card")
+    duplicate_window_s: float = _opt(10.0, check=_non_negative, doc="a repeated scan of one code inside this window is ignored")
+    result_hold_s: float = _opt(3.0, check=_non_negative, doc="how long paid/declined shows before ready")
+    max_amount: Amount = _opt(Amount(50_000_00), doc="largest amount one order may charge")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    rules_file: Path = _opt(Path("/etc/appliance/payment_types.toml"), doc="extra/overriding rules; absent = none")
+    order_pattern: str = _opt(r"ORD:(?P<order>[A-Za-z0-9_-]{1,32}):(?P<amount>[0-9]{1,9}\.[0-9]{2})",
+                              check=_regex, doc="full-match regex for order tickets")
+    cancel_card: str = _opt("CMD:CANCEL", doc="text of the cancel command card")
+
+
+@dataclass(frozen=True)
+class ScannerConfig:
+    kind: Literal["stdin", "serial", "evdev", "none"] = _opt("stdin")
+    device: str = _opt("", doc="device path; prefer /dev/input/by-id/..., /dev/serial/by-id/... or /dev/scanner")
+    match_name: str = _opt("", doc="evdev auto-detect: substring of the device name")
+    match_vid_pid: str = _opt("", check=_vid_pid, doc="evdev auto-detect: USB VID:PID")
+    keymap: str = _opt("us", doc="keyboard layout the scanner types in (evdev)")
+    terminator: str = _opt("ENTER", check=_terminator, doc="end of a scan")
+    inter_char_timeout_ms: int = _opt(100, check=_positive, doc="a scan whose characters arrive slower is discarded")
+    baudrate: int = _opt(9600, check=_positive)
+    bytesize: Literal[7, 8] = _opt(8)
+    parity: Literal["N", "E", "O"] = _opt("N")
+    stopbits: Literal[1, 2] = _opt(1)
+    strip_aim: bool = _opt(False, doc="strip an AIM symbology identifier like ]Q1")
+    strip_prefix: str = _opt("")
+    strip_suffix: str = _opt("")
+
+
+@dataclass(frozen=True)
+class IndicatorConfig:
+    kind: Literal["gpio", "mock", "log", "none"] = _opt("log")
+    red_pin: int = _opt(17, check=_gpio_pin)
+    green_pin: int = _opt(27, check=_gpio_pin)
+    blue_pin: int = _opt(22, check=_gpio_pin)
+    buzzer_pin: int = _opt(18, check=_gpio_pin)
+    buzzer: bool = _opt(True, doc="false = LED only")
+    active_high: bool = _opt(True, doc="LED polarity: false for common-anode RGB LEDs")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One payment platform account. `kind` picks the adapter; the other keys are the adapter's options."""
+
+    kind: str
+    options: Any
+
+
+@dataclass(frozen=True)
+class OfflineConfig:
+    enabled: bool = _opt(False, doc="accept payments for later forwarding while a platform is unreachable")
+    max_amount: Amount = _opt(Amount(200_00))
+    max_count: int = _opt(20, check=_positive)
+    max_total: Amount = _opt(Amount(1_000_00))
+    forward_within_s: float = _opt(86_400.0, check=_positive)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = _opt(False)
+    host: str = _opt("localhost")
+    port: int = _opt(1883, check=_port)
+    topic_prefix: str = _opt("lanes")
+    username: str = _opt("")
+    password_file: SecretFile | None = _opt(None)
+    keepalive_s: int = _opt(30, check=_positive)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _opt("INFO")
+
+
+@dataclass(frozen=True)
+class Config:
+    terminal: TerminalConfig
+    till: TillConfig = _opt(TillConfig())
+    classify: ClassifyConfig = _opt(ClassifyConfig())
+    scanner: ScannerConfig = _opt(ScannerConfig())
+    indicator: IndicatorConfig = _opt(IndicatorConfig())
+    providers: dict[str, ProviderConfig] = _opt({})
+    routing: dict[str, str] = _opt({}, doc="payment type -> provider name")
+    offline: OfflineConfig = _opt(OfflineConfig())
+    mqtt: MqttConfig = _opt(MqttConfig())
+    logging: LoggingConfig = _opt(LoggingConfig())
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def config_path(cli_path: str | None) -> Path:
+    """The file to read: --config, else $APPLIANCE_CONFIG, else /etc/appliance/appliance.toml."""
+    return Path(cli_path or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file. Raises ConfigError naming the dotted key."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError("", f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"config file {path} is not valid TOML: {e}") from None
+    return from_dict(raw, base_dir=path.parent)
+
+
+def from_dict(raw: dict, base_dir: Path | None = None) -> Config:
+    """Validate an already parsed TOML document. Relative paths resolve against base_dir."""
+    cfg = _build(Config, raw, "", base_dir or Path.cwd())
+    _check_routing(cfg)
+    return cfg
+
+
+def _build(cls, raw: Any, path: str, base: Path):
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"must be a table, got {_tname(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_join(path, key), f"unknown key (known: {', '.join(sorted(names))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = _join(path, f.name)
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(key, "is required")
+            continue
+        value = _convert(hints[f.name], raw[f.name], key, base)
+        check = f.metadata.get("check")
+        if check is not None:
+            try:
+                value = check(value)
+            except ValueError as e:
+                raise ConfigError(key, str(e)) from None
+        values[f.name] = value
+    return cls(**values)
+
+
+def _convert(tp, value: Any, key: str, base: Path):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner[0], value, key, base)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or type(value) is not type(allowed[0]):
+            raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        return value
+    if origin is dict:
+        _, vtype = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a table, got {_tname(value)}")
+        return {k: _convert(vtype, v, _join(key, k), base) for k, v in value.items()}
+    if tp is ProviderConfig:
+        return _provider(value, key, base)
+    if dataclasses.is_dataclass(tp) and tp is not SecretFile:
+        return _build(tp, value, key, base)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {_tname(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {_tname(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {_tname(value)}")
+        return float(value)
+    if tp is Amount:
+        if not isinstance(value, str):
+            raise ConfigError(key, f'must be an amount string like "12.34", got {_tname(value)}')
+        try:
+            return Amount(parse_amount(value))
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {_tname(value)}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"must be a non-empty path string, got {_tname(value)}")
+        return base / Path(value).expanduser()
+    if tp is SecretFile:
+        p = _convert(Path, value, key, base)
+        if not p.is_file():
+            raise ConfigError(key, f"secret file {p} does not exist")
+        if not os.access(p, os.R_OK):
+            raise ConfigError(key, f"secret file {p} is not readable by this user")
+        return SecretFile(p)
+    raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in this module
+
+
+def _provider(raw: Any, key: str, base: Path) -> ProviderConfig:
+    from appliance.payments import provider_options  # adapters declare their own options
+
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"must be a table, got {_tname(raw)}")
+    kinds = provider_options()
+    kind = raw.get("kind")
+    if kind not in kinds:
+        raise ConfigError(_join(key, "kind"), f"must be one of {', '.join(map(repr, sorted(kinds)))}, got {kind!r}")
+    rest = {k: v for k, v in raw.items() if k != "kind"}
+    return ProviderConfig(kind=kind, options=_build(kinds[kind], rest, key, base))
+
+
+def _check_routing(cfg: Config) -> None:
+    from appliance.classify import load_rules
+
+    try:
+        known = {r.payment_type for r in load_rules(cfg.classify.rules_file)}
+    except ValueError as e:
+        raise ConfigError("classify.rules_file", str(e)) from None
+    for ptype, provider in cfg.routing.items():
+        key = f"routing.{ptype}"
+        if not isinstance(provider, str):
+            raise ConfigError(key, f"must be a provider name, got {_tname(provider)}")
+        if ptype not in known:
+            raise ConfigError(key, f"no payment type {ptype!r} in the rules (known: {', '.join(sorted(known))})")
+        if provider not in cfg.providers:
+            raise ConfigError(key, f"names provider {provider!r}, which is not configured under [providers]")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _tname(v: Any) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+
+
+# --- presenting ------------------------------------------------------------------------------
+
+
+def to_toml(cfg: Config) -> str:
+    """The effective config as TOML, secrets shown only as the file they live in."""
+    lines: list[str] = []
+
+    def emit_table(name: str, obj) -> None:
+        lines.append(f"[{name}]")
+        items = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+        for k, v in items.items():
+            if k == "options":
+                continue
+            lines.append(f"{k} = {_toml_value(getattr(obj, k, v) if dataclasses.is_dataclass(obj) else v)}")
+        if isinstance(obj, ProviderConfig):
+            for f in dataclasses.fields(obj.options):
+                lines.append(f"{f.name} = {_toml_value(getattr(obj.options, f.name))}")
+        lines.append("")
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "providers":
+            for pname, pcfg in value.items():
+                emit_table(f"providers.{pname}", pcfg)
+        elif f.name == "routing":
+            emit_table("routing", value)
+        else:
+            emit_table(f.name, value)
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '""  # not set'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Amount):
+        from appliance.money import format_amount
+        return f'"{format_amount(v)}"'
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, SecretFile):
+        return f'"{v.path}"  # secret, content not shown'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'

@@ -1,0 +1,53 @@
+"""One exception root for the appliance.
+
+Every error says whether retrying the same operation can help (`retryable`). Adapters translate
+third-party exceptions (serial, evdev, HTTP, MQTT) into these at their boundary; the till and the
+journal only ever see `ApplianceError` subclasses.
+"""
+
+
+class ApplianceError(Exception):
+    """Root of every error the appliance raises on purpose."""
+
+    retryable = False
+
+
+class ConfigError(ApplianceError, ValueError):
+    """The configuration is invalid. `key` is the dotted path of the offending key ("" = the file)."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}" if key else reason)
+
+
+class BadInput(ApplianceError, ValueError):
+    """A scan, an amount or a command argument is malformed. Nothing was changed."""
+
+
+class Refused(ApplianceError):
+    """A well-formed request that policy refuses (order already paid, no platform for a type...)."""
+
+
+class IllegalTransition(ApplianceError):
+    """A journal state change that the state machine does not allow. A programming error."""
+
+
+class ProviderError(ApplianceError):
+    """A payment platform adapter failed in a way that is not an uncertain payment outcome."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The platform could not be reached and no request left this device. Retryable."""
+
+    retryable = True
+
+
+class ProviderMisconfigured(ProviderError):
+    """The platform refused our credentials or request shape (signature, app id). Permanent."""
+
+
+class DeviceError(ApplianceError):
+    """A scanner or indicator device is missing or failed. Retryable: devices come back."""
+
+    retryable = True

@@ -1,0 +1,85 @@
+"""The Scanner port: whatever reads the scan gun delivers `Scan`s to one callback.
+
+Contract for adapters (one per file, chosen by `[scanner] kind`):
+  * `start(on_scan)` starts reading in a background thread and returns at once;
+    `on_scan(scan)` is called from that thread, one call per scan, in order.
+  * A scan the adapter knows to be damaged (events dropped by the kernel, characters arriving
+    too slowly, a missing terminator, undecodable bytes) is delivered with `defect` set and its
+    `text` empty: the till signals unknown_code and never treats it as a code.
+  * Device loss is not fatal: the adapter logs it once, calls `on_fault(reason)` once, retries
+    quietly and logs once more when the device is back.
+  * `close()` stops the thread within about a second and is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Scan:
+    text: str
+    source: str  # adapter and device, e.g. "stdin" or "evdev:/dev/input/by-id/usb-..."
+    at: float = field(default_factory=time.monotonic)  # monotonic seconds
+    defect: str | None = None  # set when the adapter knows the scan is damaged
+
+
+OnScan = Callable[[Scan], None]
+OnFault = Callable[[str], None]
+
+
+class Scanner(ABC):
+    """Base for scanner adapters: a daemon reader thread with a stop event."""
+
+    name = "scanner"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._on_scan: OnScan = lambda scan: None
+        self._on_fault: OnFault = lambda reason: None
+
+    def start(self, on_scan: OnScan, on_fault: OnFault | None = None) -> None:
+        self._on_scan = on_scan
+        self._on_fault = on_fault or (lambda reason: None)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    @abstractmethod
+    def _run(self) -> None:
+        """Read until `self._stop` is set. Must poll the stop event at least once a second."""
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._thread = None
+
+
+class NoScanner(Scanner):
+    """`kind = "none"`: no scan gun; charges arrive only by command."""
+
+    name = "scanner-none"
+
+    def _run(self) -> None:
+        self._stop.wait()
+
+
+def make_scanner(cfg) -> Scanner:
+    """The adapter named by `cfg.kind` (a ScannerConfig). Opens nothing until `start()`."""
+    if cfg.kind == "none":
+        return NoScanner()
+    if cfg.kind == "stdin":
+        from appliance.scan.stdin import StdinScanner
+        return StdinScanner()
+    if cfg.kind == "serial":
+        from appliance.scan.serial import SerialScanner
+        return SerialScanner(cfg)
+    if cfg.kind == "evdev":
+        from appliance.scan.evdev import EvdevScanner
+        return EvdevScanner(cfg)
+    raise ValueError(f"unknown scanner kind {cfg.kind!r}")
