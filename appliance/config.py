@@ -50,7 +50,7 @@ class Amount(int):
     """Money in fen, written in the config as a string with two decimals ("50000.00")."""
 
 
-def _opt(default: Any = dataclasses.MISSING, *, check=None, doc: str = "") -> Any:
+def opt(default: Any = dataclasses.MISSING, *, check=None, doc: str = "") -> Any:
     """A schema field: its default (omit = required), an optional check(value) -> value, a doc line."""
     meta = {"check": check, "doc": doc}
     if isinstance(default, (list, dict, tuple)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
@@ -66,13 +66,13 @@ def _ident(max_len: int):
     return check
 
 
-def _positive(v):
+def positive(v):
     if v <= 0:
         raise ValueError("must be greater than zero")
     return v
 
 
-def _non_negative(v):
+def non_negative(v):
     if v < 0:
         raise ValueError("must not be negative")
     return v
@@ -117,55 +117,55 @@ def _vid_pid(v: str) -> str:
 
 @dataclass(frozen=True)
 class TerminalConfig:
-    store_id: str = _opt(check=_ident(8), doc="store number at the payment platforms")
-    terminal_id: str = _opt(check=_ident(4), doc="lane number within the store")
-    state_dir: Path = _opt(Path("/var/lib/appliance"), doc="journal and device keys live here")
+    store_id: str = opt(check=_ident(8), doc="store number at the payment platforms")
+    terminal_id: str = opt(check=_ident(4), doc="lane number within the store")
+    state_dir: Path = opt(Path("/var/lib/appliance"), doc="journal and device keys live here")
 
 
 @dataclass(frozen=True)
 class TillConfig:
-    order_timeout_s: float = _opt(60.0, check=_positive, doc="wait for a payment code after an order ticket")
-    cancel_timeout_s: float = _opt(30.0, check=_positive, doc="wait for an order ticket after the cancel card")
-    duplicate_window_s: float = _opt(10.0, check=_non_negative, doc="a repeated scan of one code inside this window is ignored")
-    result_hold_s: float = _opt(3.0, check=_non_negative, doc="how long paid/declined shows before ready")
-    max_amount: Amount = _opt(Amount(50_000_00), doc="largest amount one order may charge")
+    order_timeout_s: float = opt(60.0, check=positive, doc="wait for a payment code after an order ticket")
+    cancel_timeout_s: float = opt(30.0, check=positive, doc="wait for an order ticket after the cancel card")
+    duplicate_window_s: float = opt(10.0, check=non_negative, doc="a repeated scan of one code inside this window is ignored")
+    result_hold_s: float = opt(3.0, check=non_negative, doc="how long paid/declined shows before ready")
+    max_amount: Amount = opt(Amount(50_000_00), doc="largest amount one order may charge")
 
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    rules_file: Path = _opt(Path("/etc/appliance/payment_types.toml"), doc="extra/overriding rules; absent = none")
-    order_pattern: str = _opt(r"ORD:(?P<order>[A-Za-z0-9_-]{1,32}):(?P<amount>[0-9]{1,9}\.[0-9]{2})",
+    rules_file: Path = opt(Path("/etc/appliance/payment_types.toml"), doc="extra/overriding rules; absent = none")
+    order_pattern: str = opt(r"ORD:(?P<order>[A-Za-z0-9_-]{1,32}):(?P<amount>[0-9]{1,9}\.[0-9]{2})",
                               check=_regex, doc="full-match regex for order tickets")
-    cancel_card: str = _opt("CMD:CANCEL", doc="text of the cancel command card")
+    cancel_card: str = opt("CMD:CANCEL", doc="text of the cancel command card")
 
 
 @dataclass(frozen=True)
 class ScannerConfig:
-    kind: Literal["stdin", "serial", "evdev", "none"] = _opt("stdin")
-    device: str = _opt("", doc="device path; prefer /dev/input/by-id/..., /dev/serial/by-id/... or /dev/scanner")
-    match_name: str = _opt("", doc="evdev auto-detect: substring of the device name")
-    match_vid_pid: str = _opt("", check=_vid_pid, doc="evdev auto-detect: USB VID:PID")
-    keymap: str = _opt("us", doc="keyboard layout the scanner types in (evdev)")
-    terminator: str = _opt("ENTER", check=_terminator, doc="end of a scan")
-    inter_char_timeout_ms: int = _opt(100, check=_positive, doc="a scan whose characters arrive slower is discarded")
-    baudrate: int = _opt(9600, check=_positive)
-    bytesize: Literal[7, 8] = _opt(8)
-    parity: Literal["N", "E", "O"] = _opt("N")
-    stopbits: Literal[1, 2] = _opt(1)
-    strip_aim: bool = _opt(False, doc="strip an AIM symbology identifier like ]Q1")
-    strip_prefix: str = _opt("")
-    strip_suffix: str = _opt("")
+    kind: Literal["stdin", "serial", "evdev", "none"] = opt("stdin")
+    device: str = opt("", doc="device path; prefer /dev/input/by-id/..., /dev/serial/by-id/... or /dev/scanner")
+    match_name: str = opt("", doc="evdev auto-detect: substring of the device name")
+    match_vid_pid: str = opt("", check=_vid_pid, doc="evdev auto-detect: USB VID:PID")
+    keymap: str = opt("us", doc="keyboard layout the scanner types in (evdev)")
+    terminator: str = opt("ENTER", check=_terminator, doc="end of a scan")
+    inter_char_timeout_ms: int = opt(100, check=positive, doc="a scan whose characters arrive slower is discarded")
+    baudrate: int = opt(9600, check=positive)
+    bytesize: Literal[7, 8] = opt(8)
+    parity: Literal["N", "E", "O"] = opt("N")
+    stopbits: Literal[1, 2] = opt(1)
+    strip_aim: bool = opt(False, doc="strip an AIM symbology identifier like ]Q1")
+    strip_prefix: str = opt("")
+    strip_suffix: str = opt("")
 
 
 @dataclass(frozen=True)
 class IndicatorConfig:
-    kind: Literal["gpio", "mock", "log", "none"] = _opt("log")
-    red_pin: int = _opt(17, check=_gpio_pin)
-    green_pin: int = _opt(27, check=_gpio_pin)
-    blue_pin: int = _opt(22, check=_gpio_pin)
-    buzzer_pin: int = _opt(18, check=_gpio_pin)
-    buzzer: bool = _opt(True, doc="false = LED only")
-    active_high: bool = _opt(True, doc="LED polarity: false for common-anode RGB LEDs")
+    kind: Literal["gpio", "mock", "log", "none"] = opt("log")
+    red_pin: int = opt(17, check=_gpio_pin)
+    green_pin: int = opt(27, check=_gpio_pin)
+    blue_pin: int = opt(22, check=_gpio_pin)
+    buzzer_pin: int = opt(18, check=_gpio_pin)
+    buzzer: bool = opt(True, doc="false = LED only")
+    active_high: bool = opt(True, doc="LED polarity: false for common-anode RGB LEDs")
 
 
 @dataclass(frozen=True)
@@ -178,41 +178,41 @@ class ProviderConfig:
 
 @dataclass(frozen=True)
 class OfflineConfig:
-    enabled: bool = _opt(False, doc="accept payments for later forwarding while a platform is unreachable")
-    max_amount: Amount = _opt(Amount(200_00))
-    max_count: int = _opt(20, check=_positive)
-    max_total: Amount = _opt(Amount(1_000_00))
-    forward_within_s: float = _opt(86_400.0, check=_positive)
+    enabled: bool = opt(False, doc="accept payments for later forwarding while a platform is unreachable")
+    max_amount: Amount = opt(Amount(200_00))
+    max_count: int = opt(20, check=positive)
+    max_total: Amount = opt(Amount(1_000_00))
+    forward_within_s: float = opt(86_400.0, check=positive)
 
 
 @dataclass(frozen=True)
 class MqttConfig:
-    enabled: bool = _opt(False)
-    host: str = _opt("localhost")
-    port: int = _opt(1883, check=_port)
-    topic_prefix: str = _opt("lanes")
-    username: str = _opt("")
-    password_file: SecretFile | None = _opt(None)
-    keepalive_s: int = _opt(30, check=_positive)
+    enabled: bool = opt(False)
+    host: str = opt("localhost")
+    port: int = opt(1883, check=_port)
+    topic_prefix: str = opt("lanes")
+    username: str = opt("")
+    password_file: SecretFile | None = opt(None)
+    keepalive_s: int = opt(30, check=positive)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _opt("INFO")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = opt("INFO")
 
 
 @dataclass(frozen=True)
 class Config:
     terminal: TerminalConfig
-    till: TillConfig = _opt(TillConfig())
-    classify: ClassifyConfig = _opt(ClassifyConfig())
-    scanner: ScannerConfig = _opt(ScannerConfig())
-    indicator: IndicatorConfig = _opt(IndicatorConfig())
-    providers: dict[str, ProviderConfig] = _opt({})
-    routing: dict[str, str] = _opt({}, doc="payment type -> provider name")
-    offline: OfflineConfig = _opt(OfflineConfig())
-    mqtt: MqttConfig = _opt(MqttConfig())
-    logging: LoggingConfig = _opt(LoggingConfig())
+    till: TillConfig = opt(TillConfig())
+    classify: ClassifyConfig = opt(ClassifyConfig())
+    scanner: ScannerConfig = opt(ScannerConfig())
+    indicator: IndicatorConfig = opt(IndicatorConfig())
+    providers: dict[str, ProviderConfig] = opt({})
+    routing: dict[str, str] = opt({}, doc="payment type -> provider name")
+    offline: OfflineConfig = opt(OfflineConfig())
+    mqtt: MqttConfig = opt(MqttConfig())
+    logging: LoggingConfig = opt(LoggingConfig())
 
 
 # --- loading ---------------------------------------------------------------------------------

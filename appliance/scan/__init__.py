@@ -7,7 +7,7 @@ Contract for adapters (one per file, chosen by `[scanner] kind`):
     too slowly, a missing terminator, undecodable bytes) is delivered with `defect` set and its
     `text` empty: the till signals unknown_code and never treats it as a code.
   * Device loss is not fatal: the adapter logs it once, calls `on_fault(reason)` once, retries
-    quietly and logs once more when the device is back.
+    quietly, and when the device is back logs once more and calls `on_fault(None)`.
   * `close()` stops the thread within about a second and is safe to call twice.
 """
 
@@ -29,7 +29,7 @@ class Scan:
 
 
 OnScan = Callable[[Scan], None]
-OnFault = Callable[[str], None]
+OnFault = Callable[[str | None], None]  # reason, or None when the device is back
 
 
 class Scanner(ABC):

@@ -28,6 +28,7 @@ class StdinScanner(Scanner):
 
     def _run(self) -> None:
         buf = b""
+        overlong = False  # inside a line already reported as too long: drop up to its newline
         while not self._stop.is_set():
             ready, _, _ = select.select([self._fd], [], [], 0.2)
             if not ready:
@@ -41,10 +42,14 @@ class StdinScanner(Scanner):
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                self._deliver(line)
+                if overlong:
+                    overlong = False
+                else:
+                    self._deliver(line)
             if len(buf) > MAX_LINE:
-                self._on_scan(Scan("", "stdin", defect=f"line longer than {MAX_LINE} bytes"))
-                buf = b""
+                if not overlong:
+                    self._on_scan(Scan("", "stdin", defect=f"line longer than {MAX_LINE} bytes"))
+                overlong, buf = True, b""
 
     def _deliver(self, line: bytes) -> None:
         line = line.removesuffix(b"\r")

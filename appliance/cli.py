@@ -1,0 +1,247 @@
+"""`appliance` command line. Thin: each subcommand parses, calls one function, returns an exit code.
+
+Exit codes: 0 ok/paid, 1 other error, 2 config (or usage) error, 3 declined, 4 unknown (still
+being resolved), 5 refused (bad input, policy). `DEBUG=1` shows tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from appliance import __version__
+from appliance.config import DEFAULT_PATH, ENV_VAR, Config, ConfigError, config_path, load, to_toml
+from appliance.errors import ApplianceError, BadInput
+from appliance.money import format_amount, parse_amount
+
+log = logging.getLogger("appliance")
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DECLINED, EXIT_UNKNOWN, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
+
+
+def _config(args) -> Config:
+    return load(config_path(args.config))
+
+
+def cmd_run(args) -> int:
+    from appliance import service
+    from appliance.logs import setup
+
+    cfg = _config(args)
+    setup(cfg.logging.level)
+    return service.run(cfg)
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    else:
+        d = result.as_dict()
+        head = f"txn {d['txn_id']} {d['out_trade_no']}: " if d["txn_id"] else ""
+        print(f"{head}{d['state']}" + (f" ({d['reason']})" if d["reason"] else ""))
+
+
+def _wait_for_end(lane, result, wait_s: float):
+    """Drive the resolver in-process until the payment is definite or wait_s passes."""
+    from appliance.journal import OPEN_STATES
+    from appliance.till import Result
+
+    txn = result.txn
+    deadline = time.monotonic() + wait_s
+    while txn is not None and txn.state in OPEN_STATES and time.monotonic() < deadline:
+        lane.resolver.step()
+        txn = lane.journal.get(txn.txn_id)
+        if txn.state in OPEN_STATES:
+            time.sleep(0.1)
+    return Result.of(txn) if txn is not None else result
+
+
+def cmd_charge(args) -> int:
+    from appliance.logs import setup
+    from appliance.service import build_headless
+
+    cfg = _config(args)
+    setup("WARNING" if args.json else cfg.logging.level)
+    code = sys.stdin.readline().rstrip("\r\n") if args.code == "-" else args.code
+    try:
+        amount = parse_amount(args.amount)
+    except BadInput as e:
+        print(f"appliance: refused: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"state": "refused", "reason": str(e)}))
+        return EXIT_REFUSED
+    lane = build_headless(cfg)
+    try:
+        result = lane.till.charge(args.order, amount, code, source="command")
+        if args.wait:
+            result = _wait_for_end(lane, result, args.wait)
+    finally:
+        lane.close()
+    _print_result(result, args.json)
+    return result.exit_code
+
+
+def cmd_cancel(args) -> int:
+    from appliance.logs import setup
+    from appliance.service import build_headless
+
+    cfg = _config(args)
+    setup("WARNING" if args.json else cfg.logging.level)
+    lane = build_headless(cfg)
+    try:
+        result = lane.till.cancel(args.order)
+        if args.wait:
+            result = _wait_for_end(lane, result, args.wait)
+    finally:
+        lane.close()
+    _print_result(result, args.json)
+    return result.exit_code
+
+
+def cmd_journal(args) -> int:
+    from appliance.journal import Journal, State
+
+    cfg = _config(args)
+    states = [State(s) for s in args.state] if args.state else None
+    journal = Journal(cfg.terminal.state_dir, cfg.terminal.store_id, cfg.terminal.terminal_id)
+    try:
+        txns = journal.recent(limit=args.limit, states=states)
+    finally:
+        journal.close()
+    print_journal(txns, as_json=args.json)
+    return EXIT_OK
+
+
+def print_journal(txns, as_json: bool = False, out=None) -> None:
+    out = out or sys.stdout
+    if as_json:
+        for t in txns:
+            print(json.dumps(t.as_dict(), ensure_ascii=False), file=out)
+        return
+    print(f"{'txn':>5}  {'out_trade_no':<31}  {'order':<12} {'amount':>10}  {'type':<9} {'state':<16} "
+          f"{'code':<20} reason", file=out)
+    for t in txns:
+        print(f"{t.txn_id:>5}  {t.out_trade_no:<31}  {t.order:<12} {format_amount(t.amount_fen):>10}  "
+              f"{t.payment_type:<9} {t.state:<16} {t.code_masked:<20} {t.reason}", file=out)
+    if not txns:
+        print("(no transactions)", file=out)
+
+
+def cmd_classify(args) -> int:
+    from appliance.config import from_dict
+    from appliance.service import make_classifier
+
+    if args.config or os.environ.get(ENV_VAR) or DEFAULT_PATH.exists():
+        cfg = _config(args)
+    else:  # a pure tool: without any config, classify with the built-in defaults
+        cfg = from_dict({"terminal": {"store_id": "S0", "terminal_id": "T0"}})
+    classifier = make_classifier(cfg)
+    texts = args.text if args.text != ["-"] else [line.rstrip("\r\n") for line in sys.stdin]
+    for text in texts:
+        c = classifier.classify(text)
+        if args.json:
+            print(json.dumps(c.as_dict(), ensure_ascii=False))
+        else:
+            detail = c.payment_type or c.command or (c.order and f"order {c.order} {format_amount(c.amount_fen)}") or ""
+            print(f"{c.masked}\t{c.kind}\t{detail or c.reason}")
+    return EXIT_OK
+
+
+def cmd_check_config(args) -> int:
+    path = config_path(args.config)
+    cfg = load(path)
+    print(f"# effective configuration from {path} (secrets shown as their files)")
+    print(to_toml(cfg))
+    return EXIT_OK
+
+
+def cmd_test_feedback(args) -> int:
+    from appliance.indicator import PATTERNS, Signal, make_indicator
+    from appliance.logs import setup
+
+    cfg = _config(args)
+    setup(cfg.logging.level)
+    indicator = make_indicator(cfg.indicator)
+    try:
+        for signal in Signal:
+            if signal is Signal.OFF:
+                continue
+            print(f"{signal:<16} {PATTERNS[signal].describe()}", flush=True)
+            indicator.show(signal)
+            time.sleep(args.pause)
+    finally:
+        indicator.close()
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from appliance.demo import run_demo
+
+    return run_demo(pause=args.pause)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="appliance", description="Scan-to-pay lane appliance.")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", metavar="PATH",
+                        help=f"config file (default: ${ENV_VAR}, else {DEFAULT_PATH})")
+        sp.set_defaults(func=func)
+        return sp
+
+    add("run", cmd_run, "run the lane service (scanner, till, journal, indicator, resolver)")
+    sp = add("charge", cmd_charge, "charge one payment code for an order, without the scanner")
+    sp.add_argument("--order", required=True, help="order number (1-32 letters, digits, _ or -)")
+    sp.add_argument("--amount", required=True, help='amount in yuan with at most two decimals, e.g. "12.34"')
+    sp.add_argument("--code", required=True, help="the payment code, or - to read it from stdin (keeps it out of ps)")
+    sp.add_argument("--wait", type=float, default=0.0, metavar="S",
+                    help="if the outcome is uncertain, keep resolving it for up to S seconds")
+    sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    sp = add("cancel", cmd_cancel, "cancel (reverse or refund) the paid payment of an order")
+    sp.add_argument("--order", required=True)
+    sp.add_argument("--wait", type=float, default=0.0, metavar="S",
+                    help="if the platform's answer is uncertain, keep trying for up to S seconds")
+    sp.add_argument("--json", action="store_true")
+    sp = add("journal", cmd_journal, "list journaled transactions, newest first")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--state", action="append", help="only this state (repeatable)",
+                    choices=["pending", "paid", "declined", "unknown", "reversed", "deferred",
+                             "cancel_requested", "cancelled", "refunded"])
+    sp = add("classify", cmd_classify, "classify scan texts (payment code, order ticket, command card)")
+    sp.add_argument("text", nargs="+", help="texts to classify, or - to read lines from stdin")
+    sp.add_argument("--json", action="store_true", help="one JSON object per input")
+    add("check-config", cmd_check_config, "validate the config and print it with secrets redacted")
+    sp = add("test-feedback", cmd_test_feedback, "play every LED/buzzer pattern in turn")
+    sp.add_argument("--pause", type=float, default=2.0, metavar="S", help="seconds per pattern")
+    sp = sub.add_parser("demo", help="run a scripted lane on a temporary state dir with the sandbox platform",
+                        description="run a scripted lane on a temporary state dir with the sandbox platform")
+    sp.add_argument("--pause", type=float, default=0.6, metavar="S", help="seconds between scripted scans")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"appliance: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except ApplianceError as e:
+        print(f"appliance: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
+        if os.environ.get("DEBUG"):
+            raise
+        print(f"appliance: unexpected error: {type(e).__name__}: {e} (DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,136 @@
+"""The Provider port: one payment platform's barcode-payment API, reduced to four calls.
+
+Contract for adapters (one per file, chosen by `[providers.<name>] kind`):
+  * `pay(req)` answers PAID, DECLINED or UNKNOWN. UNKNOWN covers every uncertain end: timeouts,
+    resets, 5xx, unparseable or unsigned answers, "user is paying" (USERPAYING, 10003). It raises
+    ProviderUnavailable only when provably nothing left this device (connection refused, DNS
+    failure before sending): only then may the till treat the payment as not attempted.
+  * `query(out_trade_no)` answers PAID, DECLINED (closed, reversed, failed, never arrived) or
+    UNKNOWN (still paying, or the query itself failed).
+  * `reverse(out_trade_no)` cancels an uncertain or paid trade: REVERSED (closed, or paid and
+    refunded), UNKNOWN (call again: recall=Y, retry_flag=Y, transport error) or DECLINED (the
+    platform refuses, e.g. outside the reverse window: use refund).
+  * `refund(out_trade_no, amount_fen, out_refund_no)`: REFUNDED, UNKNOWN (retry with the same
+    out_refund_no) or DECLINED.
+  * Third-party exceptions never leave an adapter. `ProviderMisconfigured` signals our own
+    credentials or request shape are wrong (a fault for the technician, not a decline).
+  * `policy` tells the resolver how this platform wants uncertain trades driven to an end.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from appliance.errors import Refused
+
+
+class Status(StrEnum):
+    PAID = "paid"
+    DECLINED = "declined"
+    UNKNOWN = "unknown"
+    REVERSED = "reversed"
+    REFUNDED = "refunded"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    reason: str = ""  # platform code and text, e.g. "NOTENOUGH: balance insufficient"
+    platform_txn_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PayRequest:
+    out_trade_no: str
+    amount_fen: int
+    auth_code: str  # the payment code: a bearer token, never log it
+    subject: str
+    store_id: str
+    terminal_id: str
+
+
+@dataclass(frozen=True)
+class ResolutionPolicy:
+    """How a platform wants an uncertain payment resolved (seconds, from the pay call).
+
+    first_query_after_s: wait before the first query; query_every_s: between queries;
+    reverse_after_s: give up querying and reverse (never earlier); retry_every_s: between
+    reverse/refund retries once reversing.
+    """
+
+    first_query_after_s: float = 5.0
+    query_every_s: float = 10.0
+    reverse_after_s: float = 45.0
+    retry_every_s: float = 10.0
+
+
+class Provider(ABC):
+    """A payment platform account (see the module docstring for the contract)."""
+
+    kind = "abstract"
+
+    def __init__(self, name: str, policy: ResolutionPolicy):
+        self.name = name
+        self.policy = policy
+
+    @abstractmethod
+    def pay(self, req: PayRequest) -> Outcome: ...
+
+    @abstractmethod
+    def query(self, out_trade_no: str) -> Outcome: ...
+
+    @abstractmethod
+    def reverse(self, out_trade_no: str) -> Outcome: ...
+
+    @abstractmethod
+    def refund(self, out_trade_no: str, amount_fen: int, out_refund_no: str) -> Outcome: ...
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+
+
+def provider_options() -> dict[str, type]:
+    """Adapter kind -> its options dataclass (what `[providers.<name>]` may contain besides kind)."""
+    from appliance.payments.sandbox import SandboxOptions
+
+    return {"sandbox": SandboxOptions}
+
+
+def make_provider(name: str, pcfg, state_dir: Path) -> Provider:
+    if pcfg.kind == "sandbox":
+        from appliance.payments.sandbox import SandboxProvider
+        return SandboxProvider(name, pcfg.options, state_dir)
+    raise ValueError(f"providers.{name}.kind: no adapter {pcfg.kind!r}")
+
+
+class Router:
+    """Maps payment types to configured providers."""
+
+    def __init__(self, providers: dict[str, Provider], routing: dict[str, str]):
+        self.providers = providers
+        self._routing = dict(routing)
+
+    @classmethod
+    def from_config(cls, cfg, state_dir: Path) -> "Router":
+        providers = {name: make_provider(name, p, state_dir) for name, p in cfg.providers.items()}
+        return cls(providers, cfg.routing)
+
+    def route(self, payment_type: str) -> Provider:
+        """The provider for a payment type. Raises Refused when none is configured."""
+        name = self._routing.get(payment_type)
+        if name is None:
+            raise Refused(f"no payment platform is configured for {payment_type} codes")
+        return self.providers[name]
+
+    def by_name(self, name: str) -> Provider:
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise Refused(f"platform {name!r} is no longer configured") from None
+
+    def close(self) -> None:
+        for p in self.providers.values():
+            p.close()

@@ -1,0 +1,182 @@
+"""`kind = "sandbox"`: an in-process payment platform with deterministic outcomes, no network.
+
+It keeps its own ledger (`sandbox-ledger.sqlite` in the state directory, codes stored only as
+SHA-256 digests) so that a query after a crash or restart sees what the "platform" did, exactly
+like a real one would. Outcomes are chosen by the payment code's last two digits:
+
+    ..00-..89  paid at once
+    ..90       declined: NOTENOUGH (balance insufficient)
+    ..91       declined: AUTHCODEEXPIRE (customer must refresh the code)
+    ..92       USERPAYING: customer confirms a password; the 2nd query answers paid
+    ..93       USERPAYING: customer gives up; the 2nd query answers declined (PAYERROR)
+    ..94       SYSTEMERROR: every query stays unknown until the resolver reverses it
+    ..95       platform unreachable: nothing is sent (ProviderUnavailable)
+    ..96       charged, but the answer is lost (timeout): unknown, the 1st query answers paid
+    ..97       slow: charged at once, answered after `slow_ms` (for crash-mid-payment tests)
+
+and by the amount: above `password_above` (default 1000.00, WeChat's password-free limit) the
+customer must confirm a password, as for ..92. A paid trade younger than `reverse_window_s` is
+reversed (refunded to the customer); an older one is refused by reverse and must be refunded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import Amount, non_negative, opt, positive
+from appliance.errors import ProviderUnavailable
+from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    latency_ms: int = opt(0, check=non_negative, doc="added to every call")
+    slow_ms: int = opt(3000, check=non_negative, doc="answer delay for codes ending 97")
+    password_above: Amount = opt(Amount(1000_00), doc="larger amounts need the customer's password")
+    reverse_window_s: float = opt(7 * 86400.0, check=positive, doc="paid trades older than this need a refund")
+    first_query_after_s: float = opt(0.5, check=non_negative)
+    query_every_s: float = opt(0.5, check=positive)
+    reverse_after_s: float = opt(3.0, check=non_negative, doc="give up querying and reverse")
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trade (
+    out_trade_no TEXT PRIMARY KEY,
+    code_sha256 TEXT NOT NULL,
+    amount_fen INTEGER NOT NULL,
+    scenario TEXT NOT NULL,
+    state TEXT NOT NULL,          -- PAYING, SUCCESS, CLOSED, PAYERROR, REFUND
+    queries INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+)
+"""
+
+
+class SandboxProvider(Provider):
+    kind = "sandbox"
+
+    def __init__(self, name: str, options: SandboxOptions, state_dir: Path, *, sleep=time.sleep):
+        super().__init__(name, ResolutionPolicy(
+            first_query_after_s=options.first_query_after_s, query_every_s=options.query_every_s,
+            reverse_after_s=options.reverse_after_s, retry_every_s=options.query_every_s))
+        self.options = options
+        self._path = Path(state_dir) / "sandbox-ledger.sqlite"
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self._path, timeout=10, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+        return self._db
+
+    def _scenario(self, req: PayRequest) -> str:
+        tail = req.auth_code[-2:]
+        if tail in ("90", "91", "92", "93", "94", "95", "96", "97"):
+            return tail
+        return "92" if req.amount_fen > self.options.password_above else "ok"
+
+    def pay(self, req: PayRequest) -> Outcome:
+        scenario = self._scenario(req)
+        if scenario == "95":
+            raise ProviderUnavailable("sandbox: platform unreachable (code ends 95)")
+        self._sleep(self.options.latency_ms / 1000)
+        state = {"ok": "SUCCESS", "90": "PAYERROR", "91": "PAYERROR", "96": "SUCCESS", "97": "SUCCESS"}.get(
+            scenario, "PAYING")
+        with self._lock:
+            db = self._conn()
+            row = db.execute("SELECT state FROM trade WHERE out_trade_no=?", (req.out_trade_no,)).fetchone()
+            if row is not None:  # a retry of the same attempt: answer with what happened
+                return self._answer(row[0], req.out_trade_no)
+            db.execute("INSERT INTO trade VALUES (?,?,?,?,?,0,?)", (
+                req.out_trade_no, hashlib.sha256(req.auth_code.encode()).hexdigest(), req.amount_fen,
+                scenario, state, time.time()))
+        if scenario == "97":
+            self._sleep(self.options.slow_ms / 1000)
+        if scenario == "90":
+            return Outcome(Status.DECLINED, "NOTENOUGH: balance insufficient")
+        if scenario == "91":
+            return Outcome(Status.DECLINED, "AUTHCODEEXPIRE: payment code expired, refresh it")
+        if scenario == "96":
+            return Outcome(Status.UNKNOWN, "timeout: no answer from the platform")
+        if state == "PAYING":
+            reason = "SYSTEMERROR: result unknown" if scenario == "94" else "USERPAYING: waiting for the customer's password"
+            return Outcome(Status.UNKNOWN, reason)
+        return Outcome(Status.PAID, "SUCCESS", platform_txn_id=f"sbx{req.out_trade_no}")
+
+    def query(self, out_trade_no: str) -> Outcome:
+        self._sleep(self.options.latency_ms / 1000)
+        with self._lock:
+            db = self._conn()
+            row = db.execute("SELECT scenario, state, queries FROM trade WHERE out_trade_no=?",
+                             (out_trade_no,)).fetchone()
+            if row is None:
+                return Outcome(Status.DECLINED, "ORDERNOTEXIST: the platform never received this trade")
+            scenario, state, queries = row
+            queries += 1
+            if state == "PAYING" and scenario in ("92", "93") and queries >= 2:
+                state = "SUCCESS" if scenario == "92" else "PAYERROR"
+            db.execute("UPDATE trade SET state=?, queries=? WHERE out_trade_no=?", (state, queries, out_trade_no))
+        if state == "PAYING" and scenario == "94":
+            return Outcome(Status.UNKNOWN, "SYSTEMERROR: query failed, try again")
+        return self._answer(state, out_trade_no)
+
+    def _answer(self, state: str, out_trade_no: str) -> Outcome:
+        return {
+            "SUCCESS": Outcome(Status.PAID, "SUCCESS", platform_txn_id=f"sbx{out_trade_no}"),
+            "PAYING": Outcome(Status.UNKNOWN, "USERPAYING: waiting for the customer's password"),
+            "PAYERROR": Outcome(Status.DECLINED, "PAYERROR: payment failed"),
+            "CLOSED": Outcome(Status.DECLINED, "CLOSED: trade closed"),
+            "REFUND": Outcome(Status.REFUNDED, "REFUND: trade refunded"),
+        }[state]
+
+    def reverse(self, out_trade_no: str) -> Outcome:
+        self._sleep(self.options.latency_ms / 1000)
+        with self._lock:
+            db = self._conn()
+            row = db.execute("SELECT state, created FROM trade WHERE out_trade_no=?", (out_trade_no,)).fetchone()
+            if row is None:  # like WeChat: reversing an unknown trade just closes the number
+                return Outcome(Status.REVERSED, "CLOSED: no such trade; number closed")
+            state, created = row
+            if state == "REFUND":
+                return Outcome(Status.REVERSED, "REFUND: already refunded")
+            if time.time() - created > self.options.reverse_window_s:
+                return Outcome(Status.DECLINED, "REVERSE_EXPIRE: outside the reverse window, refund instead")
+            new = "REFUND" if state == "SUCCESS" else "CLOSED"
+            db.execute("UPDATE trade SET state=? WHERE out_trade_no=?", (new, out_trade_no))
+        return Outcome(Status.REVERSED, "SUCCESS: paid trade refunded to the customer" if new == "REFUND"
+                       else "SUCCESS: unpaid trade closed")
+
+    def refund(self, out_trade_no: str, amount_fen: int, out_refund_no: str) -> Outcome:
+        self._sleep(self.options.latency_ms / 1000)
+        with self._lock:
+            db = self._conn()
+            row = db.execute("SELECT state, amount_fen FROM trade WHERE out_trade_no=?", (out_trade_no,)).fetchone()
+            if row is None or row[0] not in ("SUCCESS", "REFUND"):
+                return Outcome(Status.DECLINED, "TRADE_NOT_PAID: nothing to refund")
+            if amount_fen != row[1]:
+                return Outcome(Status.DECLINED, "INVALID_REQUEST: refund amount differs from the payment")
+            db.execute("UPDATE trade SET state='REFUND' WHERE out_trade_no=?", (out_trade_no,))
+        return Outcome(Status.REFUNDED, "SUCCESS: refund accepted")
+
+    def charges(self, code: str) -> int:
+        """How many trades this code paid and kept (for tests: nobody is charged twice)."""
+        with self._lock:
+            digest = hashlib.sha256(code.encode()).hexdigest()
+            return self._conn().execute(
+                "SELECT COUNT(*) FROM trade WHERE code_sha256=? AND state='SUCCESS'", (digest,)).fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,214 @@
+"""Driving payments to a definite end: uncertain payments, cancels, offline-accepted payments.
+
+`settle`, `drive_cancel` and `forward` are the platform steps shared by the till (first
+attempt, while the cashier waits) and the `Resolver` (every later attempt, in the background,
+also after a restart). Every step commits its outcome as a journal transition; a step that
+learns nothing new only reschedules itself (`Journal.schedule`), so retries leave no events.
+
+Rules (../shared/reference/payments.md §2.5, §3.4): an uncertain payment is never paid again;
+it is queried until the platform's `reverse_after_s`, then reversed, and the reverse is repeated
+until the platform answers definitely. A `pending` payment older than `stale_pending_s` was cut
+off mid-call (crash, power loss) and is treated as unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Callable
+
+from appliance.errors import IllegalTransition, ProviderError, ProviderUnavailable, Refused
+from appliance.journal import Journal, State, Txn
+from appliance.payments import Outcome, PayRequest, Provider, Router, Status
+
+log = logging.getLogger(__name__)
+
+_PAY_TO_STATE = {Status.PAID: State.PAID, Status.DECLINED: State.DECLINED, Status.UNKNOWN: State.UNKNOWN}
+
+
+class InFlight:
+    """Txn ids with a platform call running in this process; the resolver leaves them alone."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, txn_id: int) -> bool:
+        with self._lock:
+            if txn_id in self._ids:
+                return False
+            self._ids.add(txn_id)
+            return True
+
+    def release(self, txn_id: int) -> None:
+        with self._lock:
+            self._ids.discard(txn_id)
+
+
+def settle(journal: Journal, txn: Txn, outcome: Outcome) -> Txn:
+    """Commit a pay/query outcome. Tolerates a concurrent pending -> unknown move.
+
+    UNKNOWN on an already unknown payment changes nothing and returns the payment as it is.
+    """
+    target = _PAY_TO_STATE[outcome.status] if outcome.status in _PAY_TO_STATE else None
+    if outcome.status is Status.REFUNDED:  # queried a trade that was refunded: it was paid, then reversed
+        target = State.REVERSED
+    current = journal.get(txn.txn_id)
+    if target is None or current.state == target:
+        return current
+    try:
+        new = journal.transition(txn.txn_id, target, outcome.reason, platform_txn_id=outcome.platform_txn_id)
+    except IllegalTransition as e:
+        log.error("txn %d: platform said %s but the journal has %s: %s", txn.txn_id, outcome.status,
+                  current.state, e)
+        return current
+    _log_change(new, current.state)
+    return new
+
+
+def drive_cancel(journal: Journal, provider: Provider, txn: Txn) -> Txn:
+    """One attempt to cancel a `cancel_requested` payment: reverse, else refund."""
+    try:
+        out = provider.reverse(txn.out_trade_no)
+        if out.status is Status.REVERSED:
+            return _move(journal, txn, State.CANCELLED, out)
+        if out.status is Status.DECLINED:  # outside the reverse window: refund instead
+            out = provider.refund(txn.out_trade_no, txn.amount_fen, f"{txn.out_trade_no}R")
+            if out.status is Status.REFUNDED:
+                return _move(journal, txn, State.REFUNDED, out)
+            if out.status is Status.DECLINED:
+                return _move(journal, txn, State.PAID, Outcome(Status.PAID, f"cancel refused: {out.reason}"))
+    except ProviderError as e:
+        out = Outcome(Status.UNKNOWN, f"{type(e).__name__}: {e}")
+    return _retry_later(journal, txn, provider.policy.retry_every_s, f"cancel still open: {out.reason}")
+
+
+def forward(journal: Journal, provider: Provider, txn: Txn, store_id: str, terminal_id: str) -> Txn:
+    """One attempt to send a payment accepted offline. The code is erased once the platform answered."""
+    req = PayRequest(txn.out_trade_no, txn.amount_fen, txn.auth_code or "", f"Order {txn.order}",
+                     store_id, terminal_id)
+    try:
+        out = provider.pay(req)
+    except ProviderUnavailable as e:
+        return _retry_later(journal, txn, provider.policy.retry_every_s, f"still offline: {e}")
+    except ProviderError as e:
+        out = Outcome(Status.DECLINED, f"{type(e).__name__}: {e}")
+    pending = _move(journal, txn, State.PENDING, Outcome(Status.UNKNOWN, "forwarded"))
+    return settle(journal, pending, out)
+
+
+def _move(journal: Journal, txn: Txn, to: State, out: Outcome) -> Txn:
+    new = journal.transition(txn.txn_id, to, out.reason, platform_txn_id=out.platform_txn_id)
+    _log_change(new, txn.state)
+    return new
+
+
+def _retry_later(journal: Journal, txn: Txn, after_s: float, why: str) -> Txn:
+    if txn.attempts == 0:  # log the first failed attempt only, not every retry
+        log.warning("txn %d: %s; retrying every %gs", txn.txn_id, why, after_s)
+    journal.schedule(txn.txn_id, time.time() + after_s)
+    return journal.get(txn.txn_id)
+
+
+def _log_change(txn: Txn, previous: State) -> None:
+    level = logging.INFO if txn.state in (State.PAID, State.CANCELLED, State.REFUNDED) else logging.WARNING
+    log.log(level, "txn %d: %s -> %s (%s) order %s %s code %s", txn.txn_id, previous, txn.state,
+            txn.reason, txn.order, txn.out_trade_no, txn.code_masked)
+
+
+def age_s(txn: Txn, now: float) -> float:
+    """Seconds since the payment was opened (wall clock)."""
+    return now - datetime.fromisoformat(txn.created_at.replace("Z", "+00:00")).timestamp()
+
+
+class Resolver:
+    """Background driver of every open payment in the journal.
+
+    `step()` makes at most one platform call per due payment and returns the payments whose
+    state changed; `on_change(txn)` is called for each (the service posts them to the till so
+    the cashier sees the end of a payment the till gave up waiting for).
+    """
+
+    def __init__(self, journal: Journal, router: Router, *, store_id: str, terminal_id: str,
+                 stale_pending_s: float, forward_within_s: float, in_flight: InFlight | None = None,
+                 on_change: Callable[[Txn], None] | None = None, wall: Callable[[], float] = time.time):
+        self.journal = journal
+        self.router = router
+        self.store_id = store_id
+        self.terminal_id = terminal_id
+        self.stale_pending_s = stale_pending_s
+        self.forward_within_s = forward_within_s
+        self.in_flight = in_flight or InFlight()
+        self.on_change = on_change or (lambda txn: None)
+        self._wall = wall
+
+    def step(self) -> list[Txn]:
+        changed = []
+        for txn in self.journal.open_txns():
+            now = self._wall()
+            if txn.next_attempt_at > now or not self.in_flight.claim(txn.txn_id):
+                continue
+            try:
+                new = self._drive(txn, now)
+            except Refused as e:  # the payment's platform was removed from the config
+                if txn.attempts == 0:
+                    log.error("txn %d: cannot resolve: %s", txn.txn_id, e)
+                self.journal.schedule(txn.txn_id, now + 60)
+                continue
+            finally:
+                self.in_flight.release(txn.txn_id)
+            if new.state != txn.state:
+                changed.append(new)
+                self.on_change(new)
+        return changed
+
+    def _drive(self, txn: Txn, now: float) -> Txn:
+        provider = self.router.by_name(txn.platform)
+        policy = provider.policy
+        age = age_s(txn, now)
+        if txn.state is State.PENDING:
+            if age < self.stale_pending_s:
+                self.journal.schedule(txn.txn_id, now + self.stale_pending_s - age)
+                return txn
+            return settle(self.journal, txn, Outcome(Status.UNKNOWN, "interrupted during the platform call"))
+        if txn.state is State.CANCEL_REQUESTED:
+            return drive_cancel(self.journal, provider, txn)
+        if txn.state is State.DEFERRED:
+            if age > self.forward_within_s:
+                return _move(self.journal, txn, State.DECLINED,
+                             Outcome(Status.DECLINED, "not forwarded in time; not charged"))
+            return forward(self.journal, provider, txn, self.store_id, self.terminal_id)
+        # UNKNOWN
+        if age < policy.first_query_after_s:
+            self.journal.schedule(txn.txn_id, now + policy.first_query_after_s - age)
+            return txn
+        try:
+            out = provider.query(txn.out_trade_no)
+        except ProviderError as e:
+            out = Outcome(Status.UNKNOWN, f"query failed: {e}")
+        if out.status is not Status.UNKNOWN:
+            return settle(self.journal, txn, out)
+        if age < policy.reverse_after_s:
+            self.journal.schedule(txn.txn_id, now + policy.query_every_s)
+            return self.journal.get(txn.txn_id)
+        try:
+            rev = provider.reverse(txn.out_trade_no)
+        except ProviderError as e:
+            rev = Outcome(Status.UNKNOWN, f"reverse failed: {e}")
+        if rev.status is Status.REVERSED:
+            return _move(self.journal, txn, State.REVERSED, rev)
+        return _retry_later(self.journal, txn, policy.retry_every_s, f"still unknown, reverse: {rev.reason}")
+
+    def run(self, stop: threading.Event, interval_s: float = 0.2) -> None:
+        """Loop until stop is set. Survives any error of a single step (logged once per kind)."""
+        last_error = None
+        while not stop.wait(interval_s):
+            try:
+                self.step()
+                last_error = None
+            except Exception as e:  # keep resolving whatever else is open
+                if repr(e) != last_error:
+                    log.exception("resolver step failed")
+                    last_error = repr(e)

@@ -1,0 +1,173 @@
+"""Technician's scanner tools behind `appliance scan-test` and `appliance scanners`.
+
+Both only read: nothing is charged, nothing is journaled, nothing is published. Output shows a
+payment code only as `Classification.masked` (first 4 + last 4 at most); raw traces mask every
+digit.
+
+Raw traces: a `Scan` carries no raw bytes, so an adapter that can show them takes a trace
+callback and the tool reads ready-made, already masked lines from a `queue.Queue[str]`
+(`trace_lines`). `scanner_for_test(cfg, trace=True)` builds that pair for `kind = "serial"`
+(hex of each chunk read, via `serial.trace_hex`); other kinds get no trace queue yet, and
+scan-test says so.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import TextIO
+
+from appliance.scan import Scan, Scanner, make_scanner
+
+#: Where udev puts the stable names of serial ports, and the symlink our own udev rule makes.
+SERIAL_BY_ID = Path("/dev/serial/by-id")
+SCANNER_LINK = Path("/dev/scanner")
+
+_POLL_S = 0.2
+
+
+def scanner_for_test(cfg, trace: bool = False) -> tuple[Scanner, queue.Queue[str] | None]:
+    """The scanner named by `cfg` (a ScannerConfig) and, with `trace`, its queue of raw trace lines."""
+    if trace and cfg.kind == "serial":
+        from appliance.scan.serial import SerialScanner, trace_hex
+
+        lines: queue.Queue[str] = queue.Queue()
+        return SerialScanner(cfg, on_trace=lambda chunk: lines.put(trace_hex(chunk))), lines
+    return make_scanner(cfg), None
+
+
+def scan_test(scanner: Scanner, classifier, out: TextIO = sys.stdout, trace: bool = False,
+              stop: threading.Event | None = None,
+              trace_lines: queue.Queue[str] | None = None) -> int:
+    """Start `scanner` and print one line per scan until Ctrl-C or `stop` is set. Returns 0.
+
+    Each line shows the masked input and its classification (kind, payment type, reason), or
+    the defect that made the scan unreadable. Device faults and recoveries are printed as they
+    happen. With `trace`, lines from `trace_lines` (which the producer must already have masked)
+    are printed before the scan they belong to. The scanner is closed before returning.
+    """
+    scans: queue.Queue[Scan | tuple[str, str | None]] = queue.Queue()
+    stop = stop or threading.Event()
+    counts: dict[str, int] = {}
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    def drain_trace() -> None:
+        while trace and trace_lines is not None:
+            try:
+                say(f"      trace {trace_lines.get_nowait()}")
+            except queue.Empty:
+                return
+
+    def show(item) -> None:
+        drain_trace()
+        if isinstance(item, tuple):
+            _, reason = item
+            say(f"scanner fault: {reason}" if reason else "scanner back")
+            return
+        n = sum(counts.values()) + 1
+        if item.defect:
+            counts["defect"] = counts.get("defect", 0) + 1
+            say(f"#{n:<3} (unreadable)  defect: {item.defect}")
+            return
+        c = classifier.classify(item.text)
+        counts[c.kind] = counts.get(c.kind, 0) + 1
+        parts = [f"#{n:<3} {c.masked}", f"kind={c.kind}"]
+        if c.payment_type:
+            parts.append(f"type={c.payment_type}")
+        if c.kind == "order":
+            from appliance.money import format_amount
+            parts.append(f"order={c.order} amount={format_amount(c.amount_fen)}")
+        if c.command:
+            parts.append(f"command={c.command}")
+        if c.reason:
+            parts.append(f"reason: {c.reason}")
+        say("  ".join(parts))
+
+    try:
+        say(f"Reading scans from {scanner}; Ctrl-C to stop. Nothing is charged or journaled.")
+        if trace and trace_lines is None:
+            say("(no raw trace for this scanner kind; showing decoded scans only)")
+        scanner.start(scans.put, lambda reason: scans.put(("fault", reason)))
+        while not stop.is_set():
+            try:
+                show(scans.get(timeout=_POLL_S))
+            except queue.Empty:
+                drain_trace()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        scanner.close()
+    while True:  # what arrived before the scanner stopped
+        try:
+            show(scans.get_nowait())
+        except queue.Empty:
+            break
+    drain_trace()
+    total = sum(counts.values())
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    say(f"Stopped after {total} scan{'s' if total != 1 else ''}" + (f" ({summary})." if total else "."))
+    return 0
+
+
+def list_scanners(out: TextIO = sys.stdout) -> int:
+    """Print the serial ports and input devices a scan gun could be. Returns 0."""
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    say('Serial / USB-CDC ports (kind = "serial"; put the first path in [scanner] device):')
+    ports = serial_ports()
+    for p in ports:
+        say(f"  {p['by_id'] or p['device']}" + (f" -> {p['device']}" if p["by_id"] else "")
+            + f"  {p['vid_pid'] or '-'}  {p['description']}")
+    if not ports:
+        say("  none found")
+    if SCANNER_LINK.is_symlink():
+        target = os.path.realpath(SCANNER_LINK)
+        say(f"  {SCANNER_LINK} -> {target}" + ("" if os.path.exists(target) else " (target missing)"))
+
+    say('Input devices (kind = "evdev", keyboard-wedge scanners):')
+    try:
+        from appliance.scan.evdev import list_input_devices
+        devices = list_input_devices()
+    except (ImportError, AttributeError) as e:
+        say(f"  evdev not available ({e})")
+        return 0
+    except OSError as e:
+        say(f"  cannot list input devices: {e.strerror or e}")
+        return 0
+    for d in devices:
+        path = d.get("by_id") or d.get("path")
+        role = "keyboard" if d.get("is_keyboard") else "not a keyboard"
+        say(f"  {path}  {d.get('vid_pid') or '-'}  {d.get('name', '')!r}  {role}"
+            + (f"  phys={d['phys']}" if d.get("phys") else ""))
+    if not devices:
+        say("  none found")
+    return 0
+
+
+def serial_ports(by_id_dir: Path = SERIAL_BY_ID) -> list[dict]:
+    """Serial ports pyserial knows, each with its stable /dev/serial/by-id path if udev made one.
+
+    Keys: device (/dev/ttyACM0), by_id ("" if none), description, vid_pid ("" if not USB).
+    """
+    import serial.tools.list_ports
+
+    by_real: dict[str, str] = {}
+    try:
+        for link in sorted(by_id_dir.iterdir()):
+            by_real.setdefault(os.path.realpath(link), str(link))
+    except OSError:
+        pass  # no USB serial device has ever been plugged in
+    out = []
+    for info in sorted(serial.tools.list_ports.comports(), key=lambda i: i.device):
+        vid_pid = f"{info.vid:04x}:{info.pid:04x}" if info.vid is not None and info.pid is not None else ""
+        description = info.description if info.description and info.description != "n/a" else ""
+        out.append({"device": info.device, "by_id": by_real.get(os.path.realpath(info.device), ""),
+                    "description": description, "vid_pid": vid_pid})
+    return out

@@ -1,0 +1,123 @@
+"""Composition root: config -> scanner -> till -> journal -> indicator, plus the resolver.
+
+The only place where adapters are chosen and wired. `run()` is `appliance run`: it stops cleanly
+on SIGTERM/SIGINT within a few seconds (scanner closed, LED off, journal closed) and, after a
+crash, resumes from the journal: the resolver finishes every payment left open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+
+from appliance.classify import Classifier, load_rules
+from appliance.config import Config
+from appliance.indicator import Indicator, NullIndicator, make_indicator
+from appliance.journal import Journal
+from appliance.payments import Router
+from appliance.resolver import InFlight, Resolver
+from appliance.scan import Scanner, make_scanner
+from appliance.till import OfflinePolicy, Till
+
+log = logging.getLogger(__name__)
+
+#: Seconds a `pending` payment may stay so before the resolver treats its call as cut off.
+STALE_PENDING_S = 60.0
+
+
+def make_classifier(cfg: Config) -> Classifier:
+    return Classifier(load_rules(cfg.classify.rules_file), cfg.classify.order_pattern,
+                      {cfg.classify.cancel_card: "cancel"})
+
+
+@dataclass
+class Lane:
+    """Everything one lane runs on, wired. `close()` releases it all, in order."""
+
+    cfg: Config
+    journal: Journal
+    router: Router
+    indicator: Indicator
+    till: Till
+    resolver: Resolver
+
+    def close(self) -> None:
+        self.indicator.close()
+        self.router.close()
+        self.journal.close()
+
+
+def build(cfg: Config, *, indicator: Indicator | None = None, stale_pending_s: float = STALE_PENDING_S) -> Lane:
+    """Wire a lane. `indicator=None` builds the configured one (claims GPIO pins)."""
+    t = cfg.terminal
+    journal = Journal(t.state_dir, t.store_id, t.terminal_id)
+    router = Router.from_config(cfg, t.state_dir)
+    indicator = indicator if indicator is not None else make_indicator(cfg.indicator)
+    in_flight = InFlight()
+    till = Till(journal=journal, router=router, classifier=make_classifier(cfg), indicator=indicator,
+                store_id=t.store_id, terminal_id=t.terminal_id,
+                order_timeout_s=cfg.till.order_timeout_s, cancel_timeout_s=cfg.till.cancel_timeout_s,
+                duplicate_window_s=cfg.till.duplicate_window_s, result_hold_s=cfg.till.result_hold_s,
+                max_amount_fen=cfg.till.max_amount,
+                offline=OfflinePolicy(cfg.offline.enabled, cfg.offline.max_amount, cfg.offline.max_count,
+                                      cfg.offline.max_total),
+                in_flight=in_flight)
+    resolver = Resolver(journal, router, store_id=t.store_id, terminal_id=t.terminal_id,
+                        stale_pending_s=stale_pending_s, forward_within_s=cfg.offline.forward_within_s,
+                        in_flight=in_flight, on_change=till.post_resolved)
+    return Lane(cfg, journal, router, indicator, till, resolver)
+
+
+def build_headless(cfg: Config) -> Lane:
+    """A lane for one-shot commands (charge, cancel): no scanner, no pins (the service holds them)."""
+    return build(cfg, indicator=NullIndicator())
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd about readiness/watchdog (Type=notify). A no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as e:
+        log.debug("sd_notify failed: %s", e)
+
+
+def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | None = None,
+        lane: Lane | None = None) -> int:
+    """The service. Returns the process exit code (0 after a clean stop)."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    lane = lane or build(cfg)
+    scanner = scanner or make_scanner(cfg.scanner)
+    resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
+    open_count = len(lane.journal.open_txns())
+    log.info("lane %s/%s starting: scanner %s, indicator %s, %d open payment(s) to resolve",
+             cfg.terminal.store_id, cfg.terminal.terminal_id, cfg.scanner.kind, cfg.indicator.kind, open_count)
+    try:
+        scanner.start(lane.till.post_scan, lane.till.post_fault)
+        resolver_thread.start()
+        sd_notify("READY=1")
+        watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
+        lane.till.run(stop, heartbeat=(lambda: sd_notify("WATCHDOG=1")) if watchdog_s else None,
+                      heartbeat_every_s=watchdog_s or 1.0)
+    finally:
+        sd_notify("STOPPING=1")
+        log.info("stopping")
+        stop.set()
+        scanner.close()
+        resolver_thread.join(timeout=3)
+        lane.close()
+        log.info("stopped")
+    return 0

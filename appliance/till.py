@@ -1,0 +1,404 @@
+"""The till: the lane's state machine. One thread owns it; everything else posts events.
+
+Lane states (what the next scan means):
+
+    ready ──order ticket──> awaiting code ──payment code──> (platform call) ──> result ──> ready
+      │                          └── order_timeout_s ──> ready
+      └──cancel card──> awaiting cancel order ──order ticket──> (reverse/refund) ──> result ──> ready
+                                 └── cancel_timeout_s ──> ready
+
+An uncertain payment keeps the lane in `resolving` (LED "working") while the resolver queries
+the platform; the cashier sees the definite end, or a fault after the platform's reverse deadline
+(the resolver keeps going in the background). `charge()` and `cancel()` are the same operations
+for the CLI and (later) the register: they validate, journal first, then call the platform.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from appliance.classify import Classifier
+from appliance.errors import BadInput, ProviderMisconfigured, ProviderUnavailable, Refused
+from appliance.indicator import Indicator, Signal
+from appliance.journal import Journal, State, Txn
+from appliance.money import format_amount
+from appliance.payments import Outcome, PayRequest, Router, Status
+from appliance.redact import printable
+from appliance.resolver import InFlight, drive_cancel, settle
+from appliance.scan import Scan
+
+log = logging.getLogger(__name__)
+
+ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+EXIT_CODES = {State.PAID: 0, State.CANCELLED: 0, State.REFUNDED: 0, State.DECLINED: 3, State.REVERSED: 3,
+              State.UNKNOWN: 4, State.PENDING: 4, State.DEFERRED: 4, State.CANCEL_REQUESTED: 4}
+SIGNALS = {State.PAID: Signal.PAID, State.DECLINED: Signal.DECLINED, State.REVERSED: Signal.DECLINED,
+           State.UNKNOWN: Signal.WORKING, State.PENDING: Signal.WORKING, State.DEFERRED: Signal.OFFLINE_QUEUED,
+           State.CANCEL_REQUESTED: Signal.WORKING, State.CANCELLED: Signal.CANCELLED,
+           State.REFUNDED: Signal.CANCELLED}
+
+
+@dataclass(frozen=True)
+class Result:
+    """The answer to a charge or cancel: the journaled payment, or a refusal (txn is None)."""
+
+    state: str  # a journal state, or "refused"
+    reason: str
+    txn: Txn | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 5 if self.txn is None else EXIT_CODES[self.txn.state]
+
+    @property
+    def signal(self) -> Signal:
+        return Signal.UNKNOWN_CODE if self.txn is None else SIGNALS[self.txn.state]
+
+    def as_dict(self) -> dict:
+        t = self.txn
+        return {"txn_id": t and t.txn_id, "out_trade_no": t and t.out_trade_no, "order": t and t.order,
+                "payment_type": t and t.payment_type, "platform": t and t.platform,
+                "amount": t and format_amount(t.amount_fen), "state": self.state, "reason": self.reason}
+
+    @classmethod
+    def of(cls, txn: Txn) -> "Result":
+        return cls(str(txn.state), txn.reason, txn)
+
+
+@dataclass(frozen=True)
+class OfflinePolicy:
+    enabled: bool = False
+    max_amount_fen: int = 0
+    max_count: int = 0
+    max_total_fen: int = 0
+
+
+# Lane states
+@dataclass(frozen=True)
+class _Ready:
+    pass
+
+
+@dataclass(frozen=True)
+class _AwaitingCode:
+    order: str
+    amount_fen: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class _AwaitingCancel:
+    deadline: float
+
+
+@dataclass(frozen=True)
+class _Resolving:
+    txn_id: int
+    deadline: float
+
+
+class Till:
+    def __init__(self, *, journal: Journal, router: Router, classifier: Classifier, indicator: Indicator,
+                 store_id: str, terminal_id: str, order_timeout_s: float = 60.0,
+                 cancel_timeout_s: float = 30.0, duplicate_window_s: float = 10.0,
+                 result_hold_s: float = 3.0, max_amount_fen: int = 50_000_00,
+                 offline: OfflinePolicy = OfflinePolicy(), in_flight: InFlight | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.journal = journal
+        self.router = router
+        self.classifier = classifier
+        self.indicator = indicator
+        self.store_id = store_id
+        self.terminal_id = terminal_id
+        self.order_timeout_s = order_timeout_s
+        self.cancel_timeout_s = cancel_timeout_s
+        self.duplicate_window_s = duplicate_window_s
+        self.result_hold_s = result_hold_s
+        self.max_amount_fen = max_amount_fen
+        self.offline = offline
+        self.in_flight = in_flight or InFlight()
+        self._clock = clock
+        self._events: queue.Queue = queue.Queue()
+        self.lane: object = _Ready()
+        self._hold_until = 0.0
+        self._fault: str | None = None
+        self._recent_codes: dict[str, float] = {}
+
+    # --- events from other threads ------------------------------------------------------------
+
+    def post_scan(self, scan: Scan) -> None:
+        self._events.put(("scan", scan))
+
+    def post_fault(self, reason: str | None) -> None:
+        self._events.put(("fault", reason))
+
+    def post_resolved(self, txn: Txn) -> None:
+        self._events.put(("resolved", txn))
+
+    def run(self, stop: threading.Event, tick_s: float = 0.05,
+            heartbeat: Callable[[], None] | None = None, heartbeat_every_s: float = 1.0) -> None:
+        """Handle events in order until stop is set; timeouts are checked every tick.
+
+        `heartbeat` (the systemd watchdog ping) is called from this loop, so it stops when the
+        loop hangs.
+        """
+        self._show_lane()
+        next_beat = 0.0
+        while not stop.is_set():
+            if heartbeat is not None and self._clock() >= next_beat:
+                heartbeat()
+                next_beat = self._clock() + heartbeat_every_s
+            try:
+                kind, arg = self._events.get(timeout=tick_s)
+            except queue.Empty:
+                kind = None
+            if kind == "scan":
+                self.handle_scan(arg)
+            elif kind == "fault":
+                self._set_fault(arg)
+            elif kind == "resolved":
+                self._on_resolved(arg)
+            self.tick()
+
+    def drain(self) -> None:
+        """Handle every queued event now (tests and the demo drive the till without a thread)."""
+        while True:
+            try:
+                kind, arg = self._events.get_nowait()
+            except queue.Empty:
+                return
+            {"scan": self.handle_scan, "fault": self._set_fault, "resolved": self._on_resolved}[kind](arg)
+
+    # --- scans ----------------------------------------------------------------------------------
+
+    def handle_scan(self, scan: Scan) -> Result | None:
+        """Act on one scan. Returns the charge/cancel result when the scan caused one."""
+        now = self._clock()
+        if scan.defect:
+            log.warning("scan from %s rejected: %s", scan.source, scan.defect)
+            self._flash(Signal.UNKNOWN_CODE)
+            return None
+        c = self.classifier.classify(scan.text)
+        if c.kind == "unknown":
+            log.warning("scan %s not understood: %s", c.masked, c.reason)
+            self._flash(Signal.UNKNOWN_CODE)
+            return None
+        if c.kind == "payment":
+            digest = self.journal.digest(scan.text)
+            seen = self._recent_codes.get(digest)
+            self._recent_codes = {d: t for d, t in self._recent_codes.items() if now - t < self.duplicate_window_s}
+            self._recent_codes[digest] = now
+            if seen is not None and now - seen < self.duplicate_window_s:
+                log.info("scan %s repeated within %gs: ignored", c.masked, self.duplicate_window_s)
+                return None
+        if isinstance(self.lane, _Resolving):
+            log.warning("scan %s ignored: txn %d is still being resolved", c.masked, self.lane.txn_id)
+            self._flash(Signal.UNKNOWN_CODE)
+            return None
+        if c.kind == "command" and c.command == "cancel":
+            log.info("cancel card: waiting for the order ticket to cancel")
+            self.lane = _AwaitingCancel(now + self.cancel_timeout_s)
+            self._show(Signal.AWAITING_CANCEL)
+            return None
+        if c.kind == "order":
+            if isinstance(self.lane, _AwaitingCancel):
+                self.lane = _Ready()
+                return self._finish(self.cancel(c.order))
+            return self._take_order(c.order, c.amount_fen, now)
+        # a payment code
+        if not isinstance(self.lane, _AwaitingCode):
+            why = "a cancel needs an order ticket" if isinstance(self.lane, _AwaitingCancel) else "no order pending"
+            log.warning("payment code %s refused: %s", c.masked, why)
+            self._flash(Signal.UNKNOWN_CODE)
+            return None
+        order, amount = self.lane.order, self.lane.amount_fen
+        self._show(Signal.WORKING)
+        result = self.charge(order, amount, scan.text, source=scan.source)
+        if result.txn is None:  # code used before, or no platform for its type: the order still waits
+            self._flash(Signal.UNKNOWN_CODE)
+            return result
+        self.lane = _Ready()
+        return self._finish(result)
+
+    def _take_order(self, order: str, amount_fen: int, now: float) -> Result | None:
+        try:
+            self._check_order(order, amount_fen)
+        except Refused as e:
+            log.warning("order %s refused: %s", order, e)
+            self.lane = _Ready()
+            self._flash(Signal.UNKNOWN_CODE)
+            return None
+        log.info("order %s: %s due, waiting for a payment code", order, format_amount(amount_fen))
+        self.lane = _AwaitingCode(order, amount_fen, now + self.order_timeout_s)
+        self._show(Signal.AWAITING_CODE)
+        return None
+
+    def _finish(self, result: Result) -> Result:
+        if result.txn is not None and result.txn.state in (State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED):
+            deadline = self.router.by_name(result.txn.platform).policy.reverse_after_s + 15.0
+            self.lane = _Resolving(result.txn.txn_id, self._clock() + deadline)
+            self._show(Signal.WORKING)
+        else:
+            self._flash(result.signal)
+        return result
+
+    def _on_resolved(self, txn: Txn) -> None:
+        if isinstance(self.lane, _Resolving) and self.lane.txn_id == txn.txn_id:
+            if txn.state not in (State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED):
+                self.lane = _Ready()
+                self._flash(SIGNALS[txn.state])
+
+    # --- operations (also used directly by the CLI) ---------------------------------------------
+
+    def _check_order(self, order: str, amount_fen: int) -> None:
+        self._check_order_id(order)
+        if amount_fen > self.max_amount_fen:
+            raise Refused(f"amount {format_amount(amount_fen)} exceeds this lane's limit "
+                          f"{format_amount(self.max_amount_fen)}")
+        for t in self.journal.by_order(order):
+            if t.state in (State.PAID, State.CANCEL_REQUESTED):
+                raise Refused(f"order {order} is already paid (txn {t.txn_id})")
+            if t.state in (State.PENDING, State.UNKNOWN, State.DEFERRED):
+                raise Refused(f"order {order} has a payment being resolved (txn {t.txn_id})")
+
+    def charge(self, order: str, amount_fen: int, code: str, *, source: str = "command") -> Result:
+        """Charge one payment code for an order. Journals the intent before calling the platform.
+
+        Refusals (bad input, policy) return state "refused" and journal nothing.
+        """
+        try:
+            self._check_order(order, amount_fen)
+            c = self.classifier.classify(code)
+            if c.kind != "payment":
+                raise BadInput(f"{c.masked} is not a payment code: {c.reason or c.kind}")
+            if self.journal.code_used(code):
+                raise Refused(f"payment code {c.masked} was already used; the customer must refresh it")
+            provider = self.router.route(c.payment_type)
+        except (BadInput, Refused) as e:
+            log.warning("charge for order %s refused: %s", printable(order, 40), e)
+            return Result("refused", str(e))
+        txn = self.journal.open_payment(order=order, amount_fen=amount_fen, payment_type=c.payment_type,
+                                        platform=provider.name, code=code, source=source)
+        log.info("txn %d: pending, order %s %s %s via %s, code %s, %s", txn.txn_id, order,
+                 format_amount(amount_fen), c.payment_type, provider.name, c.masked, txn.out_trade_no)
+        req = PayRequest(txn.out_trade_no, amount_fen, code, f"Order {order}", self.store_id, self.terminal_id)
+        self.in_flight.claim(txn.txn_id)
+        try:
+            outcome = provider.pay(req)
+        except ProviderUnavailable as e:
+            return Result.of(self._unreachable(txn, code, str(e)))
+        except ProviderMisconfigured as e:
+            log.error("txn %d: platform %s refused our configuration: %s", txn.txn_id, provider.name, e)
+            self._set_fault(f"platform {provider.name} misconfigured")
+            outcome = Outcome(Status.DECLINED, f"platform configuration error: {e}")
+        except Exception as e:  # an adapter bug must not lose track of a payment that may be charged
+            log.exception("txn %d: platform call failed unexpectedly", txn.txn_id)
+            outcome = Outcome(Status.UNKNOWN, f"adapter error: {type(e).__name__}")
+        finally:
+            self.in_flight.release(txn.txn_id)
+        return Result.of(settle(self.journal, txn, outcome))
+
+    def _unreachable(self, txn: Txn, code: str, why: str) -> Txn:
+        p = self.offline
+        count, total = self.journal.deferred_totals()
+        refusal = None
+        if not p.enabled:
+            refusal = "offline acceptance is disabled"
+        elif txn.amount_fen > p.max_amount_fen:
+            refusal = f"amount above the offline limit {format_amount(p.max_amount_fen)}"
+        elif count + 1 > p.max_count or total + txn.amount_fen > p.max_total_fen:
+            refusal = "offline queue is full"
+        if refusal:
+            new = self.journal.transition(txn.txn_id, State.DECLINED, f"platform unreachable ({why}); {refusal}")
+        else:
+            new = self.journal.transition(txn.txn_id, State.DEFERRED, f"platform unreachable ({why}); "
+                                          "accepted offline, will be forwarded", auth_code=code)
+        log.warning("txn %d: pending -> %s (%s)", txn.txn_id, new.state, new.reason)
+        return new
+
+    def cancel(self, order: str) -> Result:
+        """Cancel the paid payment of an order: reverse it, or refund it when too old to reverse."""
+        try:
+            self._check_order_id(order)
+            txns = self.journal.by_order(order)
+            paid = [t for t in txns if t.state is State.PAID]
+            deferred = [t for t in txns if t.state is State.DEFERRED]
+            if deferred:
+                txn = self.journal.transition(deferred[-1].txn_id, State.CANCELLED, "cancelled before forwarding")
+                log.info("txn %d: deferred -> cancelled, order %s", txn.txn_id, order)
+                return Result.of(txn)
+            if not paid:
+                if any(t.state in (State.PENDING, State.UNKNOWN, State.CANCEL_REQUESTED) for t in txns):
+                    raise Refused(f"order {order} has a payment being resolved; an unpaid one is reversed automatically")
+                raise Refused(f"order {order} has no paid payment on this lane")
+            provider = self.router.by_name(paid[-1].platform)
+        except (BadInput, Refused) as e:
+            log.warning("cancel of order %s refused: %s", printable(order, 40), e)
+            return Result("refused", str(e))
+        txn = self.journal.transition(paid[-1].txn_id, State.CANCEL_REQUESTED, "cancel card")
+        log.info("txn %d: paid -> cancel_requested, order %s", txn.txn_id, order)
+        self.in_flight.claim(txn.txn_id)
+        try:
+            return Result.of(drive_cancel(self.journal, provider, txn))
+        finally:
+            self.in_flight.release(txn.txn_id)
+
+    def _check_order_id(self, order: str) -> None:
+        if not ORDER_ID.fullmatch(order):
+            raise BadInput(f"order {printable(order, 40)} must be 1-32 letters, digits, '_' or '-'")
+
+    # --- timing and signals ---------------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = self._clock()
+        lane = self.lane
+        if isinstance(lane, _AwaitingCode) and now >= lane.deadline:
+            log.info("order %s: no payment code within %gs; back to ready", lane.order, self.order_timeout_s)
+            self.lane = _Ready()
+            self._show_lane()
+        elif isinstance(lane, _AwaitingCancel) and now >= lane.deadline:
+            log.info("cancel: no order ticket within %gs; back to ready", self.cancel_timeout_s)
+            self.lane = _Ready()
+            self._show_lane()
+        elif isinstance(lane, _Resolving) and now >= lane.deadline:
+            log.error("txn %d: still unresolved; lane freed, the resolver keeps going", lane.txn_id)
+            self.lane = _Ready()
+            self._flash(Signal.FAULT)
+        if self._hold_until and now >= self._hold_until:
+            self._hold_until = 0.0
+            self._show_lane()
+
+    def _lane_signal(self) -> Signal:
+        if self._fault:
+            return Signal.FAULT
+        return {_AwaitingCode: Signal.AWAITING_CODE, _AwaitingCancel: Signal.AWAITING_CANCEL,
+                _Resolving: Signal.WORKING}.get(type(self.lane), Signal.READY)
+
+    def _show_lane(self) -> None:
+        self._show(self._lane_signal())
+
+    def _show(self, signal: Signal) -> None:
+        self._hold_until = 0.0
+        self.indicator.show(signal)
+
+    def _flash(self, signal: Signal) -> None:
+        """Show an outcome for result_hold_s, then whatever the lane state calls for."""
+        self.indicator.show(signal)
+        self._hold_until = self._clock() + self.result_hold_s
+
+    def _set_fault(self, reason: str | None) -> None:
+        if reason == self._fault:
+            return
+        self._fault = reason
+        if reason:
+            log.error("fault: %s", reason)
+        else:
+            log.info("fault cleared")
+        self._show_lane()
