@@ -374,14 +374,13 @@ def to_toml(cfg: Config) -> str:
 
     def emit_table(name: str, obj) -> None:
         lines.append(f"[{name}]")
-        items = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
-        for k, v in items.items():
-            if k == "options":
-                continue
-            lines.append(f"{k} = {_toml_value(getattr(obj, k, v) if dataclasses.is_dataclass(obj) else v)}")
+        items = obj
         if isinstance(obj, ProviderConfig):
-            for f in dataclasses.fields(obj.options):
-                lines.append(f"{f.name} = {_toml_value(getattr(obj.options, f.name))}")
+            items = {"kind": obj.kind, **{f.name: getattr(obj.options, f.name) for f in dataclasses.fields(obj.options)}}
+        elif dataclasses.is_dataclass(obj):
+            items = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        for k, v in items.items():
+            lines.append(f"# {k} is not set" if v is None else f"{k} = {_toml_value(v)}")
         lines.append("")
 
     for f in dataclasses.fields(cfg):
@@ -397,8 +396,6 @@ def to_toml(cfg: Config) -> str:
 
 
 def _toml_value(v: Any) -> str:
-    if v is None:
-        return '""  # not set'
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, Amount):

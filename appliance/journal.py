@@ -89,6 +89,7 @@ class Txn:
     updated_at: str
     attempts: int
     next_attempt_at: float
+    retry_note: str
     source: str
     auth_code: str | None = None
 
@@ -146,6 +147,7 @@ def _models(db: pw.Database):
         updated_at = pw.CharField()
         attempts = pw.IntegerField(default=0)
         next_attempt_at = pw.FloatField(default=0.0)  # wall-clock epoch seconds
+        retry_note = pw.CharField(default="")  # why the last attempt changed nothing
         source = pw.CharField(default="scan")
 
         class Meta:
@@ -263,6 +265,7 @@ class Journal:
             row.updated_at = stamp
             row.attempts = 0
             row.next_attempt_at = 0.0
+            row.retry_note = ""
             if platform_txn_id:
                 row.platform_txn_id = platform_txn_id
             row.auth_code = auth_code
@@ -270,11 +273,12 @@ class Journal:
             self._event(row, previous=current, at=stamp)
         return self._txn(row)
 
-    def schedule(self, txn_id: int, next_attempt_at: float) -> None:
-        """Record a resolution attempt that changed nothing; no outbox event."""
+    def schedule(self, txn_id: int, next_attempt_at: float, note: str = "") -> None:
+        """Record a resolution attempt that changed nothing, and why (`note`); no outbox event."""
         P = self._Payment
         with self.db.atomic():
-            P.update(attempts=P.attempts + 1, next_attempt_at=next_attempt_at).where(P.id == txn_id).execute()
+            P.update(attempts=P.attempts + 1, next_attempt_at=next_attempt_at, retry_note=note[:200]).where(
+                P.id == txn_id).execute()
 
     def _event(self, row, previous: State | None, at: str) -> None:
         txn = self._txn(row)
@@ -293,7 +297,7 @@ class Journal:
                    code_masked=row.code_masked, state=State(row.state), reason=row.reason,
                    platform_txn_id=row.platform_txn_id, created_at=row.created_at,
                    updated_at=row.updated_at, attempts=row.attempts,
-                   next_attempt_at=row.next_attempt_at, source=row.source, auth_code=row.auth_code)
+                   next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source, auth_code=row.auth_code)
 
     def get(self, txn_id: int) -> Txn | None:
         row = self._Payment.get_or_none(self._Payment.id == txn_id)

@@ -106,9 +106,9 @@ def _move(journal: Journal, txn: Txn, to: State, out: Outcome) -> Txn:
 
 
 def _retry_later(journal: Journal, txn: Txn, after_s: float, why: str) -> Txn:
-    if txn.attempts == 0:  # log the first failed attempt only, not every retry
+    if why != txn.retry_note:  # log when the problem starts or changes, not on every retry
         log.warning("txn %d: %s; retrying every %gs", txn.txn_id, why, after_s)
-    journal.schedule(txn.txn_id, time.time() + after_s)
+    journal.schedule(txn.txn_id, time.time() + after_s, why)
     return journal.get(txn.txn_id)
 
 
@@ -153,9 +153,9 @@ class Resolver:
             try:
                 new = self._drive(txn, now)
             except Refused as e:  # the payment's platform was removed from the config
-                if txn.attempts == 0:
+                if str(e) != txn.retry_note:
                     log.error("txn %d: cannot resolve: %s", txn.txn_id, e)
-                self.journal.schedule(txn.txn_id, now + 60)
+                self.journal.schedule(txn.txn_id, now + 60, str(e))
                 continue
             finally:
                 self.in_flight.release(txn.txn_id)
@@ -170,7 +170,7 @@ class Resolver:
         age = age_s(txn, now)
         if txn.state is State.PENDING:
             if age < self.stale_pending_s:
-                self.journal.schedule(txn.txn_id, now + self.stale_pending_s - age)
+                self.journal.schedule(txn.txn_id, now + self.stale_pending_s - age, "call in progress")
                 return txn
             return settle(self.journal, txn, Outcome(Status.UNKNOWN, "interrupted during the platform call"))
         if txn.state is State.CANCEL_REQUESTED:
@@ -182,7 +182,7 @@ class Resolver:
             return forward(self.journal, provider, txn, self.store_id, self.terminal_id)
         # UNKNOWN
         if age < policy.first_query_after_s:
-            self.journal.schedule(txn.txn_id, now + policy.first_query_after_s - age)
+            self.journal.schedule(txn.txn_id, now + policy.first_query_after_s - age, "waiting to query")
             return txn
         try:
             out = provider.query(txn.out_trade_no)
@@ -191,7 +191,7 @@ class Resolver:
         if out.status is not Status.UNKNOWN:
             return settle(self.journal, txn, out)
         if age < policy.reverse_after_s:
-            self.journal.schedule(txn.txn_id, now + policy.query_every_s)
+            self.journal.schedule(txn.txn_id, now + policy.query_every_s, f"querying: {out.reason}")
             return self.journal.get(txn.txn_id)
         try:
             rev = provider.reverse(txn.out_trade_no)

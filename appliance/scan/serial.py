@@ -323,6 +323,7 @@ class SerialScanner(Scanner):
                         self._deliver(cut)
                     log.warning("Scanner port lost: %s; looking for it every %gs", e, self._retry_s)
                     self._on_fault(f"scanner port lost: {e}")
+                    self._stop.wait(self._retry_s)  # a port that opens but fails every read must not spin
                     continue
                 now = time.monotonic()
                 if not chunk:

@@ -5,10 +5,11 @@ payment code only as `Classification.masked` (first 4 + last 4 at most); raw tra
 digit.
 
 Raw traces: a `Scan` carries no raw bytes, so an adapter that can show them takes a trace
-callback and the tool reads ready-made, already masked lines from a `queue.Queue[str]`
-(`trace_lines`). `scanner_for_test(cfg, trace=True)` builds that pair for `kind = "serial"`
-(hex of each chunk read, via `serial.trace_hex`); other kinds get no trace queue yet, and
-scan-test says so.
+callback that puts ready-made, already masked lines (str) on a `queue.Queue` (`trace_lines`).
+scan_test reads scans and faults through that same queue, so each trace line is printed in
+the order the reader thread produced it, before the scan it belongs to.
+`scanner_for_test(cfg, trace=True)` builds the pair for `kind = "serial"` (hex of each chunk
+read, via `serial.trace_hex`); other kinds get no trace queue yet, and scan-test says so.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
-from appliance.scan import Scan, Scanner, make_scanner
+from appliance.errors import DeviceError
+from appliance.money import format_amount
+from appliance.scan import Scanner, make_scanner
 
 #: Where udev puts the stable names of serial ports, and the symlink our own udev rule makes.
 SERIAL_BY_ID = Path("/dev/serial/by-id")
@@ -29,42 +32,40 @@ SCANNER_LINK = Path("/dev/scanner")
 _POLL_S = 0.2
 
 
-def scanner_for_test(cfg, trace: bool = False) -> tuple[Scanner, queue.Queue[str] | None]:
+def scanner_for_test(cfg, trace: bool = False) -> tuple[Scanner, queue.Queue | None]:
     """The scanner named by `cfg` (a ScannerConfig) and, with `trace`, its queue of raw trace lines."""
     if trace and cfg.kind == "serial":
         from appliance.scan.serial import SerialScanner, trace_hex
 
-        lines: queue.Queue[str] = queue.Queue()
+        lines: queue.Queue = queue.Queue()
         return SerialScanner(cfg, on_trace=lambda chunk: lines.put(trace_hex(chunk))), lines
     return make_scanner(cfg), None
 
 
 def scan_test(scanner: Scanner, classifier, out: TextIO = sys.stdout, trace: bool = False,
               stop: threading.Event | None = None,
-              trace_lines: queue.Queue[str] | None = None) -> int:
+              trace_lines: queue.Queue | None = None) -> int:
     """Start `scanner` and print one line per scan until Ctrl-C or `stop` is set. Returns 0.
 
     Each line shows the masked input and its classification (kind, payment type, reason), or
     the defect that made the scan unreadable. Device faults and recoveries are printed as they
-    happen. With `trace`, lines from `trace_lines` (which the producer must already have masked)
-    are printed before the scan they belong to. The scanner is closed before returning.
+    happen. With `trace`, the str lines the scanner's trace callback puts on `trace_lines`
+    (already masked by the producer) are printed too; without it they are dropped. The scanner
+    is closed before returning.
     """
-    scans: queue.Queue[Scan | tuple[str, str | None]] = queue.Queue()
+    # One queue for trace lines (str), scans (Scan) and faults (tuple), in the reader's order.
+    events: queue.Queue = trace_lines if trace_lines is not None else queue.Queue()
     stop = stop or threading.Event()
     counts: dict[str, int] = {}
 
     def say(line: str) -> None:
         print(line, file=out, flush=True)
 
-    def drain_trace() -> None:
-        while trace and trace_lines is not None:
-            try:
-                say(f"      trace {trace_lines.get_nowait()}")
-            except queue.Empty:
-                return
-
     def show(item) -> None:
-        drain_trace()
+        if isinstance(item, str):
+            if trace:
+                say(f"      trace {item}")
+            return
         if isinstance(item, tuple):
             _, reason = item
             say(f"scanner fault: {reason}" if reason else "scanner back")
@@ -80,7 +81,6 @@ def scan_test(scanner: Scanner, classifier, out: TextIO = sys.stdout, trace: boo
         if c.payment_type:
             parts.append(f"type={c.payment_type}")
         if c.kind == "order":
-            from appliance.money import format_amount
             parts.append(f"order={c.order} amount={format_amount(c.amount_fen)}")
         if c.command:
             parts.append(f"command={c.command}")
@@ -89,25 +89,25 @@ def scan_test(scanner: Scanner, classifier, out: TextIO = sys.stdout, trace: boo
         say("  ".join(parts))
 
     try:
-        say(f"Reading scans from {scanner}; Ctrl-C to stop. Nothing is charged or journaled.")
+        what = str(scanner) if type(scanner).__str__ is not object.__str__ else scanner.name
+        say(f"Reading scans from {what}; Ctrl-C to stop. Nothing is charged or journaled.")
         if trace and trace_lines is None:
             say("(no raw trace for this scanner kind; showing decoded scans only)")
-        scanner.start(scans.put, lambda reason: scans.put(("fault", reason)))
+        scanner.start(events.put, lambda reason: events.put(("fault", reason)))
         while not stop.is_set():
             try:
-                show(scans.get(timeout=_POLL_S))
+                show(events.get(timeout=_POLL_S))
             except queue.Empty:
-                drain_trace()
+                pass
     except KeyboardInterrupt:
         pass
     finally:
         scanner.close()
     while True:  # what arrived before the scanner stopped
         try:
-            show(scans.get_nowait())
+            show(events.get_nowait())
         except queue.Empty:
             break
-    drain_trace()
     total = sum(counts.values())
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     say(f"Stopped after {total} scan{'s' if total != 1 else ''}" + (f" ({summary})." if total else "."))
@@ -123,8 +123,8 @@ def list_scanners(out: TextIO = sys.stdout) -> int:
     say('Serial / USB-CDC ports (kind = "serial"; put the first path in [scanner] device):')
     ports = serial_ports()
     for p in ports:
-        say(f"  {p['by_id'] or p['device']}" + (f" -> {p['device']}" if p["by_id"] else "")
-            + f"  {p['vid_pid'] or '-'}  {p['description']}")
+        path = f"{p['by_id']} -> {p['device']}" if p["by_id"] else p["device"]
+        say("  " + "  ".join(x for x in (path, p["vid_pid"], p["description"]) if x))
     if not ports:
         say("  none found")
     if SCANNER_LINK.is_symlink():
@@ -135,17 +135,17 @@ def list_scanners(out: TextIO = sys.stdout) -> int:
     try:
         from appliance.scan.evdev import list_input_devices
         devices = list_input_devices()
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, DeviceError) as e:
         say(f"  evdev not available ({e})")
         return 0
     except OSError as e:
         say(f"  cannot list input devices: {e.strerror or e}")
         return 0
     for d in devices:
-        path = d.get("by_id") or d.get("path")
+        path = f"{d['by_id']} -> {d.get('path')}" if d.get("by_id") else str(d.get("path"))
         role = "keyboard" if d.get("is_keyboard") else "not a keyboard"
-        say(f"  {path}  {d.get('vid_pid') or '-'}  {d.get('name', '')!r}  {role}"
-            + (f"  phys={d['phys']}" if d.get("phys") else ""))
+        phys = f"phys={d['phys']}" if d.get("phys") else ""
+        say("  " + "  ".join(x for x in (path, d.get("vid_pid"), repr(d.get("name", "")), role, phys) if x))
     if not devices:
         say("  none found")
     return 0

@@ -1,0 +1,97 @@
+"""Shared fixtures: a lane config on a temporary state dir, wired lanes, journal snapshots."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.config import from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_TYPES = ("wechat", "alipay", "unionpay", "ecny", "jdpay", "bestpay")
+
+# Payment codes by sandbox outcome (see appliance/payments/sandbox.py).
+WECHAT_PAID = "134567890123456700"
+WECHAT_PAID_2 = "134567890123456701"
+ALIPAY_NOTENOUGH = "286123456789012390"
+WECHAT_EXPIRED = "134567890123456791"
+WECHAT_PASSWORD_OK = "134567890123456792"
+WECHAT_PASSWORD_GIVEUP = "134567890123456793"
+WECHAT_SYSTEMERROR = "134567890123456794"
+WECHAT_UNREACHABLE = "134567890123456795"
+WECHAT_LOST_ANSWER = "134567890123456796"
+WECHAT_SLOW = "134567890123456797"
+
+
+def lane_dict(state_dir: Path, **sections) -> dict:
+    """A complete config document for tests: sandbox for every type, fast timings."""
+    doc = {
+        "terminal": {"store_id": "S0001", "terminal_id": "L01", "state_dir": str(state_dir)},
+        "till": {"result_hold_s": 0.05, "duplicate_window_s": 10.0},
+        "scanner": {"kind": "none"},
+        "indicator": {"kind": "mock"},
+        "providers": {"sandbox": {"kind": "sandbox", "first_query_after_s": 0.0, "query_every_s": 0.05,
+                                  "reverse_after_s": 0.3, "slow_ms": 3000}},
+        "routing": {t: "sandbox" for t in ALL_TYPES},
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    return doc
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return from_dict(lane_dict(tmp_path / "state"))
+
+
+@pytest.fixture
+def lane(cfg):
+    from appliance import service
+    from appliance.indicator import make_indicator
+
+    lane = service.build(cfg, indicator=make_indicator(cfg.indicator), stale_pending_s=0.5)
+    yield lane
+    lane.close()
+
+
+def journal_snapshot(journal) -> tuple:
+    """Everything journaled: payments with their states and every outbox event."""
+    return (tuple(journal.recent(limit=10_000)), tuple(e["event_id"] for e in journal.events()))
+
+
+def write_config(path: Path, doc: dict) -> Path:
+    """Write a config document as TOML (tests only need strings, numbers, booleans, tables)."""
+    lines = []
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def table(prefix, d):
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", doc)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def appliance_cmd() -> list[str]:
+    return [sys.executable, "-m", "appliance"]
+
+
+def subprocess_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_CONFIG", "NOTIFY_SOCKET")}
+    env.update(extra)
+    return env

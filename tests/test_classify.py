@@ -1,0 +1,148 @@
+import re
+
+import pytest
+from hypothesis import given, strategies as st
+
+from appliance.classify import MAX_SCAN_LEN, Classifier, load_rules
+from appliance.config import ClassifyConfig
+
+ORDER = ClassifyConfig().order_pattern
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return Classifier(load_rules(None), ORDER, {"CMD:CANCEL": "cancel"})
+
+
+@pytest.mark.parametrize("code,ptype", [
+    ("101234567890123456", "wechat"), ("151234567890123456", "wechat"), ("134567890123456789", "wechat"),
+    ("2512345678901234", "alipay"), ("301234567890123456789012", "alipay"), ("286123456789012345", "alipay"),
+    ("6212345678901234567", "unionpay"), ("0112345678901234567", "ecny"),
+    ("181234567890123456", "jdpay"), ("511234567890123456", "bestpay"),
+])
+def test_ok__payment_types(classifier, code, ptype):
+    c = classifier.classify(code)
+    assert (c.kind, c.payment_type) == ("payment", ptype)
+    assert code not in c.masked and code not in str(c.as_dict())
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty"),
+    ("1" * 10_000, "too long"),
+    ("1345678901234\x1b56789", "control characters"),
+    ("134567890123456789\t", "control characters"),
+    ("１３４５６７８９０１２３４５６７８９", "non-ASCII"),
+    ("13456789éé", "non-ASCII"),
+    ("1345678901", "too short: 10 digits, wechat codes with this prefix have 18"),
+    ("13456789012345678", "too short: 17 digits"),
+    ("1345678901234567890", "wrong length: 19 digits"),
+    ("161234567890123456", "no rule for 18-digit codes starting 16"),
+    ("9912", "too short: 4 digits"),
+    ("HELLO", "not digits"),
+    (" 134567890123456789", "whitespace"),
+    ("ORD:A1:12.345", "not digits"),
+    ("ORD:A1:0.00", "order ticket with bad amount"),
+    ("2412345678901234", "no rule"),
+])
+def test_fail__unknown_with_reason(classifier, text, reason):
+    c = classifier.classify(text)
+    assert c.kind == "unknown"
+    assert reason in c.reason
+
+
+def test_order_ticket(classifier):
+    c = classifier.classify("ORD:A-1001_x:12.34")
+    assert (c.kind, c.order, c.amount_fen) == ("order", "A-1001_x", 1234)
+
+
+def test_command_card(classifier):
+    c = classifier.classify("CMD:CANCEL")
+    assert (c.kind, c.command) == ("command", "cancel")
+
+
+def test_json_shape(classifier):
+    assert set(classifier.classify("134567890123456789").as_dict()) == {"input_masked", "kind", "payment_type", "reason"}
+
+
+def test_local_file_adds_overrides_disables_and_more_specific_prefix_wins(tmp_path):
+    local = tmp_path / "payment_types.toml"
+    local.write_text('''
+[[rule]]
+type = "longpay"
+lengths = [19]
+prefixes = ["6220105", "6230105"]
+
+[[rule]]
+type = "jdpay"
+enabled = false
+
+[[rule]]
+type = "ecny"
+lengths = [19, 20]
+prefixes = ["01"]
+''')
+    c = Classifier(load_rules(local), ORDER, {})
+    assert c.classify("6220105123456789012").payment_type == "longpay"  # longer prefix beats unionpay's 62
+    assert c.classify("6212345678901234567").payment_type == "unionpay"
+    assert c.classify("181234567890123456").kind == "unknown"          # disabled
+    assert c.classify("01123456789012345678").payment_type == "ecny"    # replaced: 20 digits now allowed
+
+
+def test_tie_goes_to_local_then_file_order(tmp_path):
+    local = tmp_path / "r.toml"
+    local.write_text('[[rule]]\ntype = "mywallet"\nlengths = [18]\nprefixes = ["13"]\n')
+    assert Classifier(load_rules(local), ORDER, {}).classify("134567890123456789").payment_type == "mywallet"
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("[[rule]]\ntype = 'x'\nlengths = [18]\n", "needs 'lengths' and 'prefixes'"),
+    ("[[rule]]\ntype = 'X Y'\nlengths = [18]\nprefixes=['1']\n", "type"),
+    ("[[rule]]\ntype = 'x'\nlengths = '20-10'\nprefixes=['1']\n", "empty"),
+    ("[[rule]]\ntype = 'x'\nlengths = [18]\nprefixes=['1-22']\n", "mixes widths"),
+    ("[[rule]]\ntype = 'x'\nlengths = [3]\nprefixes=['1']\n", "8-64"),
+    ("[[rule]]\ntype = 'x'\nlength = [18]\nprefixes=['1']\n", "unknown key"),
+    ("[rules]\n", "unknown key"),
+    ("not toml [", "not valid TOML"),
+])
+def test_fail__bad_rules_file(tmp_path, body, msg):
+    f = tmp_path / "bad.toml"
+    f.write_text(body)
+    with pytest.raises(ValueError, match=msg):
+        load_rules(f)
+
+
+@given(st.text(max_size=300))
+def test_property_never_raises_and_never_leaks_a_code(text):
+    c = Classifier(load_rules(None), ORDER, {"CMD:CANCEL": "cancel"}).classify(text)
+    assert c.kind in ("payment", "order", "command", "unknown")
+    if c.kind in ("payment", "unknown") and len(text) >= 8:
+        assert text not in c.masked
+    if c.kind == "unknown":
+        assert c.reason
+
+
+@given(st.from_regex(r"1[0-5][0-9]{16}", fullmatch=True))
+def test_property_every_official_wechat_code_is_wechat(code):
+    assert Classifier(load_rules(None), ORDER, {}).classify(code).payment_type == "wechat"
+
+
+@given(st.from_regex(r"(2[5-9]|30)[0-9]{14,22}", fullmatch=True))
+def test_property_every_official_alipay_code_is_alipay(code):
+    assert Classifier(load_rules(None), ORDER, {}).classify(code).payment_type == "alipay"
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=40))
+def test_property_digit_strings_agree_with_the_reference_regexes(digits):
+    c = Classifier(load_rules(None), ORDER, {}).classify(digits)
+    expected = None
+    for ptype, rx in [("wechat", r"1[0-5]\d{16}"), ("alipay", r"(2[5-9]|30)\d{14,22}"), ("unionpay", r"62\d{17}"),
+                      ("ecny", r"01\d{17}"), ("jdpay", r"18\d{16}"), ("bestpay", r"51\d{16}")]:
+        if re.fullmatch(rx, digits):
+            expected = ptype
+    assert c.payment_type == expected
+    assert (c.kind == "payment") == (expected is not None)
+
+
+def test_max_scan_len_boundary(classifier):
+    assert classifier.classify("A" * MAX_SCAN_LEN).reason.startswith("not digits")
+    assert classifier.classify("A" * (MAX_SCAN_LEN + 1)).reason.startswith("too long")

@@ -1,0 +1,145 @@
+import subprocess
+
+import pytest
+
+from appliance.config import Config, ConfigError, SecretFile, config_path, from_dict, load, to_toml
+from conftest import ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
+
+
+def test_example_config_is_valid():
+    cfg = load(ROOT / "examples" / "appliance.toml")
+    assert isinstance(cfg, Config)
+    assert cfg.terminal.store_id == "S0001"
+    assert cfg.till.max_amount == 50_000_00
+    assert cfg.routing["wechat"] == "sandbox"
+
+
+def test_defaults_fill_everything_but_the_terminal_ids():
+    cfg = from_dict({"terminal": {"store_id": "S1", "terminal_id": "T1"}})
+    assert cfg.scanner.kind == "stdin" and cfg.indicator.kind == "log" and cfg.mqtt.port == 1883
+    with pytest.raises(AttributeError):
+        cfg.terminal.store_id = "x"  # frozen
+
+
+def _bad(tmp_path, **change):
+    doc = lane_dict(tmp_path)
+    for dotted, value in change.items():
+        *path, key = dotted.split("__")
+        d = doc
+        for p in path:
+            d = d.setdefault(p, {})
+        if value is ...:
+            d.pop(key, None)
+        else:
+            d[key] = value
+    return doc
+
+
+@pytest.mark.parametrize("change,key,reason", [
+    ({"terminal__store_id": ...}, "terminal.store_id", "is required"),
+    ({"terminal__store_id": "S-1"}, "terminal.store_id", "letters or digits"),
+    ({"terminal__terminal_id": "ABCDE"}, "terminal.terminal_id", "1-4"),
+    ({"terminal__colour": "red"}, "terminal.colour", "unknown key"),
+    ({"scanner__kind": "bluetooth"}, "scanner.kind", "must be one of"),
+    ({"scanner__baudrate": "9600"}, "scanner.baudrate", "must be an integer"),
+    ({"scanner__baudrate": 0}, "scanner.baudrate", "greater than zero"),
+    ({"scanner__terminator": "EOT"}, "scanner.terminator", "CR, LF"),
+    ({"scanner__match_vid_pid": "1234"}, "scanner.match_vid_pid", "VID:PID"),
+    ({"scanner__bytesize": 9}, "scanner.bytesize", "must be one of"),
+    ({"indicator__red_pin": 99}, "indicator.red_pin", "0-53"),
+    ({"indicator__buzzer": "yes"}, "indicator.buzzer", "true or false"),
+    ({"till__max_amount": 500}, "till.max_amount", "amount string"),
+    ({"till__max_amount": "12.345"}, "till.max_amount", "two decimals"),
+    ({"till__order_timeout_s": -1}, "till.order_timeout_s", "greater than zero"),
+    ({"classify__order_pattern": "ORD:(.*)"}, "classify.order_pattern", "named groups"),
+    ({"classify__order_pattern": "ORD:("}, "classify.order_pattern", "not a valid regular expression"),
+    ({"providers__sandbox__kind": "paypal"}, "providers.sandbox.kind", "must be one of"),
+    ({"providers__sandbox__latency_ms": -5}, "providers.sandbox.latency_ms", "must not be negative"),
+    ({"providers__sandbox__api_key": "secret"}, "providers.sandbox.api_key", "unknown key"),
+    ({"routing__wechat": "nowhere"}, "routing.wechat", "not configured"),
+    ({"routing__paypal": "sandbox"}, "routing.paypal", "no payment type"),
+    ({"mqtt__port": 70000}, "mqtt.port", "1-65535"),
+    ({"mqtt__password": "hunter2"}, "mqtt.password", "unknown key"),
+    ({"mqtt__password_file": "/nonexistent/pw"}, "mqtt.password_file", "does not exist"),
+    ({"logging__level": "LOUD"}, "logging.level", "must be one of"),
+    ({"offline__max_count": 0}, "offline.max_count", "greater than zero"),
+])
+def test_fail__bad_values_name_their_dotted_key(tmp_path, change, key, reason):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_bad(tmp_path, **change))
+    assert e.value.key == key
+    assert reason in e.value.reason
+
+
+def test_fail__section_must_be_a_table(tmp_path):
+    doc = lane_dict(tmp_path)
+    doc["scanner"] = "stdin"
+    with pytest.raises(ConfigError, match="scanner: must be a table"):
+        from_dict(doc)
+
+
+def test_fail__bad_rules_file_is_a_config_error(tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[[rule]]\ntype='x'\n")
+    with pytest.raises(ConfigError) as e:
+        from_dict(lane_dict(tmp_path, classify={"rules_file": str(rules)}))
+    assert e.value.key == "classify.rules_file"
+
+
+def test_fail__not_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[terminal\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.toml")
+
+
+def test_secret_file_is_read_only_on_demand_and_never_printed(tmp_path):
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("hunter2\n")
+    cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
+    assert isinstance(cfg.mqtt.password_file, SecretFile)
+    assert cfg.mqtt.password_file.read() == "hunter2"
+    assert "hunter2" not in repr(cfg) and "hunter2" not in to_toml(cfg)
+    assert str(secret) in to_toml(cfg)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    path = write_config(tmp_path / "a.toml", {"terminal": {"store_id": "S1", "terminal_id": "T1", "state_dir": "st"}})
+    assert load(path).terminal.state_dir == tmp_path / "st"
+
+
+def test_lookup_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "env.toml"))
+    assert config_path("/x.toml").name == "x.toml"
+    assert config_path(None) == tmp_path / "env.toml"
+    monkeypatch.delenv("APPLIANCE_CONFIG")
+    assert str(config_path(None)) == "/etc/appliance/appliance.toml"
+
+
+def test_to_toml_roundtrips(tmp_path):
+    cfg = from_dict(lane_dict(tmp_path))
+    p = tmp_path / "again.toml"
+    p.write_text(to_toml(cfg))
+    assert load(p) == cfg
+
+
+@pytest.mark.integration
+def test_cli_check_config_prints_effective_config_and_exit_2_on_error(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2")
+    good = write_config(tmp_path / "good.toml", lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
+    r = subprocess.run(appliance_cmd() + ["check-config", "--config", str(good)], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert 'store_id = "S0001"' in r.stdout and "hunter2" not in r.stdout
+    bad = write_config(tmp_path / "bad.toml", _bad(tmp_path, scanner__baudrate="fast"))
+    for cmd in (["check-config"], ["run"], ["journal"], ["charge", "--order", "A", "--amount", "1", "--code", "1"]):
+        r = subprocess.run(appliance_cmd() + cmd + ["--config", str(bad)], capture_output=True, text=True,
+                           env=subprocess_env(), timeout=60)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "scanner.baudrate: must be an integer" in r.stderr
+    r = subprocess.run(appliance_cmd() + ["check-config"], capture_output=True, text=True,
+                       env=subprocess_env(APPLIANCE_CONFIG=str(good)), timeout=60)
+    assert r.returncode == 0

@@ -1,0 +1,163 @@
+import re
+import sqlite3
+import stat
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from appliance.errors import IllegalTransition
+from appliance.journal import OPEN_STATES, TRANSITIONS, Journal, State
+
+CODE = "134567890123456789"
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path, "S0001", "L01")
+    yield j
+    j.close()
+
+
+def _open(journal, order="A1", code=CODE, amount=1234):
+    return journal.open_payment(order=order, amount_fen=amount, payment_type="wechat", platform="sandbox", code=code)
+
+
+def test_sqlite_is_wal_with_full_sync(journal):
+    assert journal.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert journal.db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_out_trade_no_is_unique_valid_for_both_platforms_and_sequenced(journal):
+    nos = [_open(journal, order=f"A{i}", code=f"13456789012345{i:04d}").out_trade_no for i in range(25)]
+    assert len(set(nos)) == 25
+    for no in nos:
+        assert re.fullmatch(r"[A-Za-z0-9_]{6,32}", no)  # WeChat: <=32 [A-Za-z0-9_-|*]; Alipay: <=64 [A-Za-z0-9_]
+    assert nos[0].startswith("S0001_L01_") and nos[0].endswith("000001") and nos[-1].endswith("000025")
+
+
+def test_sequence_restarts_each_day_but_numbers_stay_unique(tmp_path):
+    day = [datetime(2026, 11, 26, 23, 59, tzinfo=timezone.utc)]
+    j = Journal(tmp_path, "S0001", "L01", clock=lambda: day[0])
+    a = _open(j, code="134567890123450001")
+    day[0] += timedelta(minutes=2)
+    b = _open(j, code="134567890123450002")
+    assert "20261126" in a.out_trade_no and a.out_trade_no.endswith("000001")
+    assert "20261127" in b.out_trade_no and b.out_trade_no.endswith("000001")
+    j.close()
+
+
+def test_longest_ids_fit_wechat_limit(tmp_path):
+    j = Journal(tmp_path, "ABCDEFGH", "WXYZ")
+    assert len(_open(j).out_trade_no) <= 32
+    j.close()
+
+
+def test_recreated_journal_gets_a_new_epoch(tmp_path):
+    a = Journal(tmp_path / "a", "S0001", "L01")
+    b = Journal(tmp_path / "b", "S0001", "L01")
+    # Two fresh journals (an SD card replaced) must not reuse a day's numbers; the epoch differs
+    # with probability 1 - 1/36^3.
+    na, nb = _open(a).out_trade_no, _open(b).out_trade_no
+    assert na != nb
+    a.close()
+    b.close()
+
+
+ALL = list(State)
+
+
+@pytest.mark.parametrize("start", [s for s in ALL])
+@pytest.mark.parametrize("to", ALL)
+def test_transition_table_is_enforced(journal, start, to):
+    txn = _open(journal)
+    path = {State.PENDING: [], State.PAID: [State.PAID], State.DECLINED: [State.DECLINED],
+            State.UNKNOWN: [State.UNKNOWN], State.REVERSED: [State.UNKNOWN, State.REVERSED],
+            State.DEFERRED: [State.DEFERRED], State.CANCEL_REQUESTED: [State.PAID, State.CANCEL_REQUESTED],
+            State.CANCELLED: [State.PAID, State.CANCEL_REQUESTED, State.CANCELLED],
+            State.REFUNDED: [State.PAID, State.CANCEL_REQUESTED, State.REFUNDED]}[start]
+    for s in path:
+        journal.transition(txn.txn_id, s, auth_code=CODE if s is State.DEFERRED else None)
+    before = len(journal.events())
+    kwargs = {"auth_code": CODE} if to is State.DEFERRED else {}
+    if to in TRANSITIONS[start]:
+        assert journal.transition(txn.txn_id, to, "why", **kwargs).state == to
+        assert len(journal.events()) == before + 1
+    else:
+        with pytest.raises(IllegalTransition):
+            journal.transition(txn.txn_id, to, "why", **kwargs)
+        assert len(journal.events()) == before
+        assert journal.get(txn.txn_id).state == start
+
+
+def test_each_transition_writes_one_outbox_event_with_the_state(journal):
+    txn = _open(journal)
+    journal.transition(txn.txn_id, State.UNKNOWN, "USERPAYING")
+    journal.transition(txn.txn_id, State.PAID, "SUCCESS", platform_txn_id="42")
+    events = journal.events(txn.txn_id)
+    assert [(e["previous_state"], e["state"]) for e in events] == [(None, "pending"), ("pending", "unknown"),
+                                                                   ("unknown", "paid")]
+    assert len({e["event_id"] for e in events}) == 3
+    assert events[-1]["platform_txn_id"] == "42" and events[-1]["amount"] == "12.34"
+    assert all(CODE not in str(e) for e in events)
+
+
+def test_full_code_is_kept_only_while_deferred(journal):
+    txn = _open(journal)
+    with pytest.raises(IllegalTransition):
+        journal.transition(txn.txn_id, State.DEFERRED)  # deferring needs the code
+    journal.transition(txn.txn_id, State.DEFERRED, auth_code=CODE)
+    assert journal.get(txn.txn_id).auth_code == CODE
+    journal.transition(txn.txn_id, State.PENDING, "forwarded")
+    assert journal.get(txn.txn_id).auth_code is None
+    raw = sqlite3.connect(journal.path).execute("SELECT group_concat(auth_code) FROM payment").fetchone()[0]
+    assert raw is None
+
+
+def test_full_code_never_in_the_file_for_a_normal_payment(journal):
+    txn = _open(journal)
+    journal.transition(txn.txn_id, State.PAID)
+    journal.close()
+    for name in ("journal.sqlite", "journal.sqlite-wal"):
+        p = journal.path.parent / name
+        if p.exists():
+            assert CODE.encode() not in p.read_bytes()
+
+
+def test_code_used_by_digest(journal):
+    assert not journal.code_used(CODE)
+    _open(journal)
+    assert journal.code_used(CODE)
+    assert not journal.code_used(CODE[:-1] + "0")
+    key = journal.state_dir / "code-digest.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_queries(journal):
+    a = _open(journal, order="A1", code="134567890123450001")
+    b = _open(journal, order="A2", code="134567890123450002")
+    journal.transition(a.txn_id, State.PAID)
+    assert [t.txn_id for t in journal.open_txns()] == [b.txn_id]
+    assert {t.state for t in journal.open_txns()} <= OPEN_STATES
+    assert [t.txn_id for t in journal.recent()] == [b.txn_id, a.txn_id]
+    assert [t.txn_id for t in journal.recent(states=[State.PAID])] == [a.txn_id]
+    assert [t.txn_id for t in journal.by_order("A2")] == [b.txn_id]
+    journal.transition(b.txn_id, State.DEFERRED, auth_code="134567890123450002")
+    assert journal.deferred_totals() == (1, 1234)
+
+
+def test_schedule_counts_attempts_without_events(journal):
+    txn = _open(journal)
+    n = len(journal.events())
+    journal.schedule(txn.txn_id, 123.0)
+    t = journal.get(txn.txn_id)
+    assert (t.attempts, t.next_attempt_at, len(journal.events())) == (1, 123.0, n)
+
+
+def test_reopen_keeps_everything(tmp_path):
+    j = Journal(tmp_path, "S0001", "L01")
+    txn = _open(j)
+    j.close()
+    j2 = Journal(tmp_path, "S0001", "L01")
+    assert j2.get(txn.txn_id) == txn and j2.code_used(CODE)
+    assert _open(j2, code="134567890123450009").out_trade_no[:-6] == txn.out_trade_no[:-6]
+    j2.close()

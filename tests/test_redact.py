@@ -1,0 +1,35 @@
+import pytest
+from hypothesis import given, strategies as st
+
+from appliance.redact import mask, printable
+
+
+@pytest.mark.parametrize("text,masked", [
+    ("134567890123456789", "1345**********6789"),
+    ("1345678901", "13******01"),
+    ("1234567", "*******"),
+    ("", ""),
+])
+def test_mask(text, masked):
+    assert mask(text) == masked
+
+
+def test_mask_long_input_is_summarised():
+    m = mask("9" * 10_000)
+    assert "10000 chars" in m and len(m) < 40
+
+
+def test_mask_hides_control_characters():
+    assert "\x1b" not in mask("\x1b[31m" + "1" * 20)
+
+
+@given(st.text(alphabet="0123456789", min_size=8, max_size=64))
+def test_mask_never_shows_more_than_8_digits_and_keeps_most_hidden(code):
+    shown = sum(c.isdigit() for c in mask(code))
+    assert shown <= 8
+    assert shown <= len(code) // 2
+
+
+def test_printable_escapes():
+    assert printable("a\nb") == "a\\nb"
+    assert printable("x" * 100, limit=10).startswith("xxxxxxxxxx…")

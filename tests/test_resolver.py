@@ -1,0 +1,126 @@
+import time
+
+import pytest
+
+from appliance.journal import State
+from appliance.payments import Outcome, Status
+from appliance.resolver import InFlight, settle
+from conftest import (WECHAT_LOST_ANSWER, WECHAT_PAID, WECHAT_PASSWORD_GIVEUP, WECHAT_PASSWORD_OK,
+                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE)
+
+
+def _resolve(lane, txn_id, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lane.resolver.step()
+        txn = lane.journal.get(txn_id)
+        if txn.state not in (State.PENDING, State.UNKNOWN, State.CANCEL_REQUESTED, State.DEFERRED):
+            return txn
+        time.sleep(0.02)
+    return lane.journal.get(txn_id)
+
+
+@pytest.mark.parametrize("code,end", [
+    (WECHAT_PASSWORD_OK, State.PAID),
+    (WECHAT_PASSWORD_GIVEUP, State.DECLINED),
+    (WECHAT_LOST_ANSWER, State.PAID),
+    (WECHAT_SYSTEMERROR, State.REVERSED),
+])
+def test_unknown_is_driven_to_an_end(lane, code, end):
+    r = lane.till.charge("A1", 100, code)
+    assert r.txn.state is State.UNKNOWN
+    assert _resolve(lane, r.txn.txn_id).state is end
+    sandbox = lane.router.by_name("sandbox")
+    assert sandbox.charges(code) == (1 if end is State.PAID else 0)
+
+
+def test_reverse_only_after_the_platform_deadline(lane):
+    r = lane.till.charge("A1", 100, WECHAT_SYSTEMERROR)
+    t0 = time.monotonic()
+    txn = _resolve(lane, r.txn.txn_id)
+    assert txn.state is State.REVERSED
+    assert time.monotonic() - t0 >= lane.router.by_name("sandbox").policy.reverse_after_s - 0.05
+
+
+def test_stale_pending_after_a_crash_is_queried_not_repaid(lane):
+    # what a process killed mid-call leaves behind: a pending intent the platform did charge
+    txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                    code=WECHAT_PAID)
+    from appliance.payments import PayRequest
+    lane.router.by_name("sandbox").pay(PayRequest(txn.out_trade_no, 100, WECHAT_PAID, "x", "S", "L"))
+    assert lane.resolver.step() == []  # younger than stale_pending_s: left alone
+    end = _resolve(lane, txn.txn_id)
+    assert end.state is State.PAID
+    assert [e["state"] for e in lane.journal.events(txn.txn_id)] == ["pending", "unknown", "paid"]
+    assert lane.router.by_name("sandbox").charges(WECHAT_PAID) == 1
+
+
+def test_stale_pending_that_never_reached_the_platform_is_declined(lane):
+    txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                    code=WECHAT_PAID)
+    assert _resolve(lane, txn.txn_id).state is State.DECLINED
+
+
+def test_in_flight_payments_are_left_alone(lane):
+    txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                    code=WECHAT_PAID)
+    assert lane.resolver.in_flight.claim(txn.txn_id)
+    time.sleep(0.6)
+    assert lane.resolver.step() == []
+    assert lane.journal.get(txn.txn_id).state is State.PENDING
+
+
+def test_retries_are_logged_once(lane, caplog):
+    r = lane.till.charge("A1", 100, WECHAT_SYSTEMERROR)
+    sandbox = lane.router.by_name("sandbox")
+    sandbox.reverse = lambda no: Outcome(Status.UNKNOWN, "SYSTEMERROR: recall=Y")
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        lane.resolver.step()
+        time.sleep(0.02)
+    assert lane.journal.get(r.txn.txn_id).state is State.UNKNOWN
+    assert lane.journal.get(r.txn.txn_id).attempts >= 3
+    assert sum("retrying" in rec.getMessage() for rec in caplog.records) == 1
+
+
+def test_deferred_is_forwarded_when_the_platform_is_back(lane):
+    txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                    code=WECHAT_PAID)
+    lane.journal.transition(txn.txn_id, State.DEFERRED, "offline", auth_code=WECHAT_PAID)
+    end = _resolve(lane, txn.txn_id)
+    assert end.state is State.PAID and end.auth_code is None
+
+
+def test_deferred_stays_while_unreachable(lane):
+    txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                    code=WECHAT_UNREACHABLE)
+    lane.journal.transition(txn.txn_id, State.DEFERRED, "offline", auth_code=WECHAT_UNREACHABLE)
+    lane.resolver.step()
+    t = lane.journal.get(txn.txn_id)
+    assert t.state is State.DEFERRED and t.attempts == 1 and t.auth_code == WECHAT_UNREACHABLE
+
+
+def test_deferred_expires_unforwarded(lane):
+    lane.resolver.forward_within_s = 0.0
+    txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                    code=WECHAT_PAID)
+    lane.journal.transition(txn.txn_id, State.DEFERRED, "offline", auth_code=WECHAT_PAID)
+    time.sleep(0.01)
+    end = _resolve(lane, txn.txn_id)
+    assert end.state is State.DECLINED and end.auth_code is None
+
+
+def test_settle_ignores_a_repeated_unknown(lane):
+    txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                    code=WECHAT_PAID)
+    u = settle(lane.journal, txn, Outcome(Status.UNKNOWN, "timeout"))
+    n = len(lane.journal.events())
+    assert settle(lane.journal, u, Outcome(Status.UNKNOWN, "timeout")).state is State.UNKNOWN
+    assert len(lane.journal.events()) == n
+
+
+def test_in_flight_claims_are_exclusive():
+    f = InFlight()
+    assert f.claim(1) and not f.claim(1)
+    f.release(1)
+    assert f.claim(1)

@@ -1,0 +1,271 @@
+"""The lane state machine, driven scan by scan with a fake clock (no threads)."""
+
+import pytest
+
+from appliance.indicator import Signal
+from appliance.journal import State
+from appliance.scan import Scan
+from appliance.till import OfflinePolicy, Till
+from conftest import (ALIPAY_NOTENOUGH, WECHAT_EXPIRED, WECHAT_PAID, WECHAT_PAID_2, WECHAT_PASSWORD_OK,
+                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, journal_snapshot)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+class Recorder:
+    """An Indicator that records what the cashier was shown."""
+
+    def __init__(self):
+        self.shown = []
+        self.current = None
+
+    def show(self, signal):
+        self.current = signal
+        self.shown.append(signal)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def till(lane, clock):
+    ind = Recorder()
+    t = Till(journal=lane.journal, router=lane.router, classifier=lane.till.classifier, indicator=ind,
+             store_id="S0001", terminal_id="L01", order_timeout_s=60, cancel_timeout_s=30,
+             duplicate_window_s=10, result_hold_s=3, max_amount_fen=50_000_00, clock=clock,
+             in_flight=lane.resolver.in_flight)
+    lane.resolver.on_change = t.post_resolved
+    return t
+
+
+def scan(till, text):
+    return till.handle_scan(Scan(text, "test"))
+
+
+def test_order_then_code_pays(till):
+    scan(till, "ORD:A1:12.34")
+    assert till.indicator.current is Signal.AWAITING_CODE
+    r = scan(till, WECHAT_PAID)
+    assert r.txn.state is State.PAID and r.exit_code == 0
+    assert till.indicator.shown[-2:] == [Signal.WORKING, Signal.PAID]
+    assert (r.txn.order, r.txn.amount_fen, r.txn.payment_type, r.txn.platform) == ("A1", 1234, "wechat", "sandbox")
+
+
+def test_declined_then_new_code_for_same_order(till):
+    scan(till, "ORD:A1:12.34")
+    assert scan(till, ALIPAY_NOTENOUGH).txn.state is State.DECLINED
+    assert till.indicator.current is Signal.DECLINED
+    scan(till, "ORD:A1:12.34")
+    assert scan(till, WECHAT_PAID).txn.state is State.PAID
+
+
+def test_result_shows_for_hold_then_ready(till, clock):
+    scan(till, "ORD:A1:1.00")
+    scan(till, WECHAT_PAID)
+    clock.t += 2.9
+    till.tick()
+    assert till.indicator.current is Signal.PAID
+    clock.t += 0.2
+    till.tick()
+    assert till.indicator.current is Signal.READY
+
+
+def test_code_without_order_is_refused(till, lane):
+    before = journal_snapshot(lane.journal)
+    assert scan(till, WECHAT_PAID) is None
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    assert journal_snapshot(lane.journal) == before
+
+
+def test_order_times_out_back_to_ready(till, clock, lane):
+    scan(till, "ORD:A1:1.00")
+    clock.t += 60.1
+    till.tick()
+    assert till.indicator.current is Signal.READY
+    assert scan(till, WECHAT_PAID) is None  # the order is gone
+    assert lane.journal.recent() == []
+
+
+def test_same_code_twice_in_window_charges_once(till, lane):
+    scan(till, "ORD:A1:1.00")
+    assert scan(till, WECHAT_PAID).txn.state is State.PAID
+    scan(till, "ORD:A2:1.00")
+    assert scan(till, WECHAT_PAID) is None  # scanner stutter: ignored
+    assert len(lane.journal.recent()) == 1
+    assert lane.router.by_name("sandbox").charges(WECHAT_PAID) == 1
+
+
+def test_used_code_after_window_is_refused_and_order_keeps_waiting(till, clock, lane):
+    scan(till, "ORD:A1:1.00")
+    scan(till, WECHAT_PAID)
+    clock.t += 11
+    scan(till, "ORD:A2:1.00")
+    r = scan(till, WECHAT_PAID)
+    assert r.txn is None and "already used" in r.reason and r.exit_code == 5
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    assert scan(till, WECHAT_PAID_2).txn.state is State.PAID  # a fresh code pays the waiting order
+    assert lane.router.by_name("sandbox").charges(WECHAT_PAID) == 1
+
+
+def test_paid_order_cannot_be_charged_again(till):
+    scan(till, "ORD:A1:1.00")
+    scan(till, WECHAT_PAID)
+    assert scan(till, "ORD:A1:1.00") is None
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    r = till.charge("A1", 100, WECHAT_PAID_2)
+    assert r.exit_code == 5 and "already paid" in r.reason
+
+
+def test_amount_over_lane_limit_is_refused(till, lane):
+    scan(till, "ORD:A1:50000.01")
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    r = till.charge("A1", 50_000_01, WECHAT_PAID)
+    assert r.exit_code == 5 and "limit" in r.reason
+    assert lane.journal.recent() == []
+
+
+def test_payment_type_without_platform_is_refused_clearly(lane, till):
+    till.router._routing.pop("bestpay")
+    r = till.charge("A1", 100, "511234567890123456")
+    assert r.exit_code == 5 and r.reason == "no payment platform is configured for bestpay codes"
+
+
+def test_unknown_keeps_lane_working_until_resolved(till, lane, clock):
+    scan(till, "ORD:A1:1.00")
+    r = scan(till, WECHAT_PASSWORD_OK)
+    assert r.txn.state is State.UNKNOWN and r.exit_code == 4
+    assert till.indicator.current is Signal.WORKING
+    assert scan(till, "ORD:A2:1.00") is None  # the lane is busy with the customer's password
+    import time
+    while lane.journal.get(r.txn.txn_id).state is not State.PAID:
+        lane.resolver.step()
+        time.sleep(0.02)
+    till.drain()
+    assert till.indicator.current is Signal.PAID
+
+
+def test_unresolved_for_too_long_frees_the_lane_with_a_fault(till, clock):
+    scan(till, "ORD:A1:1.00")
+    scan(till, WECHAT_SYSTEMERROR)
+    clock.t += 0.3 + 15 + 0.1
+    till.tick()
+    assert till.indicator.current is Signal.FAULT
+    clock.t += 3.1
+    till.tick()
+    assert till.indicator.current is Signal.READY
+
+
+def test_cancel_card_then_order_cancels(till, lane):
+    scan(till, "ORD:A1:1.00")
+    paid = scan(till, WECHAT_PAID).txn
+    scan(till, "CMD:CANCEL")
+    assert till.indicator.current is Signal.AWAITING_CANCEL
+    r = scan(till, "ORD:A1:1.00")
+    assert r.txn.txn_id == paid.txn_id and r.txn.state is State.CANCELLED
+    assert till.indicator.current is Signal.CANCELLED
+    assert lane.router.by_name("sandbox").charges(WECHAT_PAID) == 0
+    assert [e["state"] for e in lane.journal.events(paid.txn_id)] == ["pending", "paid", "cancel_requested", "cancelled"]
+
+
+def test_cancel_of_unknown_order_changes_nothing(till, lane):
+    scan(till, "ORD:A1:1.00")
+    scan(till, WECHAT_PAID)
+    before = journal_snapshot(lane.journal)
+    scan(till, "CMD:CANCEL")
+    assert scan(till, "ORD:B9:1.00").exit_code == 5
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    r = till.cancel("B9")
+    assert r.exit_code == 5 and "no paid payment" in r.reason
+    assert till.cancel("bad order!").exit_code == 5
+    assert journal_snapshot(lane.journal) == before
+
+
+def test_cancel_waits_then_times_out(till, clock):
+    scan(till, "CMD:CANCEL")
+    assert scan(till, WECHAT_PAID) is None
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    clock.t += 30.1
+    till.tick()
+    assert till.indicator.current is Signal.READY
+
+
+def test_cancel_outside_reverse_window_refunds(till, lane):
+    lane.router.by_name("sandbox").options = type(lane.router.by_name("sandbox").options)(reverse_window_s=1e-6)
+    scan(till, "ORD:A1:1.00")
+    scan(till, WECHAT_PAID)
+    assert till.cancel("A1").txn.state is State.REFUNDED
+
+
+@pytest.mark.parametrize("text", [
+    "", "1" * 10_000, "1345678901\x0023456789", "１３４５６７８９０１２３４５６７８９", "134567890",
+    "ORD:A1:-1.00", "ORD:A1:0.00", "ORD:A1:1.005", "ORD:A1:1e9", "ORD::1.00", "CMD:CANCELX", "\x1b[2J",
+])
+def test_bad_scans_signal_and_change_nothing(till, lane, text):
+    scan(till, "ORD:A1:1.00")
+    before = journal_snapshot(lane.journal)
+    assert scan(till, text) is None
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    assert journal_snapshot(lane.journal) == before
+    assert scan(till, WECHAT_PAID).txn.state is State.PAID  # the order survived the bad scan
+
+
+def test_defective_scan_from_adapter(till, lane):
+    before = journal_snapshot(lane.journal)
+    assert till.handle_scan(Scan("", "evdev", defect="kernel dropped input events")) is None
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    assert journal_snapshot(lane.journal) == before
+
+
+@pytest.mark.parametrize("order,amount,code,why", [
+    ("A1", 100, "12345", "not a payment code"),
+    ("A1", 100, "ORD:A1:1.00", "not a payment code"),
+    ("A 1", 100, WECHAT_PAID, "order"),
+    ("", 100, WECHAT_PAID, "order"),
+    ("A" * 33, 100, WECHAT_PAID, "order"),
+])
+def test_charge_bad_input_refused_without_journal_change(till, lane, order, amount, code, why):
+    before = journal_snapshot(lane.journal)
+    r = till.charge(order, amount, code)
+    assert r.exit_code == 5 and why in r.reason and r.txn is None
+    assert journal_snapshot(lane.journal) == before
+
+
+def test_expired_code_declines(till):
+    r = till.charge("A1", 100, WECHAT_EXPIRED)
+    assert r.txn.state is State.DECLINED and "AUTHCODEEXPIRE" in r.reason and r.exit_code == 3
+
+
+def test_unreachable_platform_declines_without_offline(till, lane):
+    r = till.charge("A1", 100, WECHAT_UNREACHABLE)
+    assert r.txn.state is State.DECLINED and "offline acceptance is disabled" in r.reason
+
+
+def test_unreachable_platform_defers_within_offline_limits(till, lane):
+    till.offline = OfflinePolicy(enabled=True, max_amount_fen=200_00, max_count=2, max_total_fen=300_00)
+    r = till.charge("A1", 100_00, WECHAT_UNREACHABLE)
+    assert r.txn.state is State.DEFERRED and r.signal is Signal.OFFLINE_QUEUED and r.exit_code == 4
+    assert till.charge("A2", 250_00, "134567890123450195").txn.state is State.DECLINED  # above per-payment limit
+    assert till.charge("A3", 150_00, "134567890123450295").txn.state is State.DEFERRED
+    assert till.charge("A4", 1_00, "134567890123450395").txn.state is State.DECLINED  # count limit
+    assert till.cancel("A1").txn.state is State.CANCELLED
+    assert lane.journal.get(r.txn.txn_id).auth_code is None
+
+
+def test_scanner_fault_shows_until_cleared(till):
+    till.post_fault("scanner unplugged")
+    till.drain()
+    assert till.indicator.current is Signal.FAULT
+    till.post_fault(None)
+    till.drain()
+    assert till.indicator.current is Signal.READY
