@@ -178,6 +178,23 @@ def cmd_test_feedback(args) -> int:
     return EXIT_OK
 
 
+def cmd_scan_test(args) -> int:
+    from appliance.logs import setup
+    from appliance.scan.tools import scan_test, scanner_for_test
+    from appliance.service import make_classifier
+
+    cfg = _config(args)
+    setup(cfg.logging.level)
+    scanner, trace_lines = scanner_for_test(cfg.scanner, args.trace)
+    return scan_test(scanner, make_classifier(cfg), trace=args.trace, trace_lines=trace_lines)
+
+
+def cmd_scanners(args) -> int:
+    from appliance.scan.tools import list_scanners
+
+    return list_scanners()
+
+
 def cmd_demo(args) -> int:
     from appliance.demo import run_demo
 
@@ -221,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", cmd_check_config, "validate the config and print it with secrets redacted")
     sp = add("test-feedback", cmd_test_feedback, "play every LED/buzzer pattern in turn")
     sp.add_argument("--pause", type=float, default=2.0, metavar="S", help="seconds per pattern")
+    sp = add("scan-test", cmd_scan_test, "print each scan of the configured scanner (masked, classified) "
+             "until Ctrl-C; touches no journal")
+    sp.add_argument("--trace", action="store_true", help="also print the raw key/byte trace (digits masked)")
+    sp = sub.add_parser("scanners", help="list candidate input and serial devices with their stable paths",
+                        description="list candidate input and serial devices with their stable paths")
+    sp.set_defaults(func=cmd_scanners)
     sp = sub.add_parser("demo", help="run a scripted lane on a temporary state dir with the sandbox platform",
                         description="run a scripted lane on a temporary state dir with the sandbox platform")
     sp.add_argument("--pause", type=float, default=0.6, metavar="S", help="seconds between scripted scans")

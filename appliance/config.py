@@ -129,6 +129,9 @@ class TillConfig:
     duplicate_window_s: float = opt(10.0, check=non_negative, doc="a repeated scan of one code inside this window is ignored")
     result_hold_s: float = opt(3.0, check=non_negative, doc="how long paid/declined shows before ready")
     max_amount: Amount = opt(Amount(50_000_00), doc="largest amount one order may charge")
+    stale_pending_s: float = opt(60.0, check=positive,
+                                 doc="a payment pending longer was cut off mid-call (crash) and is resolved; "
+                                     "must exceed the slowest platform call")
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,6 @@ from appliance.till import OfflinePolicy, Till
 
 log = logging.getLogger(__name__)
 
-#: Seconds a `pending` payment may stay so before the resolver treats its call as cut off.
-STALE_PENDING_S = 60.0
-
-
 def make_classifier(cfg: Config) -> Classifier:
     return Classifier(load_rules(cfg.classify.rules_file), cfg.classify.order_pattern,
                       {cfg.classify.cancel_card: "cancel"})
@@ -51,7 +47,7 @@ class Lane:
         self.journal.close()
 
 
-def build(cfg: Config, *, indicator: Indicator | None = None, stale_pending_s: float = STALE_PENDING_S) -> Lane:
+def build(cfg: Config, *, indicator: Indicator | None = None) -> Lane:
     """Wire a lane. `indicator=None` builds the configured one (claims GPIO pins)."""
     t = cfg.terminal
     journal = Journal(t.state_dir, t.store_id, t.terminal_id)
@@ -67,7 +63,7 @@ def build(cfg: Config, *, indicator: Indicator | None = None, stale_pending_s: f
                                       cfg.offline.max_total),
                 in_flight=in_flight)
     resolver = Resolver(journal, router, store_id=t.store_id, terminal_id=t.terminal_id,
-                        stale_pending_s=stale_pending_s, forward_within_s=cfg.offline.forward_within_s,
+                        stale_pending_s=cfg.till.stale_pending_s, forward_within_s=cfg.offline.forward_within_s,
                         in_flight=in_flight, on_change=till.post_resolved)
     return Lane(cfg, journal, router, indicator, till, resolver)
 

