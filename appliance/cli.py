@@ -60,46 +60,39 @@ def _wait_for_end(lane, result, wait_s: float):
     return Result.of(txn) if txn is not None else result
 
 
-def cmd_charge(args) -> int:
+def _one_shot(cfg: Config, args, operation) -> int:
+    """Run one till operation (charge or cancel) on a headless lane and print its result."""
     from appliance.logs import setup
     from appliance.service import build_headless
 
-    cfg = _config(args)
     setup("WARNING" if args.json else cfg.logging.level)
+    lane = build_headless(cfg)
+    try:
+        result = operation(lane.till)
+        if args.wait:
+            result = _wait_for_end(lane, result, args.wait)
+    finally:
+        lane.close()
+    _print_result(result, args.json)
+    return result.exit_code
+
+
+def cmd_charge(args) -> int:
+    from appliance.till import Result
+
+    cfg = _config(args)
     code = sys.stdin.readline().rstrip("\r\n") if args.code == "-" else args.code
     try:
         amount = parse_amount(args.amount)
     except BadInput as e:
         print(f"appliance: refused: {e}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"state": "refused", "reason": str(e)}))
+        _print_result(Result("refused", str(e)), args.json)
         return EXIT_REFUSED
-    lane = build_headless(cfg)
-    try:
-        result = lane.till.charge(args.order, amount, code, source="command")
-        if args.wait:
-            result = _wait_for_end(lane, result, args.wait)
-    finally:
-        lane.close()
-    _print_result(result, args.json)
-    return result.exit_code
+    return _one_shot(cfg, args, lambda till: till.charge(args.order, amount, code, source="command"))
 
 
 def cmd_cancel(args) -> int:
-    from appliance.logs import setup
-    from appliance.service import build_headless
-
-    cfg = _config(args)
-    setup("WARNING" if args.json else cfg.logging.level)
-    lane = build_headless(cfg)
-    try:
-        result = lane.till.cancel(args.order)
-        if args.wait:
-            result = _wait_for_end(lane, result, args.wait)
-    finally:
-        lane.close()
-    _print_result(result, args.json)
-    return result.exit_code
+    return _one_shot(_config(args), args, lambda till: till.cancel(args.order))
 
 
 def cmd_journal(args) -> int:

@@ -95,8 +95,8 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
+    scanner = scanner or make_scanner(cfg.scanner)  # may raise ConfigError: before any pin is claimed
     lane = lane or build(cfg)
-    scanner = scanner or make_scanner(cfg.scanner)
     resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
     open_count = len(lane.journal.open_txns())
     log.info("lane %s/%s starting: scanner %s, indicator %s, %d open payment(s) to resolve",

@@ -30,19 +30,23 @@ import re
 import select
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.errors import ConfigError, DeviceError
 from appliance.redact import mask
 from appliance.scan import Scan, Scanner
-from appliance.scan.keymap import EV_KEY, KEY, KeyDecoder
+from appliance.scan.keymap import EV_KEY, EV_SYN, KEY, SYN_DROPPED, KeyDecoder, key_name
+
+if TYPE_CHECKING:
+    from appliance.config import ScannerConfig
 
 log = logging.getLogger(__name__)
 
 INPUT_DIR = "/dev/input"
 
-#: Longest wait in one select() call: how quickly the reader notices `close()`.
-POLL_S = 0.5
+#: Longest wait in one select() call: how quickly the reader notices `close()`. It waits less
+#: while a code is being typed, to wake up at the code's inter-character deadline.
+POLL_S = 0.2
 
 #: Keys a device must have to count as a keyboard a scanner could type codes on.
 _DIGIT_KEYS = frozenset(KEY[d] for d in "1234567890") | frozenset(KEY[f"KP{d}"] for d in range(10))
@@ -157,10 +161,11 @@ class EvdevScanner(Scanner):
 
     name = "scanner-evdev"
 
-    def __init__(self, cfg, *, open_device: OpenDevice | None = None, input_dir: str = INPUT_DIR,
-                 retry_interval_s: float = 1.0):
+    def __init__(self, cfg: ScannerConfig, *, open_device: OpenDevice | None = None, input_dir: str = INPUT_DIR,
+                 retry_interval_s: float = 1.0, on_trace: Callable[[str], None] | None = None):
         """`cfg` is a ScannerConfig. `open_device(path)` opens an event device (default:
         python-evdev); `input_dir` is searched for auto-detection. Opens nothing until `start()`.
+        `on_trace(line)` receives one line per key press, digits masked (`trace_event`).
 
         Raises ConfigError (a ValueError) naming the key when the keymap or terminator is
         unknown, or when neither a device nor match criteria are configured.
@@ -176,6 +181,7 @@ class EvdevScanner(Scanner):
         self._retry_s = retry_interval_s
         self._device: InputDeviceLike | None = None
         self._path = ""
+        self._on_trace = on_trace
 
     def __str__(self) -> str:
         if self._cfg.device:
@@ -223,8 +229,8 @@ class EvdevScanner(Scanner):
             self._release()
 
     def _acquire(self) -> None:
-        """Find, open and grab the scanner. Raises DeviceError with a reason for the cashier's
-        technician; never leaves a device open or grabbed when it raises."""
+        """Find, open and grab the scanner. Raises DeviceError with a reason for the technician;
+        never leaves a device open or grabbed when it raises."""
         path = self._cfg.device or self._detect()
         try:
             dev = self._open_device(path)
@@ -291,6 +297,10 @@ class EvdevScanner(Scanner):
             except BlockingIOError:
                 events = []
             for event in events:
+                if self._on_trace is not None:
+                    line = trace_event(event)
+                    if line:
+                        self._on_trace(line)
                 scans += self._decoder.feed(event, now)
         scans += self._decoder.expire(now)
         for scan in scans:
@@ -340,6 +350,17 @@ class EvdevScanner(Scanner):
         if dev is None:
             return self._path
         return f"{self._path} ({dev.name!r}, phys {dev.phys!r}), grabbed"
+
+
+def trace_event(event) -> str | None:
+    """A technician's view of one input event: key presses by name with digit keys masked
+    ("KEY_#", "KEY_KP#": a trace must never spell out a payment code), and dropped events."""
+    if event.type == EV_SYN and event.code == SYN_DROPPED:
+        return "SYN_DROPPED (kernel dropped events)"
+    if event.type != EV_KEY or event.value != 1:
+        return None
+    name = key_name(event.code)
+    return re.sub(r"(?<=KEY_)(KP)?[0-9]$", lambda m: (m.group(1) or "") + "#", name)
 
 
 def _reason(e: BaseException) -> str:

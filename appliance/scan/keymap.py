@@ -33,9 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from appliance.errors import ConfigError
 from appliance.scan import Scan
+
+if TYPE_CHECKING:
+    from appliance.config import ScannerConfig
 
 # --- kernel key codes (linux/input-event-codes.h; a stable ABI) -------------------------------
 
@@ -257,6 +261,7 @@ class KeyDecoder:
         self._quiet = QUIET_FACTOR * self._timeout
         #: Written into every Scan; the adapter sets it to "evdev:<device path>".
         self.source = source
+        self._numlock_at_start = numlock
         self.numlock = numlock
         self.capslock = False
         self._held: set[int] = set()  # modifier keys currently down
@@ -267,7 +272,7 @@ class KeyDecoder:
         self._syncing = False  # after SYN_DROPPED, until SYN_REPORT
 
     @classmethod
-    def from_config(cls, cfg, source: str = "evdev") -> KeyDecoder:
+    def from_config(cls, cfg: ScannerConfig, source: str = "evdev") -> KeyDecoder:
         """A decoder for a ScannerConfig's keymap, terminator and inter_char_timeout_ms."""
         return cls(cfg.keymap, cfg.terminator, cfg.inter_char_timeout_ms, source=source)
 
@@ -318,9 +323,11 @@ class KeyDecoder:
         return []
 
     def abandon(self, now: float, reason: str) -> list[Scan]:
-        """Forget everything (the device went away): a code being typed becomes a defect."""
+        """Forget everything, lock states included (the device went away and may come back
+        as a new keyboard): a code being typed becomes a defect with `reason`."""
         out = self._defect(reason, now, self._last_t) if self._buf else []
         self._held.clear()
+        self.numlock, self.capslock = self._numlock_at_start, False
         self._broken = self._syncing = False
         return out
 

@@ -39,6 +39,11 @@ def scanner_for_test(cfg, trace: bool = False) -> tuple[Scanner, queue.Queue | N
 
         lines: queue.Queue = queue.Queue()
         return SerialScanner(cfg, on_trace=lambda chunk: lines.put(trace_hex(chunk))), lines
+    if trace and cfg.kind == "evdev":
+        from appliance.scan.evdev import EvdevScanner
+
+        lines = queue.Queue()
+        return EvdevScanner(cfg, on_trace=lines.put), lines
     return make_scanner(cfg), None
 
 
