@@ -1,0 +1,88 @@
+"""The composition root: both real scanner adapters inside the running service."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from appliance import service
+from appliance.config import from_dict
+from appliance.indicator import Signal, make_indicator
+from appliance.journal import Journal, State
+from appliance.scan.evdev import EvdevScanner
+from conftest import WECHAT_PAID, appliance_cmd, lane_dict, subprocess_env, write_config
+from test_scan_evdev import FakeDevice, Opener, typed
+
+pytestmark = pytest.mark.integration
+
+
+def _wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _run_in_thread(cfg, scanner):
+    lane = service.build(cfg, indicator=make_indicator(cfg.indicator))
+    stop = threading.Event()
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("rc", service.run(cfg, stop=stop, scanner=scanner,
+                                                                            lane=lane)))
+    t.start()
+    return lane, stop, t, done
+
+
+def test_evdev_scanner_inside_the_service(tmp_path):
+    cfg = from_dict(lane_dict(tmp_path / "state", scanner={"kind": "evdev", "device": "/dev/scanner"}))
+    device = FakeDevice("/dev/scanner")
+    opener = Opener(device)
+    lane, stop, t, done = _run_in_thread(cfg, EvdevScanner(cfg.scanner, open_device=opener))
+    try:
+        _wait(lambda: device.grabbed)
+        device.push(typed("ORD:A12:12.34\n"))
+        _wait(lambda: lane.indicator.current is Signal.AWAITING_CODE)
+        device.push(typed(WECHAT_PAID + "\n"))
+        _wait(lambda: any(tx.state is State.PAID for tx in lane.journal.recent()))
+        device.unplug()
+        _wait(lambda: lane.indicator.current is Signal.FAULT)
+        opener.push(FakeDevice("/dev/scanner"))
+        _wait(lambda: lane.indicator.current is Signal.READY)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert done["rc"] == 0 and not t.is_alive()
+    [txn] = lane.journal.recent()
+    assert (txn.order, txn.amount_fen, txn.payment_type) == ("A12", 1234, "wechat")
+
+
+def test_serial_scanner_inside_appliance_run(tmp_path):
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    os.close(slave)
+    conf = write_config(tmp_path / "a.toml", lane_dict(
+        tmp_path / "state", scanner={"kind": "serial", "device": path, "baudrate": 115200, "terminator": "CR"},
+        indicator={"kind": "log"}))
+    proc = subprocess.Popen(appliance_cmd() + ["run", "--config", str(conf)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    journal = Journal(tmp_path / "state", "S0001", "L01")
+    try:
+        for line in proc.stderr:  # the port is opened (and its input flushed) at start: wait for it
+            if "Reading" in line:
+                break
+        os.write(master, b"ORD:S7:3.50\r")
+        os.write(master, WECHAT_PAID.encode()[:9])
+        os.write(master, WECHAT_PAID.encode()[9:] + b"\r")
+        _wait(lambda: any(tx.state is State.PAID for tx in journal.recent()))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        os.close(master)
+    assert proc.returncode == 0, err
+    [txn] = journal.recent()
+    assert (txn.order, txn.amount_fen) == ("S7", 350)
+    assert WECHAT_PAID not in err
+    journal.close()
