@@ -69,6 +69,8 @@ def test_serial_scanner_inside_appliance_run(tmp_path):
     proc = subprocess.Popen(appliance_cmd() + ["run", "--config", str(conf)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=subprocess_env())
     journal = Journal(tmp_path / "state", "S0001", "L01")
+    watchdog = threading.Timer(30, proc.kill)  # never hang the suite on a silent service
+    watchdog.start()
     try:
         for line in proc.stderr:  # the port is opened (and its input flushed) at start: wait for it
             if "Reading" in line:
@@ -80,6 +82,7 @@ def test_serial_scanner_inside_appliance_run(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
+        watchdog.cancel()
         os.close(master)
     assert proc.returncode == 0, err
     [txn] = journal.recent()
