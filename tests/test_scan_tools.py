@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -183,3 +184,30 @@ def test_ok__scan_test_names_a_scanner_without_a_description(classifier):
     stop.set()
     assert scan_test(NoScanner(), classifier, out=out, stop=stop) == 0
     assert out.getvalue().startswith("Reading scans from scanner-none;")
+
+
+def test_ok__evdev_trace_shows_key_names_with_digits_masked(classifier):
+    from appliance.scan.evdev import EvdevScanner
+    from test_scan_evdev import FakeDevice, Opener, typed
+
+    device = FakeDevice("/dev/scanner")
+    stop, out, lines = threading.Event(), io.StringIO(), queue.Queue()
+    cfg = ScannerConfig(kind="evdev", device="/dev/scanner")
+    scanner = EvdevScanner(cfg, open_device=Opener(device), on_trace=lines.put)
+    runner = threading.Thread(target=scan_test, args=(scanner, classifier),
+                              kwargs={"out": out, "trace": True, "stop": stop, "trace_lines": lines})
+    runner.start()
+    deadline = time.monotonic() + 5
+    while not device.grabbed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    device.push(typed(CODE + "\n"))
+    while "#1 " not in out.getvalue():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stop.set()
+    runner.join(timeout=5)
+    text = out.getvalue()
+    assert CODE not in text and not re.search(r"\d{5}", text)
+    assert text.count("trace KEY_#") == 18 and "trace KEY_ENTER" in text
+    assert "#1   1345**********6789  kind=payment  type=wechat" in text
