@@ -88,32 +88,51 @@ def sd_notify(message: str) -> None:
         log.debug("sd_notify failed: %s", e)
 
 
+#: On SIGTERM, how long the till may take to finish what it is doing (e.g. a platform call)
+#: before the process exits anyway; systemd's TimeoutStopSec is 10 s, the contract here is 5 s.
+STOP_GRACE_S = 3.0
+
+
 def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | None = None,
         lane: Lane | None = None) -> int:
-    """The service. Returns the process exit code (0 after a clean stop)."""
+    """The service. Returns the process exit code (0 after a clean stop).
+
+    The till runs in its own thread so that a stop request is honoured within seconds even while
+    a platform call hangs: a payment cut off that way stays `pending` in the journal and is
+    resolved (queried, never charged again) by the resolver at the next start.
+    """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
     scanner = scanner or make_scanner(cfg.scanner)  # may raise ConfigError: before any pin is claimed
     lane = lane or build(cfg)
-    resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
     open_count = len(lane.journal.open_txns())
     log.info("lane %s/%s starting: scanner %s, indicator %s, %d open payment(s) to resolve",
              cfg.terminal.store_id, cfg.terminal.terminal_id, cfg.scanner.kind, cfg.indicator.kind, open_count)
+    watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
+    resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
+    till_thread = threading.Thread(
+        target=lane.till.run, args=(stop,), name="till", daemon=True,
+        kwargs={"heartbeat": (lambda: sd_notify("WATCHDOG=1")) if watchdog_s else None,
+                "heartbeat_every_s": watchdog_s or 1.0})
     try:
         scanner.start(lane.till.post_scan, lane.till.post_fault)
         resolver_thread.start()
+        till_thread.start()
         sd_notify("READY=1")
-        watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
-        lane.till.run(stop, heartbeat=(lambda: sd_notify("WATCHDOG=1")) if watchdog_s else None,
-                      heartbeat_every_s=watchdog_s or 1.0)
+        stop.wait()
     finally:
         sd_notify("STOPPING=1")
         log.info("stopping")
         stop.set()
         scanner.close()
-        resolver_thread.join(timeout=3)
+        till_thread.join(timeout=STOP_GRACE_S)
+        resolver_thread.join(timeout=1.0)
+        busy = [t.name for t in (till_thread, resolver_thread) if t.is_alive()]
+        if busy:
+            log.warning("stopping while %s still waits on a platform call; open payments are resolved "
+                        "at the next start", " and ".join(busy))
         lane.close()
         log.info("stopped")
     return 0

@@ -130,6 +130,7 @@ class Till:
         self._hold_until = 0.0
         self._fault: str | None = None
         self._recent_codes: dict[str, float] = {}
+        self._handlers = {"scan": self.handle_scan, "fault": self._set_fault, "resolved": self._on_resolved}
 
     # --- events from other threads ------------------------------------------------------------
 
@@ -159,13 +160,13 @@ class Till:
                 kind, arg = self._events.get(timeout=tick_s)
             except queue.Empty:
                 kind = None
-            if kind == "scan":
-                self.handle_scan(arg)
-            elif kind == "fault":
-                self._set_fault(arg)
-            elif kind == "resolved":
-                self._on_resolved(arg)
-            self.tick()
+            try:
+                if kind is not None:
+                    self._handlers[kind](arg)
+                self.tick()
+            except Exception:  # a bug handling one event must not take the lane down
+                log.exception("till: handling %s failed", kind or "tick")
+                self._flash(Signal.FAULT)
 
     def drain(self) -> None:
         """Handle every queued event now (tests and the demo drive the till without a thread)."""
@@ -174,7 +175,7 @@ class Till:
                 kind, arg = self._events.get_nowait()
             except queue.Empty:
                 return
-            {"scan": self.handle_scan, "fault": self._set_fault, "resolved": self._on_resolved}[kind](arg)
+            self._handlers[kind](arg)
 
     # --- scans ----------------------------------------------------------------------------------
 

@@ -207,3 +207,29 @@ def test_test_feedback_plays_every_pattern(conf):
     assert r.returncode == 0, r.stderr
     shown = [line.split()[0] for line in r.stdout.splitlines()]
     assert shown == [s.value for s in Signal if s is not Signal.OFF]
+
+
+def test_sigterm_during_a_hanging_platform_call_stops_within_5s_and_restart_resolves(tmp_path):
+    doc = lane_dict(tmp_path / "state", scanner={"kind": "stdin"}, indicator={"kind": "log"})
+    doc["providers"]["sandbox"]["slow_ms"] = 30_000
+    conf = write_config(tmp_path / "a.toml", doc)
+    proc = _start_service(conf)
+    proc.stdin.write(f"ORD:H1:5.00\n{WECHAT_SLOW}\n")
+    proc.stdin.flush()
+    journal = Journal(tmp_path / "state", "S0001", "L01")
+    assert _wait_for(lambda: journal.recent() and journal.recent()[0].state is State.PENDING)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5.0
+    assert proc.returncode == 0 and "still waits on a platform call" in err and "indicator: off" in err
+    [txn] = journal.recent()
+    assert txn.state is State.PENDING
+
+    proc = _start_service(conf, stdin=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: journal.get(txn.txn_id).state is State.PAID, timeout=20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    journal.close()

@@ -269,3 +269,36 @@ def test_scanner_fault_shows_until_cleared(till):
     till.post_fault(None)
     till.drain()
     assert till.indicator.current is Signal.READY
+
+
+def test_a_failing_event_does_not_stop_the_lane(lane):
+    import threading
+    import time
+
+    ind = Recorder()
+    till = Till(journal=lane.journal, router=lane.router, classifier=lane.till.classifier, indicator=ind,
+                store_id="S0001", terminal_id="L01", result_hold_s=0.05)
+    real = till.classifier.classify
+    calls = []
+
+    def flaky(text):
+        calls.append(text)
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return real(text)
+
+    till.classifier.classify = flaky
+    stop = threading.Event()
+    t = threading.Thread(target=till.run, args=(stop,))
+    t.start()
+    try:
+        till.post_scan(Scan("ORD:A1:1.00", "test"))
+        till.post_scan(Scan("ORD:A1:1.00", "test"))
+        deadline = time.monotonic() + 5
+        while ind.current is not Signal.AWAITING_CODE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert Signal.FAULT in ind.shown and len(calls) == 2
