@@ -192,12 +192,9 @@ class Till:
             self._flash(Signal.UNKNOWN_CODE)
             return None
         if c.kind == "payment":
-            digest = self.journal.digest(scan.text)
-            seen = self._recent_codes.get(digest)
             self._recent_codes = {d: t for d, t in self._recent_codes.items() if now - t < self.duplicate_window_s}
-            self._recent_codes[digest] = now
-            if seen is not None and now - seen < self.duplicate_window_s:
-                log.info("scan %s repeated within %gs: ignored", c.masked, self.duplicate_window_s)
+            if self.journal.digest(scan.text) in self._recent_codes:  # the scanner stuttered
+                log.info("scan %s repeated within %gs of its charge: ignored", c.masked, self.duplicate_window_s)
                 return None
         if isinstance(self.lane, _Resolving):
             log.warning("scan %s ignored: txn %d is still being resolved", c.masked, self.lane.txn_id)
@@ -220,6 +217,7 @@ class Till:
             self._flash(Signal.UNKNOWN_CODE)
             return None
         order, amount = self.lane.order, self.lane.amount_fen
+        self._recent_codes[self.journal.digest(scan.text)] = now
         self._show(Signal.WORKING)
         result = self.charge(order, amount, scan.text, source=scan.source)
         if result.txn is None:  # code used before, or no platform for its type: the order still waits
@@ -231,8 +229,8 @@ class Till:
     def _take_order(self, order: str, amount_fen: int, now: float) -> Result | None:
         try:
             self._check_order(order, amount_fen)
-        except Refused as e:
-            log.warning("order %s refused: %s", order, e)
+        except (BadInput, Refused) as e:
+            log.warning("order ticket refused: %s", e)
             self.lane = _Ready()
             self._flash(Signal.UNKNOWN_CODE)
             return None

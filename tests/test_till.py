@@ -302,3 +302,20 @@ def test_a_failing_event_does_not_stop_the_lane(lane):
         stop.set()
         t.join(timeout=5)
     assert Signal.FAULT in ind.shown and len(calls) == 2
+
+
+def test_code_refused_for_no_order_can_be_rescanned_at_once(till):
+    assert scan(till, WECHAT_PAID) is None  # scanned before the order ticket
+    assert till.indicator.current is Signal.UNKNOWN_CODE
+    scan(till, "ORD:A1:1.00")
+    assert scan(till, WECHAT_PAID).txn.state is State.PAID  # not mistaken for a stutter
+
+
+def test_custom_order_pattern_with_an_unusable_order_id_is_refused(lane):
+    from appliance.classify import Classifier, load_rules
+
+    ind = Recorder()
+    t = Till(journal=lane.journal, router=lane.router, indicator=ind, store_id="S0001", terminal_id="L01",
+             classifier=Classifier(load_rules(None), r"O(?P<order>.{1,40})/(?P<amount>[0-9]+\.[0-9]{2})", {}))
+    assert t.handle_scan(Scan("OA B/1.00", "test")) is None
+    assert ind.current is Signal.UNKNOWN_CODE and lane.journal.recent() == []
