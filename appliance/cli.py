@@ -53,7 +53,7 @@ def _wait_for_end(lane, result, wait_s: float):
     txn = result.txn
     deadline = time.monotonic() + wait_s
     while txn is not None and txn.state in OPEN_STATES and time.monotonic() < deadline:
-        lane.resolver.step()
+        lane.resolver.step(only=txn.txn_id)
         txn = lane.journal.get(txn.txn_id)
         if txn.state in OPEN_STATES:
             time.sleep(0.1)

@@ -100,7 +100,16 @@ def forward(journal: Journal, provider: Provider, txn: Txn, store_id: str, termi
 
 
 def _move(journal: Journal, txn: Txn, to: State, out: Outcome) -> Txn:
-    new = journal.transition(txn.txn_id, to, out.reason, platform_txn_id=out.platform_txn_id)
+    """Commit a move from the state `txn` was read in. If another process (a `charge --wait`, a
+    second resolver) moved it meanwhile, keep what it wrote: both acted on the same answers."""
+    try:
+        new = journal.transition(txn.txn_id, to, out.reason, platform_txn_id=out.platform_txn_id)
+    except IllegalTransition:
+        current = journal.get(txn.txn_id)
+        if current.state == txn.state:
+            raise  # a real programming error, not a race
+        log.info("txn %d: already %s (moved by another process)", txn.txn_id, current.state)
+        return current
     _log_change(new, txn.state)
     return new
 
@@ -144,9 +153,12 @@ class Resolver:
         self.on_change = on_change or (lambda txn: None)
         self._wall = wall
 
-    def step(self) -> list[Txn]:
+    def step(self, only: int | None = None) -> list[Txn]:
+        """One pass over the open payments that are due (or just payment `only`)."""
         changed = []
         for txn in self.journal.open_txns():
+            if only is not None and txn.txn_id != only:
+                continue
             now = self._wall()
             if txn.next_attempt_at > now or not self.in_flight.claim(txn.txn_id):
                 continue

@@ -124,3 +124,26 @@ def test_in_flight_claims_are_exclusive():
     assert f.claim(1) and not f.claim(1)
     f.release(1)
     assert f.claim(1)
+
+
+def test_a_second_resolver_racing_on_the_same_cancel_keeps_the_first_answer(lane):
+    r = lane.till.charge("A1", 100, WECHAT_PAID)
+    txn = lane.journal.transition(r.txn.txn_id, State.CANCEL_REQUESTED, "cancel card")
+    from appliance.resolver import drive_cancel
+
+    sandbox = lane.router.by_name("sandbox")
+    first = drive_cancel(lane.journal, sandbox, txn)
+    second = drive_cancel(lane.journal, sandbox, txn)  # read before the first committed
+    assert first.state is State.CANCELLED and second.state is State.CANCELLED
+    assert [e["state"] for e in lane.journal.events(txn.txn_id)].count("cancelled") == 1
+
+
+def test_step_only_drives_the_named_payment(lane):
+    a = lane.till.charge("A1", 100, WECHAT_PASSWORD_OK)
+    b = lane.till.charge("A2", 100, "134567890123450092")
+    deadline = time.monotonic() + 5
+    while lane.journal.get(a.txn.txn_id).state is State.UNKNOWN and time.monotonic() < deadline:
+        lane.resolver.step(only=a.txn.txn_id)
+        time.sleep(0.02)
+    assert lane.journal.get(a.txn.txn_id).state is State.PAID
+    assert lane.journal.get(b.txn.txn_id).state is State.UNKNOWN
