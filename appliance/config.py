@@ -109,6 +109,14 @@ def _terminator(v: str) -> str:
     raise ValueError("must be CR, LF, CRLF, TAB, ENTER or one byte as 0xNN")
 
 
+def _keymap(v: str) -> str:
+    from appliance.scan.keymap import LAYOUTS
+
+    if v not in LAYOUTS:
+        raise ValueError(f"unknown keyboard layout {v!r} (known: {', '.join(sorted(LAYOUTS))})")
+    return v
+
+
 def _vid_pid(v: str) -> str:
     if v and not re.fullmatch(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{4}", v):
         raise ValueError("must be VID:PID in hex, like 05e0:1200")
@@ -148,7 +156,7 @@ class ScannerConfig:
     device: str = opt("", doc="device path; prefer /dev/input/by-id/..., /dev/serial/by-id/... or /dev/scanner")
     match_name: str = opt("", doc="evdev auto-detect: substring of the device name")
     match_vid_pid: str = opt("", check=_vid_pid, doc="evdev auto-detect: USB VID:PID")
-    keymap: str = opt("us", doc="keyboard layout the scanner types in (evdev)")
+    keymap: str = opt("us", check=_keymap, doc="keyboard layout the scanner types in (evdev)")
     terminator: str = opt("ENTER", check=_terminator, doc="end of a scan")
     inter_char_timeout_ms: int = opt(100, check=positive, doc="a scan whose characters arrive slower is discarded")
     baudrate: int = opt(9600, check=positive)
@@ -244,6 +252,10 @@ def from_dict(raw: dict, base_dir: Path | None = None) -> Config:
     """Validate an already parsed TOML document. Relative paths resolve against base_dir."""
     cfg = _build(Config, raw, "", base_dir or Path.cwd())
     _check_routing(cfg)
+    s = cfg.scanner
+    if s.kind == "evdev" and not (s.device or s.match_name or s.match_vid_pid):
+        raise ConfigError("scanner.device", "an evdev scanner needs a device path (e.g. /dev/scanner) "
+                                            "or scanner.match_name / scanner.match_vid_pid to find it")
     return cfg
 
 

@@ -46,6 +46,8 @@ def _bad(tmp_path, **change):
     ({"scanner__terminator": "EOT"}, "scanner.terminator", "CR, LF"),
     ({"scanner__match_vid_pid": "1234"}, "scanner.match_vid_pid", "VID:PID"),
     ({"scanner__bytesize": 9}, "scanner.bytesize", "must be one of"),
+    ({"scanner__keymap": "dvorak"}, "scanner.keymap", "unknown keyboard layout"),
+    ({"scanner__kind": "evdev"}, "scanner.device", "needs a device path"),
     ({"indicator__red_pin": 99}, "indicator.red_pin", "0-53"),
     ({"indicator__buzzer": "yes"}, "indicator.buzzer", "true or false"),
     ({"till__max_amount": 500}, "till.max_amount", "amount string"),
