@@ -104,3 +104,15 @@ def test_none_and_mock_kinds():
     ind = make_indicator(IndicatorConfig(kind="mock"))
     assert isinstance(ind.pin_factory, MockFactory)
     ind.close()
+
+
+def test_steady_pattern_after_a_blinking_one_stops_the_blink(factory):
+    ind = GpioIndicator(CFG, pin_factory=factory)
+    ind.show(Signal.WORKING)
+    time.sleep(0.25)
+    ind.show(Signal.PAID)
+    n = len(factory.pin(CFG.green_pin).states)
+    time.sleep(0.3)
+    assert _leds(factory) == PATTERNS[Signal.PAID].colour
+    assert len(factory.pin(CFG.green_pin).states) == n and len(factory.pin(CFG.blue_pin).states) >= 2
+    ind.close()
