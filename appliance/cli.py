@@ -57,7 +57,7 @@ def _wait_for_end(lane, result, wait_s: float):
         txn = lane.journal.get(txn.txn_id)
         if txn.state in OPEN_STATES:
             time.sleep(0.1)
-    return Result.of(txn) if txn is not None else result
+    return Result.of(txn, result.cancel) if txn is not None else result
 
 
 def _one_shot(cfg: Config, args, operation) -> int:

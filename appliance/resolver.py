@@ -132,6 +132,10 @@ def age_s(txn: Txn, now: float) -> float:
     return now - datetime.fromisoformat(txn.created_at.replace("Z", "+00:00")).timestamp()
 
 
+#: Seconds before a payment that could not be driven at all (no platform, adapter bug) is tried again.
+PARK_S = 30.0
+
+
 class Resolver:
     """Background driver of every open payment in the journal.
 
@@ -164,10 +168,12 @@ class Resolver:
                 continue
             try:
                 new = self._drive(txn, now)
-            except Refused as e:  # the payment's platform was removed from the config
-                if str(e) != txn.retry_note:
-                    log.error("txn %d: cannot resolve: %s", txn.txn_id, e)
-                self.journal.schedule(txn.txn_id, now + 60, str(e))
+            except Exception as e:  # its platform was removed from the config, or an adapter bug:
+                note = f"cannot resolve: {e}"  # park this payment, keep resolving the others
+                if note != txn.retry_note:
+                    log.error("txn %d: %s; retrying every %gs", txn.txn_id, note, PARK_S,
+                              exc_info=not isinstance(e, Refused))
+                self.journal.schedule(txn.txn_id, now + PARK_S, note)
                 continue
             finally:
                 self.in_flight.release(txn.txn_id)

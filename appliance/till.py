@@ -52,14 +52,19 @@ class Result:
     state: str  # a journal state, or "refused"
     reason: str
     txn: Txn | None = None
+    cancel: bool = False  # the answer to a cancel: "paid" then means the platform refused it
 
     @property
     def exit_code(self) -> int:
-        return 5 if self.txn is None else EXIT_CODES[self.txn.state]
+        if self.txn is None:
+            return 5
+        return 3 if self.cancel and self.txn.state is State.PAID else EXIT_CODES[self.txn.state]
 
     @property
     def signal(self) -> Signal:
-        return Signal.UNKNOWN_CODE if self.txn is None else SIGNALS[self.txn.state]
+        if self.txn is None:
+            return Signal.UNKNOWN_CODE
+        return Signal.DECLINED if self.cancel and self.txn.state is State.PAID else SIGNALS[self.txn.state]
 
     def as_dict(self) -> dict:
         t = self.txn
@@ -68,8 +73,8 @@ class Result:
                 "amount": t and format_amount(t.amount_fen), "state": self.state, "reason": self.reason}
 
     @classmethod
-    def of(cls, txn: Txn) -> "Result":
-        return cls(str(txn.state), txn.reason, txn)
+    def of(cls, txn: Txn, cancel: bool = False) -> "Result":
+        return cls(str(txn.state), txn.reason, txn, cancel)
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class _AwaitingCancel:
 class _Resolving:
     txn_id: int
     deadline: float
+    cancel: bool
 
 
 class Till:
@@ -242,7 +248,7 @@ class Till:
     def _finish(self, result: Result) -> Result:
         if result.txn is not None and result.txn.state in (State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED):
             deadline = self.router.by_name(result.txn.platform).policy.reverse_after_s + 15.0
-            self.lane = _Resolving(result.txn.txn_id, self._clock() + deadline)
+            self.lane = _Resolving(result.txn.txn_id, self._clock() + deadline, result.cancel)
             self._show(Signal.WORKING)
         else:
             self._flash(result.signal)
@@ -251,8 +257,9 @@ class Till:
     def _on_resolved(self, txn: Txn) -> None:
         if isinstance(self.lane, _Resolving) and self.lane.txn_id == txn.txn_id:
             if txn.state not in (State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED):
+                cancel = self.lane.cancel
                 self.lane = _Ready()
-                self._flash(SIGNALS[txn.state])
+                self._flash(Result.of(txn, cancel).signal)
 
     # --- operations (also used directly by the CLI) ---------------------------------------------
 
@@ -332,7 +339,7 @@ class Till:
             if deferred:
                 txn = self.journal.transition(deferred[-1].txn_id, State.CANCELLED, "cancelled before forwarding")
                 log.info("txn %d: deferred -> cancelled, order %s", txn.txn_id, order)
-                return Result.of(txn)
+                return Result.of(txn, cancel=True)
             if not paid:
                 if any(t.state in (State.PENDING, State.UNKNOWN, State.CANCEL_REQUESTED) for t in txns):
                     raise Refused(f"order {order} has a payment being resolved; an unpaid one is reversed automatically")
@@ -340,12 +347,12 @@ class Till:
             provider = self.router.by_name(paid[-1].platform)
         except (BadInput, Refused) as e:
             log.warning("cancel of order %s refused: %s", printable(order, 40), e)
-            return Result("refused", str(e))
+            return Result("refused", str(e), cancel=True)
         txn = self.journal.transition(paid[-1].txn_id, State.CANCEL_REQUESTED, "cancel card")
         log.info("txn %d: paid -> cancel_requested, order %s", txn.txn_id, order)
         self.in_flight.claim(txn.txn_id)
         try:
-            return Result.of(drive_cancel(self.journal, provider, txn))
+            return Result.of(drive_cancel(self.journal, provider, txn), cancel=True)
         finally:
             self.in_flight.release(txn.txn_id)
 

@@ -2,6 +2,7 @@ import time
 
 import pytest
 
+from appliance.indicator import Signal
 from appliance.journal import State
 from appliance.payments import Outcome, Status
 from appliance.resolver import InFlight, settle
@@ -147,3 +148,101 @@ def test_step_only_drives_the_named_payment(lane):
         time.sleep(0.02)
     assert lane.journal.get(a.txn.txn_id).state is State.PAID
     assert lane.journal.get(b.txn.txn_id).state is State.UNKNOWN
+
+
+def _unknown(lane, code=WECHAT_SYSTEMERROR, order="A1"):
+    r = lane.till.charge(order, 100, code)
+    assert r.txn.state is State.UNKNOWN
+    return r.txn
+
+
+def test_a_payment_whose_adapter_crashes_is_parked_and_does_not_block_others(lane, caplog):
+    sandbox = lane.router.by_name("sandbox")
+    bad = _unknown(lane)
+    good = _unknown(lane, code=WECHAT_LOST_ANSWER, order="A2")
+    real_query = sandbox.query
+    sandbox.query = lambda no: (_ for _ in ()).throw(RuntimeError("adapter bug")) if no == bad.out_trade_no \
+        else real_query(no)
+    lane.resolver.step()
+    lane.resolver.step()
+    assert lane.journal.get(good.txn_id).state is State.PAID
+    parked = lane.journal.get(bad.txn_id)
+    assert parked.state is State.UNKNOWN and parked.next_attempt_at > time.time() + 20
+    assert sum("adapter bug" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_payment_whose_platform_left_the_config_is_parked(lane):
+    txn = _unknown(lane)
+    lane.router.providers.pop("sandbox")
+    assert lane.resolver.step() == []
+    parked = lane.journal.get(txn.txn_id)
+    assert parked.state is State.UNKNOWN and "no longer configured" in parked.retry_note
+
+
+def test_query_and_reverse_errors_are_retried_not_final(lane):
+    from appliance.errors import ProviderUnavailable
+
+    txn = _unknown(lane)
+    sandbox = lane.router.by_name("sandbox")
+    real_query, real_reverse = sandbox.query, sandbox.reverse
+
+    def down(*a):
+        raise ProviderUnavailable("connection refused")
+
+    sandbox.query = sandbox.reverse = down
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        lane.resolver.step()
+        time.sleep(0.02)
+    t = lane.journal.get(txn.txn_id)
+    assert t.state is State.UNKNOWN and "reverse failed" in t.retry_note
+    sandbox.query, sandbox.reverse = real_query, real_reverse
+    assert _resolve(lane, txn.txn_id).state is State.REVERSED
+
+
+def test_cancel_refused_by_reverse_and_refund_goes_back_to_paid(lane):
+    sandbox = lane.router.by_name("sandbox")
+    paid = lane.till.charge("A1", 100, WECHAT_PAID).txn
+    sandbox.reverse = lambda no: Outcome(Status.DECLINED, "REVERSE_EXPIRE")
+    sandbox.refund = lambda no, fen, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
+    r = lane.till.cancel("A1")
+    assert r.txn.state is State.PAID and "cancel refused: TRADE_HAS_FINISHED" in r.reason
+    assert r.exit_code == 3 and r.signal is Signal.DECLINED
+    assert [e["state"] for e in lane.journal.events(paid.txn_id)][-2:] == ["cancel_requested", "paid"]
+
+
+def test_cancel_with_platform_down_stays_requested_then_completes(lane):
+    from appliance.errors import ProviderUnavailable
+
+    sandbox = lane.router.by_name("sandbox")
+    lane.till.charge("A1", 100, WECHAT_PAID)
+    real = sandbox.reverse
+
+    def down(no):
+        raise ProviderUnavailable("connection refused")
+
+    sandbox.reverse = down
+    r = lane.till.cancel("A1")
+    assert r.txn.state is State.CANCEL_REQUESTED and r.exit_code == 4
+    sandbox.reverse = real
+    assert _resolve(lane, r.txn.txn_id).state is State.CANCELLED
+
+
+def test_run_loop_survives_a_failing_step_and_logs_it_once(lane, caplog):
+    import threading
+
+    calls = []
+
+    def broken(only=None):
+        calls.append(1)
+        raise OSError("disk I/O error")
+
+    lane.resolver.step = broken
+    stop = threading.Event()
+    t = threading.Thread(target=lane.resolver.run, args=(stop, 0.01))
+    t.start()
+    time.sleep(0.2)
+    stop.set()
+    t.join(timeout=5)
+    assert len(calls) >= 5
+    assert sum("resolver step failed" in r.getMessage() for r in caplog.records) == 1

@@ -319,3 +319,30 @@ def test_custom_order_pattern_with_an_unusable_order_id_is_refused(lane):
              classifier=Classifier(load_rules(None), r"O(?P<order>.{1,40})/(?P<amount>[0-9]+\.[0-9]{2})", {}))
     assert t.handle_scan(Scan("OA B/1.00", "test")) is None
     assert ind.current is Signal.UNKNOWN_CODE and lane.journal.recent() == []
+
+
+def test_cancel_refused_after_resolving_shows_declined_not_paid(till, lane):
+    import time
+    from appliance.errors import ProviderUnavailable
+    from appliance.payments import Outcome, Status
+
+    sandbox = lane.router.by_name("sandbox")
+    scan(till, "ORD:A1:1.00")
+    scan(till, WECHAT_PAID)
+
+    def down(no):
+        raise ProviderUnavailable("connection refused")
+
+    sandbox.reverse = down
+    scan(till, "CMD:CANCEL")
+    r = scan(till, "ORD:A1:1.00")
+    assert r.txn.state is State.CANCEL_REQUESTED and till.indicator.current is Signal.WORKING
+    sandbox.reverse = lambda no: Outcome(Status.DECLINED, "REVERSE_EXPIRE")
+    sandbox.refund = lambda no, fen, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
+    deadline = time.monotonic() + 5
+    while lane.journal.get(r.txn.txn_id).state is State.CANCEL_REQUESTED:
+        assert time.monotonic() < deadline
+        lane.resolver.step()
+        time.sleep(0.02)
+    till.drain()
+    assert till.indicator.current is Signal.DECLINED
