@@ -1,7 +1,7 @@
 """`appliance` command line. Thin: each subcommand parses, calls one function, returns an exit code.
 
-Exit codes: 0 ok/paid, 1 other error, 2 config (or usage) error, 3 declined, 4 unknown (still
-being resolved), 5 refused (bad input, policy). `DEBUG=1` shows tracebacks of unexpected errors.
+Exit codes: 0 ok/paid, 1 other error, 2 config (or usage) error, 3 declined (a cancel: refused by
+the platform), 4 unknown (still being resolved), 5 refused (bad input, policy). `DEBUG=1` shows tracebacks of unexpected errors.
 """
 
 from __future__ import annotations
