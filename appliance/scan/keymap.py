@@ -22,7 +22,8 @@ Adding a layout:
      defective when pressed, it is never skipped silently.
   3. Register it in `LAYOUTS` under the name used in `[scanner] keymap` (lowercase, like the
      xkb layout name), and add a row to tests/test_keymap.py that types a code on it.
-  Check the table against the layout's picture (or `xkbcli how-to-type`), not against memory.
+  tests/test_keymap_xkb.py checks every table against the system's xkb data (libxkbcommon);
+  run it after any change.
 
 Caps Lock shifts only keys whose shifted character is the upper case of the unshifted one
 (letters, and ä/ö/ü on "de"); Shift with Caps Lock types the lower case, as on Linux.
@@ -109,7 +110,7 @@ class Layout:
     def __post_init__(self) -> None:
         base: dict[int, str] = {}
         shifted: dict[int, str] = {}
-        for pos, chars in {**self.keys, "SPACE": "  ", "TAB": "\t\t"}.items():
+        for pos, chars in {**self.keys, "SPACE": "  ", "TAB": ("\t", None)}.items():  # Shift+Tab: ISO_Left_Tab
             code = self._code(pos)
             if isinstance(chars, str):
                 if len(chars) != 2:
@@ -143,7 +144,7 @@ US = Layout("us", keys={
     "GRAVE": "`~", "1": "1!", "2": "2@", "3": "3#", "4": "4$", "5": "5%", "6": "6^", "7": "7&",
     "8": "8*", "9": "9(", "0": "0)", "MINUS": "-_", "EQUAL": "=+",
     "LEFTBRACE": "[{", "RIGHTBRACE": "]}", "BACKSLASH": "\\|", "SEMICOLON": ";:", "APOSTROPHE": "'\"",
-    "COMMA": ",<", "DOT": ".>", "SLASH": "/?", "102ND": "\\|",
+    "COMMA": ",<", "DOT": ".>", "SLASH": "/?", "102ND": "<>",
 })
 
 # German QWERTZ (xkb "de"): Y and Z swapped; ^ (GRAVE) and the acute key (EQUAL) are dead keys.
@@ -163,7 +164,7 @@ DE = Layout("de", keys={
 FR = Layout("fr", keys={
     **_letters(_AZ.replace("M", ""), "qbcdefghijklnoparstuvzxyw"),
     "M": ",?", "SEMICOLON": "mM",
-    "GRAVE": ("²", None), "1": "&1", "2": "é2", "3": '"3', "4": "'4", "5": "(5", "6": "-6", "7": "è7",
+    "GRAVE": "²~", "1": "&1", "2": "é2", "3": '"3', "4": "'4", "5": "(5", "6": "-6", "7": "è7",
     "8": "_8", "9": "ç9", "0": "à0", "MINUS": ")°", "EQUAL": "=+",
     "RIGHTBRACE": "$£", "APOSTROPHE": "ù%", "BACKSLASH": "*µ", "102ND": "<>",
     "COMMA": ";.", "DOT": ":/", "SLASH": "!§",
