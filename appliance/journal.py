@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 
 import peewee as pw
 
-from appliance.errors import IllegalTransition
+from appliance.errors import ApplianceError, IllegalTransition
 from appliance.money import format_amount
 from appliance.redact import mask
 
@@ -198,17 +198,27 @@ class Journal:
         self._code_key = self._load_code_key()
 
     def _load_code_key(self) -> bytes:
+        """The device's secret for code digests, created on first use. Safe when two processes
+        (the service and a `charge`) start at once: the key is written aside and linked into
+        place, so nobody ever reads a half-written key."""
         path = self.state_dir / "code-digest.key"
-        try:
-            return bytes.fromhex(path.read_text().strip())
-        except FileNotFoundError:
-            key = secrets.token_bytes(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not path.exists():
+            tmp = path.with_name(f".code-digest.key.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(key.hex())
+                f.write(secrets.token_bytes(32).hex())
                 f.flush()
                 os.fsync(f.fileno())
-            return key
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race; use its key
+            finally:
+                os.unlink(tmp)
+        key = bytes.fromhex(path.read_text().strip())
+        if len(key) != 32:
+            raise ApplianceError(f"{path} is damaged ({len(key)} bytes, expected 32)")
+        return key
 
     def close(self) -> None:
         """Close this thread's connection. Idempotent."""

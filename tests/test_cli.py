@@ -1,7 +1,6 @@
 """The `appliance` command as a real process: exit codes, JSON, signals, crash and restart."""
 
 import json
-import os
 import signal
 import subprocess
 import time

@@ -161,3 +161,17 @@ def test_reopen_keeps_everything(tmp_path):
     assert j2.get(txn.txn_id) == txn and j2.code_used(CODE)
     assert _open(j2, code="134567890123450009").out_trade_no[:-6] == txn.out_trade_no[:-6]
     j2.close()
+
+
+def test_two_processes_opening_a_new_journal_at_once_agree_on_the_code_key(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys; from appliance.journal import Journal; "
+              "j = Journal(sys.argv[1], 'S0001', 'L01'); print(j.digest('134567890123456789')); j.close()")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    digests = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(digests) == 1 and len(next(iter(digests))) == 40
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".code-digest")] == []
