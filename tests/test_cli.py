@@ -134,33 +134,57 @@ def test_run_takes_scans_from_stdin_and_stops_cleanly_on_signal(tmp_path, sig):
     journal.close()
 
 
-def test_sigkill_mid_payment_then_restart_resolves_without_charging_twice(tmp_path):
+def _service_inside_a_slow_payment(tmp_path):
+    """A running service whose till sits in a 30 s platform call that has already charged."""
     doc = lane_dict(tmp_path / "state", scanner={"kind": "stdin"}, indicator={"kind": "log"})
-    doc["providers"]["sandbox"]["slow_ms"] = 20_000
+    doc["providers"]["sandbox"]["slow_ms"] = 30_000
     conf = write_config(tmp_path / "a.toml", doc)
     proc = _start_service(conf)
     proc.stdin.write(f"ORD:K1:5.00\n{WECHAT_SLOW}\n")
     proc.stdin.flush()
     journal = Journal(tmp_path / "state", "S0001", "L01")
     assert _wait_for(lambda: journal.recent() and journal.recent()[0].state is State.PENDING)
-    time.sleep(0.3)  # inside the 20 s platform call: the platform has charged, no answer yet
-    proc.kill()
-    proc.communicate(timeout=5)
-    [txn] = journal.recent()
-    assert txn.state is State.PENDING  # intent journaled before the call survived the kill
+    time.sleep(0.3)  # inside the platform call: charged, no answer yet
+    return conf, proc, journal
 
+
+def _restart_and_resolve(conf, journal, txn) -> str:
     proc = _start_service(conf, stdin=subprocess.DEVNULL)
     try:
         assert _wait_for(lambda: journal.get(txn.txn_id).state is State.PAID, timeout=20)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
-    assert "1 open payment(s) to resolve" in err
     assert [e["state"] for e in journal.events(txn.txn_id)] == ["pending", "unknown", "paid"]
     from appliance.payments.sandbox import SandboxOptions, SandboxProvider
-    ledger = SandboxProvider("sandbox", SandboxOptions(), tmp_path / "state")
-    assert ledger.charges(WECHAT_SLOW) == 1
+
+    ledger = SandboxProvider("sandbox", SandboxOptions(), journal.state_dir)
+    assert ledger.charges(WECHAT_SLOW) == 1  # charged once, never again
     ledger.close()
+    return err
+
+
+def test_sigkill_mid_payment_then_restart_resolves_without_charging_twice(tmp_path):
+    conf, proc, journal = _service_inside_a_slow_payment(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=5)
+    [txn] = journal.recent()
+    assert txn.state is State.PENDING  # the intent journaled before the call survived the kill
+    err = _restart_and_resolve(conf, journal, txn)
+    assert "1 open payment(s) to resolve" in err
+    journal.close()
+
+
+def test_sigterm_during_a_hanging_platform_call_stops_within_5s_and_restart_resolves(tmp_path):
+    conf, proc, journal = _service_inside_a_slow_payment(tmp_path)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5.0
+    assert proc.returncode == 0 and "still waits on a platform call" in err and "indicator: off" in err
+    [txn] = journal.recent()
+    assert txn.state is State.PENDING
+    _restart_and_resolve(conf, journal, txn)
     journal.close()
 
 
@@ -206,29 +230,3 @@ def test_test_feedback_plays_every_pattern(conf):
     assert r.returncode == 0, r.stderr
     shown = [line.split()[0] for line in r.stdout.splitlines()]
     assert shown == [s.value for s in Signal if s is not Signal.OFF]
-
-
-def test_sigterm_during_a_hanging_platform_call_stops_within_5s_and_restart_resolves(tmp_path):
-    doc = lane_dict(tmp_path / "state", scanner={"kind": "stdin"}, indicator={"kind": "log"})
-    doc["providers"]["sandbox"]["slow_ms"] = 30_000
-    conf = write_config(tmp_path / "a.toml", doc)
-    proc = _start_service(conf)
-    proc.stdin.write(f"ORD:H1:5.00\n{WECHAT_SLOW}\n")
-    proc.stdin.flush()
-    journal = Journal(tmp_path / "state", "S0001", "L01")
-    assert _wait_for(lambda: journal.recent() and journal.recent()[0].state is State.PENDING)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=10)
-    assert time.monotonic() - t0 < 5.0
-    assert proc.returncode == 0 and "still waits on a platform call" in err and "indicator: off" in err
-    [txn] = journal.recent()
-    assert txn.state is State.PENDING
-
-    proc = _start_service(conf, stdin=subprocess.DEVNULL)
-    try:
-        assert _wait_for(lambda: journal.get(txn.txn_id).state is State.PAID, timeout=20)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-    journal.close()
