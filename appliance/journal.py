@@ -183,19 +183,24 @@ class Journal:
         self.store_id = store_id
         self.terminal_id = terminal_id
         self._clock = clock
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = pw.SqliteDatabase(str(self.path), timeout=10, pragmas={
             "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1})
         self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db)
-        with self.db.connection_context():
-            self.db.create_tables([self._Meta, self._Seq, self._Payment, self._Outbox])
-            with self.db.atomic("IMMEDIATE"):
-                row = self._Meta.get_or_none(self._Meta.key == "epoch")
-                if row is None:
-                    alphabet = string.ascii_lowercase + string.digits
-                    row = self._Meta.create(key="epoch", value="".join(secrets.choice(alphabet) for _ in range(3)))
-            self._epoch = row.value
-        self._code_key = self._load_code_key()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with self.db.connection_context():
+                self.db.create_tables([self._Meta, self._Seq, self._Payment, self._Outbox])
+                with self.db.atomic("IMMEDIATE"):
+                    row = self._Meta.get_or_none(self._Meta.key == "epoch")
+                    if row is None:
+                        alphabet = string.ascii_lowercase + string.digits
+                        row = self._Meta.create(key="epoch",
+                                                value="".join(secrets.choice(alphabet) for _ in range(3)))
+                self._epoch = row.value
+            self._code_key = self._load_code_key()
+        except (OSError, pw.DatabaseError) as e:
+            raise ApplianceError(f"cannot open the journal in {self.state_dir}: {e} "
+                                 "(run as the service user, e.g. sudo -u appliance appliance ...)") from None
 
     def _load_code_key(self) -> bytes:
         """The device's secret for code digests, created on first use. Safe when two processes

@@ -175,3 +175,17 @@ def test_two_processes_opening_a_new_journal_at_once_agree_on_the_code_key(tmp_p
     assert all(p.returncode == 0 for p in procs)
     assert len(digests) == 1 and len(next(iter(digests))) == 40
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".code-digest")] == []
+
+
+def test_unusable_state_dir_is_a_clear_error(tmp_path):
+    from appliance.errors import ApplianceError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ApplianceError, match="cannot open the journal"):
+        Journal(blocker / "state", "S0001", "L01")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "journal.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ApplianceError, match="cannot open the journal"):
+        Journal(damaged, "S0001", "L01")
