@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from appliance.config import from_dict
+
+# Property tests must not flake on a slow CI machine: no per-example deadline.
+settings.register_profile("appliance", deadline=None)
+settings.load_profile("appliance")
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_TYPES = ("wechat", "alipay", "unionpay", "ecny", "jdpay", "bestpay")
