@@ -306,3 +306,35 @@ def test_ok__abandon_resets_the_lock_keys():
     assert (d.numlock, d.capslock) == (False, True)
     assert d.abandon(T0 + 1, "unplugged") == []
     check([s.text for now, ev in events("KP1 A KPENTER", t0=T0 + 2) for s in d.feed(ev, now)], ["1a"])
+
+
+# --- property: whatever a layout can type, the decoder reads back exactly ----------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+def _typing_plan(layout: Layout) -> dict[str, str]:
+    """character -> key tokens that type it on `layout` (plain, Shift or AltGr)."""
+    name = {code: n for n, code in KEY.items()}
+    plan: dict[str, str] = {}
+    for table, wrap in ((layout.with_altgr, "+RIGHTALT {} -RIGHTALT"), (layout.shifted, "+LEFTSHIFT {} -LEFTSHIFT"),
+                        (layout.base, "{}")):
+        for code, char in table.items():
+            if char.isprintable() and char != " ":
+                plan[char] = wrap.format(name[code])
+    return plan
+
+
+@pytest.mark.parametrize("keymap", sorted(LAYOUTS))
+def test_property_every_typable_text_decodes_exactly(keymap):
+    plan = _typing_plan(LAYOUTS[keymap])
+
+    @given(st.text(alphabet=sorted(plan), min_size=1, max_size=60))
+    def check(text):
+        decoder = KeyDecoder(keymap)
+        got = []
+        for t, ev in events(" ".join(plan[c] for c in text) + " ENTER"):
+            got += decoder.feed(ev, t)
+        assert [(s.text, s.defect) for s in got] == [(text, None)]
+
+    check()
