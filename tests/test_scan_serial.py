@@ -335,3 +335,23 @@ def test_ok__made_by_config_without_opening_anything(tmp_path):
     scanner.close()  # never started: still fine
     default = SerialScanner(dataclasses.replace(cfg, device=""))
     assert default.device == "/dev/scanner"
+
+
+# --- property: frames survive any split into reads ---------------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+_PRINTABLE = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=40)
+
+
+@pytest.mark.parametrize("terminator,wire", [("CR", b"\r"), ("LF", b"\n"), ("CRLF", b"\r\n"), ("ENTER", b"\r\n"),
+                                             ("TAB", b"\t"), ("0x03", b"\x03")])
+def test_property_any_chunking_yields_the_same_frames(terminator, wire):
+    @given(st.lists(_PRINTABLE, min_size=1, max_size=8), st.data())
+    def check(texts, data):
+        stream = b"".join(t.encode() + wire for t in texts)
+        cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=10)))
+        chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)]) if stream[a:b]]
+        assert decode(chunks, terminator=terminator) == ok(*texts)
+
+    check()
