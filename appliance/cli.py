@@ -1,14 +1,14 @@
 """`appliance` command line. Thin: each subcommand parses, calls one function, returns an exit code.
 
 Exit codes: 0 ok/paid, 1 other error, 2 config (or usage) error, 3 declined (a cancel: refused by
-the platform), 4 unknown (still being resolved), 5 refused (bad input, policy). `DEBUG=1` shows tracebacks of unexpected errors.
+the platform), 4 unknown (still being resolved), 5 refused (bad input, policy); the last three come
+from `till.Result.exit_code`. `DEBUG=1` shows tracebacks of unexpected errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -18,9 +18,7 @@ from appliance.config import DEFAULT_PATH, ENV_VAR, Config, ConfigError, config_
 from appliance.errors import ApplianceError, BadInput
 from appliance.money import format_amount, parse_amount
 
-log = logging.getLogger("appliance")
-
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_DECLINED, EXIT_UNKNOWN, EXIT_REFUSED = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 5
 
 
 def _config(args) -> Config:
