@@ -34,6 +34,7 @@ demo: apt-deps $(STAMP)
 	$(BIN)/appliance demo
 
 test: apt-deps $(STAMP)
+	$(BIN)/ruff check appliance tests bench
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
