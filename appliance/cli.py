@@ -100,10 +100,31 @@ def cmd_journal(args) -> int:
     states = [State(s) for s in args.state] if args.state else None
     journal = Journal(cfg.terminal.state_dir, cfg.terminal.store_id, cfg.terminal.terminal_id)
     try:
+        if args.txn is not None:
+            return _print_history(journal, args.txn, args.json)
         txns = journal.recent(limit=args.limit, states=states)
     finally:
         journal.close()
     print_journal(txns, as_json=args.json)
+    return EXIT_OK
+
+
+def _print_history(journal, txn_id: int, as_json: bool) -> int:
+    """One payment and every state change it went through (its head-office events)."""
+    txn = journal.get(txn_id)
+    if txn is None:
+        print(f"appliance: no transaction {txn_id} in the journal", file=sys.stderr)
+        return EXIT_REFUSED
+    events = journal.events(txn_id)
+    if as_json:
+        print(json.dumps({**txn.as_dict(), "retry_note": txn.retry_note, "attempts": txn.attempts,
+                          "events": events}, ensure_ascii=False))
+        return EXIT_OK
+    print_journal([txn])
+    if txn.retry_note:
+        print(f"  open: {txn.retry_note} ({txn.attempts} attempts)")
+    for e in events:
+        print(f"  {e['at']}  {e['previous_state'] or '-':>16} -> {e['state']:<16} {e['reason']}")
     return EXIT_OK
 
 
@@ -220,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("journal", cmd_journal, "list journaled transactions, newest first")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--txn", type=int, metavar="N", help="one transaction with every state change it went through")
     sp.add_argument("--state", action="append", help="only this state (repeatable)",
                     choices=["pending", "paid", "declined", "unknown", "reversed", "deferred",
                              "cancel_requested", "cancelled", "refunded"])

@@ -80,6 +80,13 @@ def test_cancel_and_journal(conf):
     table = cli(conf, "journal").stdout
     assert "cancelled" in table and "1345**********6700" in table
     assert cli(conf, "journal", "--state", "paid").stdout.strip().endswith("(no transactions)")
+    history = json.loads(cli(conf, "journal", "--txn", str(rows[0]["txn_id"]), "--json").stdout)
+    assert [(e["previous_state"], e["state"]) for e in history["events"]] == [
+        (None, "pending"), ("pending", "paid"), ("paid", "cancel_requested"), ("cancel_requested", "cancelled")]
+    assert WECHAT_PAID not in json.dumps(history)
+    text = cli(conf, "journal", "--txn", str(rows[0]["txn_id"])).stdout
+    assert "cancel_requested -> cancelled" in text
+    assert cli(conf, "journal", "--txn", "999").returncode == 5
 
 
 def test_classify_json(conf):
