@@ -34,13 +34,14 @@ class SecretFile:
     """A secret kept in a file (mode 0600, owned by the service user). Its text never enters the config."""
 
     path: Path
+    key: str = ""  # the dotted config key that named it, for error messages
 
     def read(self) -> str:
         """The secret with surrounding whitespace stripped. Raises ConfigError if unreadable."""
         try:
             return self.path.read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise ConfigError("", f"secret file {self.path}: {e.strerror}") from None
+            raise ConfigError(self.key, f"secret file {self.path}: {e.strerror}") from None
 
     def __str__(self) -> str:
         return f"<secret in {self.path}>"
@@ -134,7 +135,7 @@ class TerminalConfig:
 class TillConfig:
     order_timeout_s: float = opt(60.0, check=positive, doc="wait for a payment code after an order ticket")
     cancel_timeout_s: float = opt(30.0, check=positive, doc="wait for an order ticket after the cancel card")
-    duplicate_window_s: float = opt(10.0, check=non_negative, doc="a repeated scan of one code inside this window is ignored")
+    duplicate_window_s: float = opt(10.0, check=non_negative, doc="the same payment code again this soon after its charge is ignored (stutter)")
     result_hold_s: float = opt(3.0, check=non_negative, doc="how long paid/declined shows before ready")
     max_amount: Amount = opt(Amount(50_000_00), doc="largest amount one order may charge")
     stale_pending_s: float = opt(60.0, check=positive,
@@ -337,7 +338,7 @@ def _convert(tp, value: Any, key: str, base: Path):
             raise ConfigError(key, f"secret file {p} does not exist")
         if not os.access(p, os.R_OK):
             raise ConfigError(key, f"secret file {p} is not readable by this user")
-        return SecretFile(p)
+        return SecretFile(p, key)
     raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in this module
 
 
@@ -389,13 +390,16 @@ def to_toml(cfg: Config) -> str:
 
     def emit_table(name: str, obj) -> None:
         lines.append(f"[{name}]")
-        items = obj
+        items = {k: (v, "") for k, v in obj.items()} if isinstance(obj, dict) else {}
+        schema = obj.options if isinstance(obj, ProviderConfig) else obj
         if isinstance(obj, ProviderConfig):
-            items = {"kind": obj.kind, **{f.name: getattr(obj.options, f.name) for f in dataclasses.fields(obj.options)}}
-        elif dataclasses.is_dataclass(obj):
-            items = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-        for k, v in items.items():
-            lines.append(f"# {k} is not set" if v is None else f"{k} = {_toml_value(v)}")
+            items["kind"] = (obj.kind, "")
+        if dataclasses.is_dataclass(schema):
+            items.update({f.name: (getattr(schema, f.name), f.metadata.get("doc", ""))
+                          for f in dataclasses.fields(schema)})
+        for k, (v, doc) in items.items():
+            line = f"# {k} is not set" if v is None else f"{k} = {_toml_value(v)}"
+            lines.append(f"{line}  # {doc}" if doc and "#" not in line else line)
         lines.append("")
 
     for f in dataclasses.fields(cfg):
