@@ -135,7 +135,8 @@ class TerminalConfig:
 class TillConfig:
     order_timeout_s: float = opt(60.0, check=positive, doc="wait for a payment code after an order ticket")
     cancel_timeout_s: float = opt(30.0, check=positive, doc="wait for an order ticket after the cancel card")
-    duplicate_window_s: float = opt(10.0, check=non_negative, doc="the same payment code again this soon after its charge is ignored (stutter)")
+    duplicate_window_s: float = opt(10.0, check=non_negative,
+                                    doc="the same payment code again this soon after its charge is ignored (stutter)")
     result_hold_s: float = opt(3.0, check=non_negative, doc="how long paid/declined shows before ready")
     max_amount: Amount = opt(Amount(50_000_00), doc="largest amount one order may charge")
     stale_pending_s: float = opt(60.0, check=positive,
