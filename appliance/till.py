@@ -39,6 +39,8 @@ ORDER_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 EXIT_CODES = {State.PAID: 0, State.CANCELLED: 0, State.REFUNDED: 0, State.DECLINED: 3, State.REVERSED: 3,
               State.UNKNOWN: 4, State.PENDING: 4, State.DEFERRED: 4, State.CANCEL_REQUESTED: 4}
+#: States in which the cashier keeps waiting while the resolver drives the payment to an end.
+AWAITING_END = frozenset({State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED})
 SIGNALS = {State.PAID: Signal.PAID, State.DECLINED: Signal.DECLINED, State.REVERSED: Signal.DECLINED,
            State.UNKNOWN: Signal.WORKING, State.PENDING: Signal.WORKING, State.DEFERRED: Signal.OFFLINE_QUEUED,
            State.CANCEL_REQUESTED: Signal.WORKING, State.CANCELLED: Signal.CANCELLED,
@@ -246,7 +248,7 @@ class Till:
         return None
 
     def _finish(self, result: Result) -> Result:
-        if result.txn is not None and result.txn.state in (State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED):
+        if result.txn is not None and result.txn.state in AWAITING_END:
             deadline = self.router.by_name(result.txn.platform).policy.reverse_after_s + 15.0
             self.lane = _Resolving(result.txn.txn_id, self._clock() + deadline, result.cancel)
             self._show(Signal.WORKING)
@@ -256,7 +258,7 @@ class Till:
 
     def _on_resolved(self, txn: Txn) -> None:
         if isinstance(self.lane, _Resolving) and self.lane.txn_id == txn.txn_id:
-            if txn.state not in (State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED):
+            if txn.state not in AWAITING_END:
                 cancel = self.lane.cancel
                 self.lane = _Ready()
                 self._flash(Result.of(txn, cancel).signal)

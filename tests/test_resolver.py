@@ -3,7 +3,7 @@ import time
 import pytest
 
 from appliance.indicator import Signal
-from appliance.journal import State
+from appliance.journal import OPEN_STATES, State
 from appliance.payments import Outcome, Status
 from appliance.resolver import InFlight, settle
 from conftest import (WECHAT_LOST_ANSWER, WECHAT_PAID, WECHAT_PASSWORD_GIVEUP, WECHAT_PASSWORD_OK,
@@ -15,7 +15,7 @@ def _resolve(lane, txn_id, timeout=5.0):
     while time.monotonic() < deadline:
         lane.resolver.step()
         txn = lane.journal.get(txn_id)
-        if txn.state not in (State.PENDING, State.UNKNOWN, State.CANCEL_REQUESTED, State.DEFERRED):
+        if txn.state not in OPEN_STATES:
             return txn
         time.sleep(0.02)
     return lane.journal.get(txn_id)
