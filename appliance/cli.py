@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok/paid, 1 other error, 2 config (or usage) error, 3 declined (a cancel: refused by
 the platform), 4 unknown (still being resolved), 5 refused (bad input, policy); the last three come
-from `till.Result.exit_code`. `DEBUG=1` shows tracebacks of unexpected errors.
+from `till.Result.exit_code`; 6 the journal is not whole (missing, empty, replaced, or its key or id
+file does not belong to it: see docs/reliability.md). `DEBUG=1` shows tracebacks of unexpected errors.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import time
 
 from appliance import __version__
 from appliance.config import DEFAULT_PATH, ENV_VAR, Config, ConfigError, config_path, load, to_toml
-from appliance.errors import ApplianceError, BadInput
+from appliance.errors import ApplianceError, BadInput, JournalIntegrityError
 from appliance.money import format_amount, parse_amount
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_REFUSED = 0, 1, 2, 5
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_REFUSED, EXIT_INTEGRITY = 0, 1, 2, 5, 6
 
 
 def _config(args) -> Config:
@@ -98,7 +99,7 @@ def cmd_journal(args) -> int:
 
     cfg = _config(args)
     states = [State(s) for s in args.state] if args.state else None
-    journal = Journal(cfg.terminal.state_dir, cfg.terminal.store_id, cfg.terminal.terminal_id)
+    journal = Journal(cfg.terminal.state_dir, cfg.terminal.store_id, cfg.terminal.terminal_id, readonly=True)
     try:
         if args.txn is not None:
             return _print_history(journal, args.txn, args.json)
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except JournalIntegrityError as e:
+        print(f"appliance: journal refused: {e}", file=sys.stderr)
+        return EXIT_INTEGRITY
     except ApplianceError as e:
         print(f"appliance: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -76,7 +76,7 @@ def run_demo(pause: float = 0.6) -> int:
             runner.join(timeout=10)
         from appliance.journal import Journal
 
-        journal = Journal(cfg.terminal.state_dir, "S0001", "L01")
+        journal = Journal(cfg.terminal.state_dir, "S0001", "L01", readonly=True)
         print("\njournal (appliance journal):")
         print_journal(list(reversed(journal.recent(limit=20))))
         print(f"\n{len(journal.events())} head-office events waiting in the outbox.")

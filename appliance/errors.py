@@ -51,3 +51,22 @@ class DeviceError(ApplianceError):
     """A scanner or indicator device is missing or failed. Retryable: devices come back."""
 
     retryable = True
+
+
+class JournalError(ApplianceError):
+    """The journal cannot be used: its directory is unusable or a write failed. Nothing was recorded."""
+
+
+class JournalFull(JournalError):
+    """A journal write failed because the disk is full. Retryable once there is room."""
+
+    retryable = True
+
+
+class JournalIntegrityError(JournalError):
+    """The journal is not the one this lane had: missing, empty, replaced, or its key or id file does
+    not belong to it. Taking payments would forget what was charged; exit code 6."""
+
+
+class JournalLost(JournalIntegrityError):
+    """The running service's journal file was unlinked or replaced under it."""

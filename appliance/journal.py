@@ -27,18 +27,21 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
-import string
+import sqlite3
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterable
+from urllib.parse import quote
 
 import peewee as pw
 
-from appliance.errors import ApplianceError, IllegalTransition
+from appliance import statedir
+from appliance.errors import (IllegalTransition, JournalError, JournalFull, JournalIntegrityError, JournalLost,
+                              Refused)
 from appliance.money import format_amount
 from appliance.redact import mask
 
@@ -167,63 +170,92 @@ def _models(db: pw.Database):
     return Meta_, DaySequence, Payment, Outbox
 
 
+#: States in which a payment holds its order: no second payment may be opened for it.
+LIVE_STATES = frozenset({S.PENDING, S.UNKNOWN, S.DEFERRED, S.PAID, S.CANCEL_REQUESTED})
+_LIVE_ORDER_INDEX = ('CREATE UNIQUE INDEX IF NOT EXISTS payment_live_order ON payment ("order") WHERE state IN ('
+                     + ", ".join(f"'{s}'" for s in sorted(LIVE_STATES)) + ")")
+_CODE_ONCE_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS payment_code_once ON payment (code_digest)"
+
+
+def _init_schema(path: Path) -> None:
+    """Create the tables and indexes in a new, empty database file."""
+    db = pw.SqliteDatabase(str(path))
+    with db.connection_context():
+        db.create_tables(_models(db))
+        db.execute_sql(_LIVE_ORDER_INDEX)
+        db.execute_sql(_CODE_ONCE_INDEX)
+
+
 class Journal:
     """The durable store of one lane. Thread-safe: each thread gets its own SQLite connection.
 
+    A writer (the default) opens only a whole journal of this lane, creating one in a state dir
+    with no trace of any (see `appliance.statedir`); it raises JournalIntegrityError otherwise.
+    Every write first checks that the file it opened is still the one at `path` (not unlinked,
+    replaced or truncated) and raises JournalLost if not; a write that fails because the disk is
+    full raises JournalFull and leaves the journal as it was.
+
+    `readonly=True` opens for reading only (`appliance journal`, `status`): it never creates or
+    changes a file, works on a read-only filesystem, and raises JournalError when there is no
+    journal. It skips the identity checks so that a damaged state dir can still be inspected.
+
     `clock` returns aware UTC datetimes (injectable for tests). Transitions use BEGIN IMMEDIATE
-    so that two processes (the service and a `charge` command) serialise cleanly.
+    so that two connections serialise cleanly.
     """
 
-    FILENAME = "journal.sqlite"
+    FILENAME = statedir.JOURNAL
 
     def __init__(self, state_dir: Path, store_id: str, terminal_id: str,
-                 clock: Callable[[], datetime] = utc_now):
+                 clock: Callable[[], datetime] = utc_now, *, readonly: bool = False):
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / self.FILENAME
         self.store_id = store_id
         self.terminal_id = terminal_id
+        self.readonly = readonly
         self._clock = clock
-        self.db = pw.SqliteDatabase(str(self.path), timeout=10, pragmas={
-            "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1})
+        self._code_key: bytes | None = None
+        self._file_id: tuple[int, int] | None = None
+        if readonly:
+            self.db = self._open_readonly()
+        else:
+            identity = statedir.settle(self.state_dir, store_id, terminal_id, _init_schema)
+            self._code_key = identity.code_key
+            self.db = pw.SqliteDatabase(str(self.path), timeout=10, pragmas={
+                "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1, "secure_delete": 1})
         self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db)
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
             with self.db.connection_context():
-                self.db.create_tables([self._Meta, self._Seq, self._Payment, self._Outbox])
-                with self.db.atomic("IMMEDIATE"):
-                    row = self._Meta.get_or_none(self._Meta.key == "epoch")
-                    if row is None:
-                        alphabet = string.ascii_lowercase + string.digits
-                        row = self._Meta.create(key="epoch",
-                                                value="".join(secrets.choice(alphabet) for _ in range(3)))
-                self._epoch = row.value
-            self._code_key = self._load_code_key()
+                self._epoch = self._Meta.get(self._Meta.key == "epoch").value
+                if not readonly:
+                    self.db.execute_sql(_LIVE_ORDER_INDEX)
+                    self.db.execute_sql(_CODE_ONCE_INDEX)
+            if not readonly:
+                st = os.stat(self.path)
+                self._file_id = (st.st_dev, st.st_ino)
+        except pw.IntegrityError as e:
+            raise JournalIntegrityError(f"the journal in {self.state_dir} holds an order paid twice or a code "
+                                        f"used twice ({e}); it needs a technician") from None
         except (OSError, pw.DatabaseError) as e:
-            raise ApplianceError(f"cannot open the journal in {self.state_dir}: {e} "
-                                 "(run as the service user, e.g. sudo -u appliance appliance ...)") from None
+            raise JournalError(f"cannot open the journal in {self.state_dir}: {e}") from None
 
-    def _load_code_key(self) -> bytes:
-        """The device's secret for code digests, created on first use. Safe when two processes
-        (the service and a `charge`) start at once: the key is written aside and linked into
-        place, so nobody ever reads a half-written key."""
-        path = self.state_dir / "code-digest.key"
-        if not path.exists():
-            tmp = path.with_name(f".code-digest.key.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_bytes(32).hex())
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass  # another process won the race; use its key
-            finally:
-                os.unlink(tmp)
-        key = bytes.fromhex(path.read_text().strip())
-        if len(key) != 32:
-            raise ApplianceError(f"{path} is damaged ({len(key)} bytes, expected 32)")
-        return key
+    def _open_readonly(self) -> pw.SqliteDatabase:
+        if not self.path.is_file():
+            raise JournalError(f"there is no journal in {self.state_dir} (the service has not run there yet)")
+        uri = f"file:{quote(str(self.path))}?mode=ro"
+        probe = pw.SqliteDatabase(uri, uri=True)
+        try:
+            probe.connect()
+            probe.execute_sql("SELECT 1 FROM meta LIMIT 1")
+        except pw.DatabaseError as e:
+            # On a read-only filesystem SQLite cannot make the -shm file a WAL reader needs. With no
+            # -wal file left and no writer possible there, the file alone is the whole journal.
+            writable = os.access(self.state_dir, os.W_OK)
+            if writable or self.path.with_name(self.FILENAME + "-wal").exists():
+                raise JournalError(f"cannot read the journal {self.path}: {e}") from None
+            uri += "&immutable=1"
+        finally:
+            probe.close()
+        return pw.SqliteDatabase(uri, uri=True)
 
     def close(self) -> None:
         """Close this thread's connection. Idempotent."""
@@ -233,26 +265,81 @@ class Journal:
     # --- writing --------------------------------------------------------------------------
 
     def digest(self, code: str) -> str:
+        if self._code_key is None:
+            raise JournalError("a read-only journal cannot digest payment codes")
         return hmac.new(self._code_key, code.encode(), hashlib.sha256).hexdigest()[:40]
+
+    def check_file(self) -> None:
+        """Raise JournalLost unless the journal file this writer opened is still at `path`, whole.
+
+        A file unlinked, renamed over or truncated under a running service would take every later
+        write with it: the next start would not know what was charged."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._file_id or st.st_size == 0:
+            what = "deleted" if st is None else "emptied" if st.st_size == 0 else "replaced by another file"
+            raise JournalLost(f"the journal {self.path} was {what} while in use; no more payments are taken")
+
+    @contextmanager
+    def _writing(self):
+        """One BEGIN IMMEDIATE transaction on a checked file. Disk full becomes JournalFull, and
+        whatever SQLite already rolled back by itself is not rolled back twice."""
+        if self.readonly:
+            raise JournalError("the journal was opened read-only")
+        self.check_file()
+        conn = self.db.connection()
+        try:
+            self.db.execute_sql("BEGIN IMMEDIATE")
+            yield
+            self.db.execute_sql("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                try:
+                    conn.rollback()
+                except sqlite3.Error:
+                    pass
+            if isinstance(e, pw.IntegrityError):  # a unique index caught what the checks above missed
+                raise Refused(f"refused by the journal's uniqueness rules: {e}") from None
+            if _disk_full(e):
+                raise JournalFull(f"disk full: the journal in {self.state_dir} cannot record this") from None
+            if isinstance(e, (pw.OperationalError, sqlite3.OperationalError)):
+                raise JournalError(f"journal write failed: {e}") from None
+            raise
 
     def open_payment(self, *, order: str, amount_fen: int, payment_type: str, platform: str,
                      code: str, source: str = "scan") -> Txn:
-        """Commit a new payment intent in state pending.
+        """Commit a new payment intent in state pending, or raise Refused, all in one transaction.
 
+        Refused when the order already has a live payment (pending, unknown, deferred, paid,
+        cancel_requested) or the code was ever used: checked inside the transaction that opens the
+        payment and enforced again by unique indexes, so two writers can never both succeed.
         Allocates the unique out_trade_no: `{store}_{terminal}_{YYYYMMDD}{epoch}{seq:06d}`, at most
         31 characters of [A-Za-z0-9_], valid for WeChat Pay (<= 32) and Alipay (<= 64).
         """
         now = self._clock()
         day = now.strftime("%Y%m%d")
-        with self.db.atomic("IMMEDIATE"):
+        digest = self.digest(code)
+        P = self._Payment
+        with self._writing():
+            live = P.select(P.id, P.state).where(P.order == order, P.state.in_([str(s) for s in LIVE_STATES])).first()
+            if live is not None:
+                if live.state in (S.PAID, S.CANCEL_REQUESTED):
+                    raise Refused(f"order {order} is already paid (txn {live.id})")
+                raise Refused(f"order {order} has a payment being resolved (txn {live.id})")
+            used = P.select(P.id).where(P.code_digest == digest).first()
+            if used is not None:
+                raise Refused(f"payment code {mask(code)} was already used (txn {used.id}); "
+                              "the customer must refresh it")
             seq = self._Seq.get_or_none(self._Seq.day == day)
             n = 1 if seq is None else seq.last + 1
             self._Seq.insert(day=day, last=n).on_conflict_replace().execute()
             stamp = rfc3339(now)
-            row = self._Payment.create(
+            row = P.create(
                 out_trade_no=f"{self.store_id}_{self.terminal_id}_{day}{self._epoch}{n:06d}",
                 order=order, amount_fen=amount_fen, payment_type=payment_type, platform=platform,
-                code_masked=mask(code), code_digest=self.digest(code),
+                code_masked=mask(code), code_digest=digest,
                 state=str(S.PENDING),
                 created_at=stamp, updated_at=stamp, source=source)
             self._event(row, previous=None, at=stamp)
@@ -267,7 +354,7 @@ class Journal:
         to = State(to)
         if (to is S.DEFERRED) != (auth_code is not None):
             raise IllegalTransition("the payment code is kept exactly while a payment is deferred")
-        with self.db.atomic("IMMEDIATE"):
+        with self._writing():
             row = self._Payment.get_or_none(self._Payment.id == txn_id)
             if row is None:
                 raise IllegalTransition(f"txn {txn_id} does not exist")
@@ -291,7 +378,7 @@ class Journal:
     def schedule(self, txn_id: int, next_attempt_at: float, note: str = "") -> None:
         """Record a resolution attempt that changed nothing, and why (`note`); no outbox event."""
         P = self._Payment
-        with self.db.atomic():
+        with self._writing():
             P.update(attempts=P.attempts + 1, next_attempt_at=next_attempt_at, retry_note=note[:200]).where(
                 P.id == txn_id).execute()
 
@@ -313,6 +400,10 @@ class Journal:
                    platform_txn_id=row.platform_txn_id, created_at=row.created_at,
                    updated_at=row.updated_at, attempts=row.attempts,
                    next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source, auth_code=row.auth_code)
+
+    def journal_id(self) -> str | None:
+        row = self._Meta.get_or_none(self._Meta.key == "journal_id")
+        return row.value if row else None
 
     def get(self, txn_id: int) -> Txn | None:
         row = self._Payment.get_or_none(self._Payment.id == txn_id)
@@ -354,3 +445,16 @@ class Journal:
         if txn_id is not None:
             q = q.where(O.txn == txn_id)
         return [json.loads(r.payload) for r in q]
+
+
+def _disk_full(e: BaseException) -> bool:
+    """True when an error (or what it wraps) is SQLite's SQLITE_FULL or the OS's ENOSPC."""
+    for _ in range(10):  # a chain is short; never follow a cycle
+        if e is None:
+            return False
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(e, "errno", None) == 28:
+            return True
+        if "database or disk is full" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

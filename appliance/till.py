@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from appliance.classify import Classifier
-from appliance.errors import BadInput, ProviderMisconfigured, ProviderUnavailable, Refused
+from appliance.errors import (BadInput, IllegalTransition, JournalError, JournalFull, JournalLost,
+                              ProviderMisconfigured, ProviderUnavailable, Refused)
 from appliance.indicator import Indicator, Signal
 from appliance.journal import Journal, State, Txn
 from appliance.money import format_amount
@@ -136,9 +137,9 @@ class Till:
         self._events: queue.Queue = queue.Queue()
         self.lane: object = _Ready()
         self._hold_until = 0.0
-        self._fault: str | None = None
+        self._faults: dict[str, str] = {}  # source ("scanner", "platform", "journal") -> reason
         self._recent_codes: dict[str, float] = {}
-        self._handlers = {"scan": self.handle_scan, "fault": self._set_fault, "resolved": self._on_resolved}
+        self._handlers = {"scan": self.handle_scan, "fault": self._set_scanner_fault, "resolved": self._on_resolved}
 
     # --- events from other threads ------------------------------------------------------------
 
@@ -257,6 +258,8 @@ class Till:
         return result
 
     def _on_resolved(self, txn: Txn) -> None:
+        if "disk" in self._faults:  # the resolver could write again: there is room
+            self._set_fault("disk", None)
         if isinstance(self.lane, _Resolving) and self.lane.txn_id == txn.txn_id:
             if txn.state not in AWAITING_END:
                 cancel = self.lane.cancel
@@ -279,39 +282,61 @@ class Till:
     def charge(self, order: str, amount_fen: int, code: str, *, source: str = "command") -> Result:
         """Charge one payment code for an order. Journals the intent before calling the platform.
 
-        Refusals (bad input, policy) return state "refused" and journal nothing.
+        Refusals (bad input, policy, a duplicate order or code, a journal that cannot take the
+        payment) return state "refused" and charge nothing. When the platform's answer cannot be
+        journaled (disk full), the payment stays pending for the resolver and the answer is
+        "unknown" (exit 4) with the reason.
         """
         try:
             self._check_order(order, amount_fen)
             c = self.classifier.classify(code)
             if c.kind != "payment":
                 raise BadInput(f"{c.masked} is not a payment code: {c.reason or c.kind}")
-            if self.journal.code_used(code):
-                raise Refused(f"payment code {c.masked} was already used; the customer must refresh it")
             provider = self.router.route(c.payment_type)
+            txn = self.journal.open_payment(order=order, amount_fen=amount_fen, payment_type=c.payment_type,
+                                            platform=provider.name, code=code, source=source)
         except (BadInput, Refused) as e:
             log.warning("charge for order %s refused: %s", printable(order, 40), e)
             return Result("refused", str(e))
-        txn = self.journal.open_payment(order=order, amount_fen=amount_fen, payment_type=c.payment_type,
-                                        platform=provider.name, code=code, source=source)
+        except JournalError as e:
+            self._journal_failed(e)
+            log.error("charge for order %s refused: %s", printable(order, 40), e)
+            return Result("refused", str(e))
+        self._set_fault("disk", None)
         log.info("txn %d: pending, order %s %s %s via %s, code %s, %s", txn.txn_id, order,
                  format_amount(amount_fen), c.payment_type, provider.name, c.masked, txn.out_trade_no)
         req = PayRequest(txn.out_trade_no, amount_fen, code, f"Order {order}", self.store_id, self.terminal_id)
         self.in_flight.claim(txn.txn_id)
         try:
-            outcome = provider.pay(req)
-        except ProviderUnavailable as e:
-            return Result.of(self._unreachable(txn, code, str(e)))
-        except ProviderMisconfigured as e:
-            log.error("txn %d: platform %s refused our configuration: %s", txn.txn_id, provider.name, e)
-            self._set_fault(f"platform {provider.name} misconfigured")
-            outcome = Outcome(Status.DECLINED, f"platform configuration error: {e}")
-        except Exception as e:  # an adapter bug must not lose track of a payment that may be charged
-            log.exception("txn %d: platform call failed unexpectedly", txn.txn_id)
-            outcome = Outcome(Status.UNKNOWN, f"adapter error: {type(e).__name__}")
+            try:
+                outcome = provider.pay(req)
+            except ProviderUnavailable as e:
+                return Result.of(self._unreachable(txn, code, str(e)))
+            except ProviderMisconfigured as e:
+                log.error("txn %d: platform %s refused our configuration: %s", txn.txn_id, provider.name, e)
+                self._set_fault("platform", f"platform {provider.name} misconfigured")
+                outcome = Outcome(Status.DECLINED, f"platform configuration error: {e}")
+            except Exception as e:  # an adapter bug must not lose track of a payment that may be charged
+                log.exception("txn %d: platform call failed unexpectedly", txn.txn_id)
+                outcome = Outcome(Status.UNKNOWN, f"adapter error: {type(e).__name__}")
+            return Result.of(settle(self.journal, txn, outcome))
+        except JournalError as e:  # the platform answered, the journal could not record it
+            self._journal_failed(e)
+            log.error("txn %d: the platform's answer could not be journaled (%s); it stays pending and is "
+                      "resolved by query once the journal can be written", txn.txn_id, e)
+            return Result("unknown", f"{e}; the payment is resolved by the resolver once there is room", txn)
         finally:
             self.in_flight.release(txn.txn_id)
-        return Result.of(settle(self.journal, txn, outcome))
+
+    def _journal_failed(self, e: JournalError) -> None:
+        """Show the fault a journal failure calls for: disk full clears once a write succeeds, a
+        lost journal never does (the service must be restarted, and then refuses to start)."""
+        if isinstance(e, JournalLost):
+            self._set_fault("journal", str(e))
+        elif isinstance(e, JournalFull):
+            self._set_fault("disk", "disk full")
+        else:
+            self._set_fault("journal", str(e))
 
     def _unreachable(self, txn: Txn, code: str, why: str) -> Txn:
         p = self.offline
@@ -332,7 +357,10 @@ class Till:
         return new
 
     def cancel(self, order: str) -> Result:
-        """Cancel the paid payment of an order: reverse it, or refund it when too old to reverse."""
+        """Cancel the paid payment of an order: reverse it, or refund it when too old to reverse.
+
+        Refused (exit 5) when there is nothing to cancel, when another command moved the payment
+        first, or when the journal cannot record the request."""
         try:
             self._check_order_id(order)
             txns = self.journal.by_order(order)
@@ -347,14 +375,23 @@ class Till:
                     raise Refused(f"order {order} has a payment being resolved; an unpaid one is reversed automatically")
                 raise Refused(f"order {order} has no paid payment on this lane")
             provider = self.router.by_name(paid[-1].platform)
+            txn = self.journal.transition(paid[-1].txn_id, State.CANCEL_REQUESTED, "cancel card")
+        except IllegalTransition:  # another command moved it between our read and our write
+            return Result("refused", f"order {order} is being cancelled or forwarded by another command", cancel=True)
         except (BadInput, Refused) as e:
             log.warning("cancel of order %s refused: %s", printable(order, 40), e)
             return Result("refused", str(e), cancel=True)
-        txn = self.journal.transition(paid[-1].txn_id, State.CANCEL_REQUESTED, "cancel card")
+        except JournalError as e:
+            self._journal_failed(e)
+            log.error("cancel of order %s refused: %s", printable(order, 40), e)
+            return Result("refused", str(e), cancel=True)
         log.info("txn %d: paid -> cancel_requested, order %s", txn.txn_id, order)
         self.in_flight.claim(txn.txn_id)
         try:
             return Result.of(drive_cancel(self.journal, provider, txn), cancel=True)
+        except JournalError as e:
+            self._journal_failed(e)
+            return Result("unknown", f"{e}; the cancel is finished by the resolver once there is room", txn, True)
         finally:
             self.in_flight.release(txn.txn_id)
 
@@ -384,7 +421,7 @@ class Till:
             self._show_lane()
 
     def _lane_signal(self) -> Signal:
-        if self._fault:
+        if self._faults:
             return Signal.FAULT
         return {_AwaitingCode: Signal.AWAITING_CODE, _AwaitingCancel: Signal.AWAITING_CANCEL,
                 _Resolving: Signal.WORKING}.get(type(self.lane), Signal.READY)
@@ -401,12 +438,17 @@ class Till:
         self.indicator.show(signal)
         self._hold_until = self._clock() + self.result_hold_s
 
-    def _set_fault(self, reason: str | None) -> None:
-        if reason == self._fault:
+    def _set_scanner_fault(self, reason: str | None) -> None:
+        self._set_fault("scanner", reason)
+
+    def _set_fault(self, source: str, reason: str | None) -> None:
+        """Raise (reason) or clear (None) the fault of one source; the LED shows FAULT while any is up."""
+        if reason == self._faults.get(source):
             return
-        self._fault = reason
         if reason:
+            self._faults[source] = reason
             log.error("fault: %s", reason)
         else:
-            log.info("fault cleared")
+            del self._faults[source]
+            log.info("fault cleared: %s", source)
         self._show_lane()

@@ -18,8 +18,8 @@ def journal(tmp_path):
     j.close()
 
 
-def _open(journal, order="A1", code=CODE, amount=1234):
-    return journal.open_payment(order=order, amount_fen=amount, payment_type="wechat", platform="sandbox", code=code)
+def _open(journal, order=None, code=CODE, amount=1234):
+    return journal.open_payment(order=order or f"O{code[-6:]}", amount_fen=amount, payment_type="wechat", platform="sandbox", code=code)
 
 
 def test_sqlite_is_wal_with_full_sync(journal):
@@ -187,5 +187,5 @@ def test_unusable_state_dir_is_a_clear_error(tmp_path):
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "journal.sqlite").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(ApplianceError, match="cannot open the journal"):
+    with pytest.raises(ApplianceError, match="cannot be read"):
         Journal(damaged, "S0001", "L01")
