@@ -13,6 +13,7 @@ Lookup order of the file: `--config PATH`, else `$APPLIANCE_CONFIG`, else
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from appliance.errors import ConfigError
-from appliance.money import parse_amount
+from appliance.money import MAX_FEN, format_amount, parse_amount
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 ENV_VAR = "APPLIANCE_CONFIG"
@@ -67,28 +68,51 @@ def _ident(max_len: int):
     return check
 
 
-def positive(v):
-    if v <= 0:
-        raise ValueError("must be greater than zero")
-    return v
+@dataclass(frozen=True)
+class Range:
+    """A check that a number lies in [lo, hi], both ends included; `unit` is named in the error.
+
+    NaN is outside every range. Every numeric option in the schema has one (a test walks the
+    schema to hold us to it), so no infinite, absurd or negative value reaches a timer, a sleep,
+    a socket or a query.
+    """
+
+    lo: int | float
+    hi: int | float
+    unit: str = ""
+
+    def __call__(self, v):
+        if not self.lo <= v <= self.hi:
+            raise ValueError(f"must be between {self.describe(' and ')}, got {_number(v)}")
+        return v
+
+    def describe(self, sep: str = " to ") -> str:
+        """The range as the technician writes it: '0.1 to 3600 seconds', '"0.01" to "50000.00" yuan'."""
+        unit = f" {self.unit}" if self.unit else ""
+        return f"{_number(self.lo)}{sep}{_number(self.hi)}{unit}"
 
 
-def non_negative(v):
-    if v < 0:
-        raise ValueError("must not be negative")
-    return v
+def between(lo, hi, unit: str = "") -> Range:
+    """The range check for a schema field: `opt(60.0, check=between(0.1, 3600, "seconds"))`."""
+    return Range(lo, hi, unit)
 
 
-def _gpio_pin(v: int) -> int:
-    if not 0 <= v <= 53:
-        raise ValueError("must be a BCM GPIO number 0-53")
-    return v
+def _number(v) -> str:
+    """A number as the technician writes it in the file: 3600, 0.1, inf, "50000.00" (an amount)."""
+    if isinstance(v, Amount):
+        return f'"{format_amount(v)}"'
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(v)
 
 
-def _port(v: int) -> int:
-    if not 1 <= v <= 65535:
-        raise ValueError("must be a TCP port 1-65535")
-    return v
+#: Shared bounds and units of the schema's numbers.
+HOUR, DAY = 3600.0, 86_400.0
+SECONDS, YUAN = "seconds", "yuan"
+GPIO_PIN = between(0, 53, "(a BCM GPIO number)")
+TCP_PORT = between(1, 65_535, "(a TCP port)")
+#: The largest amount any platform takes in one trade; for options that only need a sane ceiling.
+ANY_AMOUNT = between(Amount(1), Amount(MAX_FEN), YUAN)
 
 
 def _regex(v: str) -> str:
@@ -133,13 +157,16 @@ class TerminalConfig:
 
 @dataclass(frozen=True)
 class TillConfig:
-    order_timeout_s: float = opt(60.0, check=positive, doc="wait for a payment code after an order ticket")
-    cancel_timeout_s: float = opt(30.0, check=positive, doc="wait for an order ticket after the cancel card")
-    duplicate_window_s: float = opt(10.0, check=non_negative,
+    order_timeout_s: float = opt(60.0, check=between(0.1, HOUR, SECONDS),
+                                 doc="wait for a payment code after an order ticket")
+    cancel_timeout_s: float = opt(30.0, check=between(0.1, HOUR, SECONDS),
+                                  doc="wait for an order ticket after the cancel card")
+    duplicate_window_s: float = opt(10.0, check=between(0.0, HOUR, SECONDS),
                                     doc="the same payment code again this soon after its charge is ignored (stutter)")
-    result_hold_s: float = opt(3.0, check=non_negative, doc="how long paid/declined shows before ready")
-    max_amount: Amount = opt(Amount(50_000_00), doc="largest amount one order may charge")
-    stale_pending_s: float = opt(60.0, check=positive,
+    result_hold_s: float = opt(3.0, check=between(0.0, 60.0, SECONDS), doc="how long paid/declined shows before ready")
+    max_amount: Amount = opt(Amount(50_000_00), check=between(Amount(1), Amount(1_000_000_00), YUAN),
+                             doc="largest amount one order may charge")
+    stale_pending_s: float = opt(60.0, check=between(0.1, HOUR, SECONDS),
                                  doc="a payment pending longer was cut off mid-call (crash) and is resolved; "
                                      "must exceed the slowest platform call")
 
@@ -160,8 +187,9 @@ class ScannerConfig:
     match_vid_pid: str = opt("", check=_vid_pid, doc="evdev auto-detect: USB VID:PID")
     keymap: str = opt("us", check=_keymap, doc="keyboard layout the scanner types in (evdev)")
     terminator: str = opt("ENTER", check=_terminator, doc="end of a scan")
-    inter_char_timeout_ms: int = opt(100, check=positive, doc="a scan whose characters arrive slower is discarded")
-    baudrate: int = opt(9600, check=positive)
+    inter_char_timeout_ms: int = opt(100, check=between(1, 60_000, "milliseconds"),
+                                     doc="a scan whose characters arrive slower is discarded")
+    baudrate: int = opt(9600, check=between(50, 4_000_000, "baud"))
     bytesize: Literal[7, 8] = opt(8)
     parity: Literal["N", "E", "O"] = opt("N")
     stopbits: Literal[1, 2] = opt(1)
@@ -173,10 +201,10 @@ class ScannerConfig:
 @dataclass(frozen=True)
 class IndicatorConfig:
     kind: Literal["gpio", "mock", "log", "none"] = opt("log")
-    red_pin: int = opt(17, check=_gpio_pin)
-    green_pin: int = opt(27, check=_gpio_pin)
-    blue_pin: int = opt(22, check=_gpio_pin)
-    buzzer_pin: int = opt(18, check=_gpio_pin)
+    red_pin: int = opt(17, check=GPIO_PIN)
+    green_pin: int = opt(27, check=GPIO_PIN)
+    blue_pin: int = opt(22, check=GPIO_PIN)
+    buzzer_pin: int = opt(18, check=GPIO_PIN)
     buzzer: bool = opt(True, doc="false = LED only")
     active_high: bool = opt(True, doc="LED polarity: false for common-anode RGB LEDs")
 
@@ -192,21 +220,21 @@ class ProviderConfig:
 @dataclass(frozen=True)
 class OfflineConfig:
     enabled: bool = opt(False, doc="accept payments for later forwarding while a platform is unreachable")
-    max_amount: Amount = opt(Amount(200_00))
-    max_count: int = opt(20, check=positive)
-    max_total: Amount = opt(Amount(1_000_00))
-    forward_within_s: float = opt(86_400.0, check=positive)
+    max_amount: Amount = opt(Amount(200_00), check=between(Amount(1), Amount(100_000_00), YUAN))
+    max_count: int = opt(20, check=between(1, 10_000, "payments"))
+    max_total: Amount = opt(Amount(1_000_00), check=between(Amount(1), Amount(1_000_000_00), YUAN))
+    forward_within_s: float = opt(86_400.0, check=between(1.0, 30 * DAY, SECONDS))
 
 
 @dataclass(frozen=True)
 class MqttConfig:
     enabled: bool = opt(False)
     host: str = opt("localhost")
-    port: int = opt(1883, check=_port)
+    port: int = opt(1883, check=TCP_PORT)
     topic_prefix: str = opt("lanes")
     username: str = opt("")
     password_file: SecretFile | None = opt(None)
-    keepalive_s: int = opt(30, check=positive)
+    keepalive_s: int = opt(30, check=between(1, 65_535, SECONDS), doc="MQTT keepalive (a 16-bit field)")
 
 
 @dataclass(frozen=True)
@@ -317,6 +345,10 @@ def _convert(tp, value: Any, key: str, base: Path):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {_tname(value)}")
+        if isinstance(value, int) and abs(value) > 2**53:  # float() would round it or overflow
+            raise ConfigError(key, f"must be a number of sensible size, got {_number(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is Amount:
         if not isinstance(value, str):
@@ -396,8 +428,7 @@ def to_toml(cfg: Config) -> str:
         if isinstance(obj, ProviderConfig):
             items["kind"] = (obj.kind, "")
         if dataclasses.is_dataclass(schema):
-            items.update({f.name: (getattr(schema, f.name), f.metadata.get("doc", ""))
-                          for f in dataclasses.fields(schema)})
+            items.update({f.name: (getattr(schema, f.name), _doc_line(f)) for f in dataclasses.fields(schema)})
         for k, (v, doc) in items.items():
             line = f"# {k} is not set" if v is None else f"{k} = {_toml_value(v)}"
             lines.append(f"{line}  # {doc}" if doc and "#" not in line else line)
@@ -413,6 +444,14 @@ def to_toml(cfg: Config) -> str:
         else:
             emit_table(f.name, value)
     return "\n".join(lines)
+
+
+def _doc_line(f: dataclasses.Field) -> str:
+    """A field's doc line for check-config, with its range when it has one."""
+    doc, check = f.metadata.get("doc", ""), f.metadata.get("check")
+    if isinstance(check, Range):
+        doc = f"{doc} ({check.describe()})" if doc else check.describe()
+    return doc
 
 
 def _toml_value(v: Any) -> str:

@@ -1,8 +1,13 @@
+import dataclasses
 import subprocess
+import threading
+import typing
 
 import pytest
 
-from appliance.config import Config, ConfigError, SecretFile, config_path, from_dict, load, to_toml
+from appliance.config import Amount, Config, ConfigError, Range, SecretFile, config_path, from_dict, load, to_toml
+from appliance.money import format_amount
+from appliance.payments import provider_options
 from conftest import ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
 
 
@@ -42,35 +47,124 @@ def _bad(tmp_path, **change):
     ({"terminal__colour": "red"}, "terminal.colour", "unknown key"),
     ({"scanner__kind": "bluetooth"}, "scanner.kind", "must be one of"),
     ({"scanner__baudrate": "9600"}, "scanner.baudrate", "must be an integer"),
-    ({"scanner__baudrate": 0}, "scanner.baudrate", "greater than zero"),
+    ({"scanner__baudrate": 0}, "scanner.baudrate", "must be between 50 and 4000000 baud, got 0"),
     ({"scanner__terminator": "EOT"}, "scanner.terminator", "CR, LF"),
     ({"scanner__match_vid_pid": "1234"}, "scanner.match_vid_pid", "VID:PID"),
     ({"scanner__bytesize": 9}, "scanner.bytesize", "must be one of"),
     ({"scanner__keymap": "dvorak"}, "scanner.keymap", "unknown keyboard layout"),
     ({"scanner__kind": "evdev"}, "scanner.device", "needs a device path"),
-    ({"indicator__red_pin": 99}, "indicator.red_pin", "0-53"),
+    ({"indicator__red_pin": 99}, "indicator.red_pin", "between 0 and 53 (a BCM GPIO number), got 99"),
     ({"indicator__buzzer": "yes"}, "indicator.buzzer", "true or false"),
     ({"till__max_amount": 500}, "till.max_amount", "amount string"),
     ({"till__max_amount": "12.345"}, "till.max_amount", "two decimals"),
-    ({"till__order_timeout_s": -1}, "till.order_timeout_s", "greater than zero"),
+    ({"till__order_timeout_s": -1}, "till.order_timeout_s", "between 0.1 and 3600 seconds, got -1"),
     ({"classify__order_pattern": "ORD:(.*)"}, "classify.order_pattern", "named groups"),
     ({"classify__order_pattern": "ORD:("}, "classify.order_pattern", "not a valid regular expression"),
     ({"providers__sandbox__kind": "paypal"}, "providers.sandbox.kind", "must be one of"),
-    ({"providers__sandbox__latency_ms": -5}, "providers.sandbox.latency_ms", "must not be negative"),
+    ({"providers__sandbox__latency_ms": -5}, "providers.sandbox.latency_ms", "between 0 and 60000 milliseconds"),
     ({"providers__sandbox__api_key": "secret"}, "providers.sandbox.api_key", "unknown key"),
     ({"routing__wechat": "nowhere"}, "routing.wechat", "not configured"),
     ({"routing__paypal": "sandbox"}, "routing.paypal", "no payment type"),
-    ({"mqtt__port": 70000}, "mqtt.port", "1-65535"),
+    ({"mqtt__port": 70000}, "mqtt.port", "between 1 and 65535 (a TCP port), got 70000"),
     ({"mqtt__password": "hunter2"}, "mqtt.password", "unknown key"),
     ({"mqtt__password_file": "/nonexistent/pw"}, "mqtt.password_file", "does not exist"),
     ({"logging__level": "LOUD"}, "logging.level", "must be one of"),
-    ({"offline__max_count": 0}, "offline.max_count", "greater than zero"),
+    ({"offline__max_count": 0}, "offline.max_count", "between 1 and 10000 payments, got 0"),
 ])
 def test_fail__bad_values_name_their_dotted_key(tmp_path, change, key, reason):
     with pytest.raises(ConfigError) as e:
         from_dict(_bad(tmp_path, **change))
     assert e.value.key == key
     assert reason in e.value.reason
+
+
+def _numeric_keys() -> list[tuple[str, type, object]]:
+    """(dotted key, type, check) of every number in the schema: sections and each provider kind's options."""
+    found = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, key = hints[f.name], f"{prefix}.{f.name}" if prefix else f.name
+            if dataclasses.is_dataclass(tp) and tp is not SecretFile:
+                walk(tp, key)
+            elif tp in (int, float, Amount):
+                found.append((key, tp, f.metadata.get("check")))
+
+    walk(Config, "")
+    for kind, options in provider_options().items():
+        walk(options, f"providers.{kind}")
+    return found
+
+
+NUMERIC_KEYS = _numeric_keys()
+
+
+def _with(tmp_path, dotted: str, value) -> dict:
+    doc = lane_dict(tmp_path)
+    *path, key = dotted.split(".")
+    if path[0] == "providers":
+        doc["providers"].setdefault(path[1], {"kind": path[1]})
+    d = doc
+    for p in path:
+        d = d.setdefault(p, {})
+    d[key] = value
+    return doc
+
+
+def _out_of_range(tp, rng: Range) -> list:
+    if tp is Amount:
+        return ["nan", "inf", "1e300", "0.00", "-1.00", format_amount(rng.lo - 1) if rng.lo > 1 else "0.00",
+                format_amount(rng.hi + 1), "99999999999999999999.00"]
+    return [float("nan"), float("inf"), float("-inf"), 1e300, -1e300, 10**30, -(10**30),
+            rng.lo - 1, rng.hi + 1, rng.hi * 1000]
+
+
+def test_every_number_in_the_schema_has_a_range():
+    assert {"till.order_timeout_s", "scanner.baudrate", "offline.max_total", "providers.sandbox.latency_ms",
+            "providers.sandbox.reverse_after_s"} <= {k for k, _, _ in NUMERIC_KEYS}
+    for key, _, check in NUMERIC_KEYS:
+        assert isinstance(check, Range), f"{key} has no between(lo, hi) check"
+        scale = {"seconds": 1, "milliseconds": 1e-3}.get(check.unit)
+        if scale:  # a duration that reaches threading.Event.wait or time.sleep must not overflow them
+            assert check.hi * scale < threading.TIMEOUT_MAX, key
+
+
+@pytest.mark.parametrize("key,tp,rng", NUMERIC_KEYS, ids=[k for k, _, _ in NUMERIC_KEYS])
+def test_fail__every_number_out_of_range_names_its_key(tmp_path, key, tp, rng):
+    """Through the real TOML file: nan and inf are valid TOML floats, 10**30 a valid TOML integer to tomllib."""
+    for i, value in enumerate(_out_of_range(tp, rng)):
+        path = write_config(tmp_path / f"bad{i}.toml", _with(tmp_path, key, value))
+        with pytest.raises(ConfigError) as e:
+            load(path)
+        assert e.value.key == key, (value, str(e.value))
+
+
+@pytest.mark.parametrize("key,tp,rng", NUMERIC_KEYS, ids=[k for k, _, _ in NUMERIC_KEYS])
+def test_ok__both_ends_of_every_range(tmp_path, key, tp, rng):
+    for end in (rng.lo, rng.hi):
+        value = format_amount(end) if tp is Amount else end
+        cfg = load(write_config(tmp_path / "edge.toml", _with(tmp_path, key, value)))
+        section, *rest = key.split(".")
+        obj = getattr(cfg, section)
+        for name in rest:
+            obj = obj[name].options if isinstance(obj, dict) else getattr(obj, name)
+        assert obj == end
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"till__order_timeout_s": float("inf")}, "till.order_timeout_s: must be a finite number, got inf"),
+    ({"till__result_hold_s": float("nan")}, "till.result_hold_s: must be a finite number, got nan"),
+    ({"till__stale_pending_s": 10**400}, "till.stale_pending_s: must be a number of sensible size"),
+    ({"till__max_amount": "2000000.00"},
+     'till.max_amount: must be between "0.01" and "1000000.00" yuan, got "2000000.00"'),
+    ({"providers__sandbox__query_every_s": 1e300},
+     "providers.sandbox.query_every_s: must be between 0.01 and 3600 seconds, got 1e+300"),
+])
+def test_fail__number_messages_say_the_range_and_unit(tmp_path, change, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_bad(tmp_path, **change))
+    assert str(e.value).startswith(message)
 
 
 def test_fail__section_must_be_a_table(tmp_path):

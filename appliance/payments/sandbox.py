@@ -28,20 +28,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.config import Amount, non_negative, opt, positive
+from appliance.config import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
 from appliance.errors import ProviderUnavailable
 from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status
 
 
 @dataclass(frozen=True)
 class SandboxOptions:
-    latency_ms: int = opt(0, check=non_negative, doc="added to every call")
-    slow_ms: int = opt(3000, check=non_negative, doc="answer delay for codes ending 97")
-    password_above: Amount = opt(Amount(1000_00), doc="larger amounts need the customer's password")
-    reverse_window_s: float = opt(7 * 86400.0, check=positive, doc="paid trades older than this need a refund")
-    first_query_after_s: float = opt(0.5, check=non_negative)
-    query_every_s: float = opt(0.5, check=positive)
-    reverse_after_s: float = opt(3.0, check=non_negative, doc="give up querying and reverse")
+    latency_ms: int = opt(0, check=between(0, 60_000, "milliseconds"), doc="added to every call")
+    slow_ms: int = opt(3000, check=between(0, 600_000, "milliseconds"), doc="answer delay for codes ending 97")
+    password_above: Amount = opt(Amount(1000_00), check=ANY_AMOUNT, doc="larger amounts need the customer's password")
+    reverse_window_s: float = opt(7 * DAY, check=between(0.0, 366 * DAY, SECONDS),
+                                  doc="paid trades older than this need a refund")
+    first_query_after_s: float = opt(0.5, check=between(0.0, HOUR, SECONDS))
+    query_every_s: float = opt(0.5, check=between(0.01, HOUR, SECONDS))
+    reverse_after_s: float = opt(3.0, check=between(0.0, DAY, SECONDS), doc="give up querying and reverse")
 
 
 _SCHEMA = """
