@@ -28,6 +28,8 @@ from appliance.money import MAX_FEN, format_amount, parse_amount
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 ENV_VAR = "APPLIANCE_CONFIG"
+#: A real config is a few KiB; anything near this is a wrong path (a log, /dev/zero).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class SecretFile:
             return self.path.read_text(encoding="utf-8").strip()
         except OSError as e:
             raise ConfigError(self.key, f"secret file {self.path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(self.key, f"secret file {self.path} is not UTF-8 text") from None
 
     def __str__(self) -> str:
         return f"<secret in {self.path}>"
@@ -265,16 +269,31 @@ def config_path(cli_path: str | None) -> Path:
 
 
 def load(path: Path) -> Config:
-    """Read and validate a config file. Raises ConfigError naming the dotted key."""
+    """Read and validate a config file. Raises ConfigError naming the dotted key, or the file.
+
+    Whatever the file holds (not UTF-8, not TOML, nested too deeply, absurd numbers), the
+    answer is a ConfigError, never another exception.
+    """
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError("", f"config file {path} does not exist") from None
     except OSError as e:
         raise ConfigError("", f"config file {path}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"config file {path} is not UTF-8 text "
+                              f"(byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"config file {path} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # tomllib: integers past 4300 digits, deep nesting
+        raise ConfigError("", f"config file {path} is not usable TOML: {type(e).__name__}: {str(e)[:120]}") from None
     return from_dict(raw, base_dir=path.parent)
 
 
@@ -367,8 +386,11 @@ def _convert(tp, value: Any, key: str, base: Path):
         return base / Path(value).expanduser()
     if tp is SecretFile:
         p = _convert(Path, value, key, base)
+        if p.is_dir():
+            raise ConfigError(key, f"secret file {p} is a directory, not a file")
         if not p.is_file():
-            raise ConfigError(key, f"secret file {p} does not exist")
+            raise ConfigError(key, f"secret file {p} does not exist" if not p.exists()
+                              else f"secret file {p} is not a regular file")
         if not os.access(p, os.R_OK):
             raise ConfigError(key, f"secret file {p} is not readable by this user")
         return SecretFile(p, key)
@@ -382,8 +404,12 @@ def _provider(raw: Any, key: str, base: Path) -> ProviderConfig:
         raise ConfigError(key, f"must be a table, got {_tname(raw)}")
     kinds = provider_options()
     kind = raw.get("kind")
-    if kind not in kinds:
-        raise ConfigError(_join(key, "kind"), f"must be one of {', '.join(map(repr, sorted(kinds)))}, got {kind!r}")
+    known = ", ".join(map(repr, sorted(kinds)))
+    if kind is None:
+        raise ConfigError(_join(key, "kind"), f"is required (one of {known})")
+    if not isinstance(kind, str) or kind not in kinds:
+        got = repr(kind) if isinstance(kind, str) else _tname(kind)
+        raise ConfigError(_join(key, "kind"), f"must be one of {known}, got {got}")
     rest = {k: v for k, v in raw.items() if k != "kind"}
     return ProviderConfig(kind=kind, options=_build(kinds[kind], rest, key, base))
 

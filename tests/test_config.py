@@ -239,3 +239,74 @@ def test_cli_check_config_prints_effective_config_and_exit_2_on_error(tmp_path):
     r = subprocess.run(appliance_cmd() + ["check-config"], capture_output=True, text=True,
                        env=subprocess_env(APPLIANCE_CONFIG=str(good)), timeout=60)
     assert r.returncode == 0
+
+
+# --- hostile files: each is a ConfigError naming the key or the file, never another exception ----
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'[terminal]\nstore_id = "S\xff1"\n', "is not UTF-8 text (byte 0xff at offset 24)"),
+    (b"\xff\xfe[\x00t\x00", "is not UTF-8 text (byte 0xff at offset 0)"),  # a UTF-16 file from a Windows editor
+    (b"a = " + b"[" * 5000 + b"]" * 5000, "is not usable TOML: RecursionError"),
+    (b"a = 1" + b"0" * 5000, "is not usable TOML: ValueError"),
+    (b"# padding\n" * 120_000, "is larger than 1024 KiB"),
+])
+def test_fail__unreadable_config_file_is_named(tmp_path, content, message):
+    path = tmp_path / "appliance.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load(path)
+    assert e.value.key == "" and str(path) in str(e.value) and message in str(e.value)
+
+
+@pytest.mark.parametrize("kind,message", [
+    (["sandbox"], "must be one of 'sandbox', got an array"),
+    ({"name": "sandbox"}, "must be one of 'sandbox', got a table"),
+    (1, "must be one of 'sandbox', got an integer"),
+    (..., "is required (one of 'sandbox')"),
+])
+def test_fail__provider_kind_of_the_wrong_type(tmp_path, kind, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_bad(tmp_path, providers__sandbox__kind=kind))
+    assert (e.value.key, e.value.reason) == ("providers.sandbox.kind", message)
+
+
+def test_fail__secret_file_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        from_dict(lane_dict(tmp_path, mqtt={"password_file": str(tmp_path)}))
+    assert e.value.key == "mqtt.password_file"
+    assert e.value.reason == f"secret file {tmp_path} is a directory, not a file"
+
+
+def test_fail__secret_file_that_is_not_utf8_is_named_when_read(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"\xffhunter2")
+    cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
+    with pytest.raises(ConfigError) as e:
+        cfg.mqtt.password_file.read()
+    assert e.value.key == "mqtt.password_file" and "not UTF-8" in e.value.reason
+
+
+@pytest.mark.integration
+def test_cli_hostile_configs_exit_2_naming_the_key_without_traceback(tmp_path):
+    """What systemd's ExecStartPre sees: exit 2 and one line naming the key or the file."""
+    not_utf8 = tmp_path / "latin1.toml"
+    not_utf8.write_bytes('[terminal]\nstore_id = "Café"\n'.encode("latin-1"))
+    cases = {
+        not_utf8: str(not_utf8),
+        write_config(tmp_path / "inf.toml", _bad(tmp_path, till__order_timeout_s=float("inf"))):
+            "till.order_timeout_s: must be a finite number, got inf",
+        write_config(tmp_path / "big.toml", _bad(tmp_path, providers__sandbox__latency_ms=10**30)):
+            "providers.sandbox.latency_ms: must be between 0 and 60000 milliseconds",
+        write_config(tmp_path / "secretdir.toml", _bad(tmp_path, mqtt__password_file=str(tmp_path))):
+            "mqtt.password_file: secret file",
+    }
+    kind_array = write_config(tmp_path / "kind.toml", _bad(tmp_path, providers__sandbox__kind=...))
+    kind_array.write_text(kind_array.read_text().replace("[providers.sandbox]\n",
+                                                         '[providers.sandbox]\nkind = ["sandbox"]\n'))
+    cases[kind_array] = "providers.sandbox.kind: must be one of 'sandbox', got an array"
+    for path, expected in cases.items():
+        r = subprocess.run(appliance_cmd() + ["check-config", "--config", str(path)], capture_output=True,
+                           text=True, env=subprocess_env(), timeout=60)
+        assert (r.returncode, r.stdout) == (2, ""), (path.name, r.stderr)
+        assert expected in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
