@@ -23,6 +23,7 @@ because forwarding needs it; every transition out of `deferred` erases it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -186,6 +187,19 @@ def _init_schema(path: Path) -> None:
         db.execute_sql(_CODE_ONCE_INDEX)
 
 
+def _reading(method):
+    """Translate SQLite failures of a read into JournalError (JournalFull when the disk is full)."""
+    @functools.wraps(method)
+    def read(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (pw.OperationalError, sqlite3.OperationalError) as e:
+            if _disk_full(e):
+                raise JournalFull(f"disk full: the journal in {self.state_dir} cannot be read") from None
+            raise JournalError(f"journal read failed: {e}") from None
+    return read
+
+
 class Journal:
     """The durable store of one lane. Thread-safe: each thread gets its own SQLite connection.
 
@@ -224,11 +238,11 @@ class Journal:
                 "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1, "secure_delete": 1})
         self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db)
         try:
-            with self.db.connection_context():
-                self._epoch = self._Meta.get(self._Meta.key == "epoch").value
-                if not readonly:
-                    self.db.execute_sql(_LIVE_ORDER_INDEX)
-                    self.db.execute_sql(_CODE_ONCE_INDEX)
+            self.db.connect()  # kept open: this thread's reads need no new file handles later
+            self._epoch = self._Meta.get(self._Meta.key == "epoch").value
+            if not readonly:
+                self.db.execute_sql(_LIVE_ORDER_INDEX)
+                self.db.execute_sql(_CODE_ONCE_INDEX)
             if not readonly:
                 st = os.stat(self.path)
                 self._file_id = (st.st_dev, st.st_ino)
@@ -401,22 +415,27 @@ class Journal:
                    updated_at=row.updated_at, attempts=row.attempts,
                    next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source, auth_code=row.auth_code)
 
+    @_reading
     def journal_id(self) -> str | None:
         row = self._Meta.get_or_none(self._Meta.key == "journal_id")
         return row.value if row else None
 
+    @_reading
     def get(self, txn_id: int) -> Txn | None:
         row = self._Payment.get_or_none(self._Payment.id == txn_id)
         return self._txn(row) if row else None
 
+    @_reading
     def by_order(self, order: str) -> list[Txn]:
         P = self._Payment
         return [self._txn(r) for r in P.select().where(P.order == order).order_by(P.id)]
 
+    @_reading
     def code_used(self, code: str) -> bool:
         P = self._Payment
         return P.select().where(P.code_digest == self.digest(code)).exists()
 
+    @_reading
     def recent(self, *, limit: int = 50, states: Iterable[State] | None = None) -> list[Txn]:
         """Newest first."""
         P = self._Payment
@@ -425,12 +444,14 @@ class Journal:
             q = q.where(P.state.in_([str(s) for s in states]))
         return [self._txn(r) for r in q]
 
+    @_reading
     def open_txns(self) -> list[Txn]:
         """Payments not yet at an end, oldest first."""
         P = self._Payment
         q = P.select().where(P.state.in_([str(s) for s in OPEN_STATES])).order_by(P.id)
         return [self._txn(r) for r in q]
 
+    @_reading
     def deferred_totals(self) -> tuple[int, int]:
         """(count, sum of fen) of payments accepted offline and not yet forwarded."""
         P = self._Payment
@@ -438,6 +459,7 @@ class Journal:
             P.state == str(S.DEFERRED)).tuples().get()
         return int(row[0]), int(row[1])
 
+    @_reading
     def events(self, txn_id: int | None = None) -> list[dict]:
         """Outbox payloads in commit order (all, or one payment's)."""
         O = self._Outbox

@@ -137,7 +137,7 @@ class Till:
         self._events: queue.Queue = queue.Queue()
         self.lane: object = _Ready()
         self._hold_until = 0.0
-        self._faults: dict[str, str] = {}  # source ("scanner", "platform", "journal") -> reason
+        self._faults: dict[str, str] = {}  # source ("scanner", "platform", "journal", "journal-lost") -> reason
         self._recent_codes: dict[str, float] = {}
         self._handlers = {"scan": self.handle_scan, "fault": self._set_scanner_fault, "resolved": self._on_resolved}
 
@@ -229,8 +229,12 @@ class Till:
         self._recent_codes[self.journal.digest(scan.text)] = now
         self._show(Signal.WORKING)
         result = self.charge(order, amount, scan.text, source=scan.source)
-        if result.txn is None:  # code used before, or no platform for its type: the order still waits
-            self._flash(Signal.UNKNOWN_CODE)
+        if result.txn is None:
+            if self._faults.keys() & {"journal", "journal-lost"}:  # nothing can be paid now: show why
+                self.lane = _Ready()
+                self._show_lane()
+            else:  # code used before, or no platform for its type: the order still waits
+                self._flash(Signal.UNKNOWN_CODE)
             return result
         self.lane = _Ready()
         return self._finish(result)
@@ -242,6 +246,12 @@ class Till:
             log.warning("order ticket refused: %s", e)
             self.lane = _Ready()
             self._flash(Signal.UNKNOWN_CODE)
+            return None
+        except JournalError as e:
+            log.error("order ticket refused: %s", e)
+            self._journal_failed(e)
+            self.lane = _Ready()
+            self._show_lane()
             return None
         log.info("order %s: %s due, waiting for a payment code", order, format_amount(amount_fen))
         self.lane = _AwaitingCode(order, amount_fen, now + self.order_timeout_s)
@@ -258,8 +268,7 @@ class Till:
         return result
 
     def _on_resolved(self, txn: Txn) -> None:
-        if "disk" in self._faults:  # the resolver could write again: there is room
-            self._set_fault("disk", None)
+        self._set_fault("journal", None)  # the resolver could write again
         if isinstance(self.lane, _Resolving) and self.lane.txn_id == txn.txn_id:
             if txn.state not in AWAITING_END:
                 cancel = self.lane.cancel
@@ -302,7 +311,7 @@ class Till:
             self._journal_failed(e)
             log.error("charge for order %s refused: %s", printable(order, 40), e)
             return Result("refused", str(e))
-        self._set_fault("disk", None)
+        self._set_fault("journal", None)
         log.info("txn %d: pending, order %s %s %s via %s, code %s, %s", txn.txn_id, order,
                  format_amount(amount_fen), c.payment_type, provider.name, c.masked, txn.out_trade_no)
         req = PayRequest(txn.out_trade_no, amount_fen, code, f"Order {order}", self.store_id, self.terminal_id)
@@ -329,14 +338,13 @@ class Till:
             self.in_flight.release(txn.txn_id)
 
     def _journal_failed(self, e: JournalError) -> None:
-        """Show the fault a journal failure calls for: disk full clears once a write succeeds, a
-        lost journal never does (the service must be restarted, and then refuses to start)."""
+        """Show the fault a journal failure calls for. A lost journal's fault never clears (only a
+        restart, which then refuses to start, can help); any other (disk full, a failed write)
+        clears when the journal takes a write again."""
         if isinstance(e, JournalLost):
-            self._set_fault("journal", str(e))
-        elif isinstance(e, JournalFull):
-            self._set_fault("disk", "disk full")
+            self._set_fault("journal-lost", str(e))
         else:
-            self._set_fault("journal", str(e))
+            self._set_fault("journal", "disk full" if isinstance(e, JournalFull) else str(e))
 
     def _unreachable(self, txn: Txn, code: str, why: str) -> Txn:
         p = self.offline

@@ -100,3 +100,39 @@ def subprocess_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_CONFIG", "NOTIFY_SOCKET")}
     env.update(extra)
     return env
+
+
+class SmallDisk:
+    """A tmpfs of a few hundred KiB (needs root and mount): `fill()` takes every free byte, `free()`
+    gives it back. Real ENOSPC for the journal, not a simulation."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._filler = path / "filler"
+
+    def fill(self) -> None:
+        fd = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (65536, 4096, 512, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        self._filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.system(f"mount -t tmpfs -o size=1m tmpfs {mnt} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): no small disk to fill")
+    try:
+        yield SmallDisk(mnt)
+    finally:
+        os.system(f"umount -l {mnt}")

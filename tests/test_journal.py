@@ -1,12 +1,14 @@
+import os
 import re
 import sqlite3
 import stat
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from appliance.errors import IllegalTransition
-from appliance.journal import OPEN_STATES, TRANSITIONS, Journal, State
+from appliance.errors import IllegalTransition, JournalLost, Refused
+from appliance.journal import OPEN_STATES, TRANSITIONS, Journal, State, Txn
 
 CODE = "134567890123456789"
 
@@ -189,3 +191,91 @@ def test_unusable_state_dir_is_a_clear_error(tmp_path):
     (damaged / "journal.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(ApplianceError, match="cannot be read"):
         Journal(damaged, "S0001", "L01")
+
+
+# --- the file under a running writer --------------------------------------------------------
+
+
+def _unlink(j):
+    j.path.unlink()
+
+
+def _replace(j):
+    other = j.path.with_name("other.sqlite")
+    other.write_bytes(j.path.read_bytes())
+    os.rename(other, j.path)
+
+
+def _truncate(j):
+    os.truncate(j.path, 0)
+
+
+@pytest.mark.parametrize("damage", [_unlink, _replace, _truncate], ids=["deleted", "replaced", "emptied"])
+def test_a_journal_file_changed_under_the_writer_stops_every_write(journal, damage):
+    txn = _open(journal)
+    damage(journal)
+    with pytest.raises(JournalLost, match="no more payments"):
+        _open(journal, code="134567890123450001")
+    with pytest.raises(JournalLost):
+        journal.transition(txn.txn_id, State.PAID)
+    with pytest.raises(JournalLost):
+        journal.schedule(txn.txn_id, 0.0)
+
+
+# --- duplicates are refused inside the transaction that opens a payment ----------------------
+
+
+def _race(tmp_path, kwargs_list):
+    """Open payments from several writers (own connections, own threads) released at one instant."""
+    _open(Journal(tmp_path, "S0001", "L01"), code="134567890123450000")  # create the journal first
+    journals = [Journal(tmp_path, "S0001", "L01") for _ in kwargs_list]
+    barrier = threading.Barrier(len(journals))
+    outcomes = [None] * len(journals)
+
+    def attempt(i):
+        barrier.wait()
+        try:
+            outcomes[i] = journals[i].open_payment(payment_type="wechat", platform="sandbox", amount_fen=100,
+                                                   **kwargs_list[i])
+        except Refused as e:
+            outcomes[i] = e
+        finally:
+            journals[i].close()
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(len(journals))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return outcomes
+
+
+@pytest.mark.parametrize("round_", range(15))
+def test_same_order_two_codes_at_once_opens_one_payment(tmp_path, round_):
+    outcomes = _race(tmp_path, [{"order": "O1", "code": f"1345678901234{i:05d}"} for i in range(1, 4)])
+    assert sum(isinstance(o, Txn) for o in outcomes) == 1
+    assert all("order O1" in str(o) for o in outcomes if isinstance(o, Refused))
+
+
+@pytest.mark.parametrize("round_", range(15))
+def test_same_code_two_orders_at_once_opens_one_payment(tmp_path, round_):
+    outcomes = _race(tmp_path, [{"order": f"O{i}", "code": CODE} for i in range(3)])
+    assert sum(isinstance(o, Txn) for o in outcomes) == 1
+    assert all("already used" in str(o) for o in outcomes if isinstance(o, Refused))
+
+
+def test_unique_indexes_hold_even_against_a_raw_insert(journal):
+    txn = _open(journal, order="A1")
+    conn = sqlite3.connect(journal.path)
+    row = conn.execute("SELECT * FROM payment WHERE id=?", (txn.txn_id,)).fetchone()
+    cols = [d[0] for d in conn.execute("SELECT * FROM payment").description]
+    doc = dict(zip(cols, row))
+    for change in ({"out_trade_no": "x1", "code_digest": "other"}, {"out_trade_no": "x2", "order": "A2"}):
+        values = {**doc, **change, "id": None}
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(f"INSERT INTO payment ({','.join(repr(c) for c in cols)}) VALUES ({','.join('?' * len(cols))})",
+                         [values[c] for c in cols])
+    conn.rollback()
+    journal.transition(txn.txn_id, State.DECLINED)
+    assert _open(journal, order="A1", code="134567890123450001").state is State.PENDING  # a declined order is free
+    conn.close()
