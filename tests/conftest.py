@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,13 +127,38 @@ class SmallDisk:
         self._filler.unlink(missing_ok=True)
 
 
+@contextmanager
+def tmpfs(path: Path, size: str = "4m"):
+    """A real tmpfs mounted at `path` for the test's duration; skips the test where mount is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.system(f"mount -t tmpfs -o size={size} tmpfs {path} 2>/dev/null") != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root): no small or read-only disk to test on")
+    try:
+        yield path
+    finally:
+        os.system(f"umount -l {path}")
+
+
+def remount_read_only(path: Path) -> None:
+    assert os.system(f"mount -o remount,ro {path}") == 0
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.system(f"mount -t tmpfs -o size=1m tmpfs {mnt} 2>/dev/null") != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): no small disk to fill")
-    try:
+    with tmpfs(tmp_path / "small", "1m") as mnt:
         yield SmallDisk(mnt)
-    finally:
-        os.system(f"umount -l {mnt}")
+
+
+class Recorder:
+    """An Indicator that records what the cashier was shown."""
+
+    def __init__(self):
+        self.shown = []
+        self.current = None
+
+    def show(self, signal):
+        self.current = signal
+        self.shown.append(signal)
+
+    def close(self):
+        pass

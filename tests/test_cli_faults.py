@@ -1,7 +1,6 @@
 """The CLI and the service facing a journal that is not whole, a full disk, a read-only disk."""
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -10,7 +9,8 @@ import pytest
 
 from appliance.journal import Journal, State
 from appliance.payments.sandbox import SandboxOptions, SandboxProvider
-from conftest import WECHAT_PAID, WECHAT_PAID_2, WECHAT_SLOW, appliance_cmd, lane_dict, subprocess_env, write_config
+from conftest import (WECHAT_PAID, WECHAT_PAID_2, WECHAT_SLOW, appliance_cmd, lane_dict, remount_read_only,
+                      subprocess_env, tmpfs, write_config)
 
 pytestmark = pytest.mark.integration
 
@@ -53,20 +53,14 @@ def test_journal_command_reads_without_creating_anything(tmp_path):
 
 
 def test_journal_command_works_on_a_read_only_filesystem(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if os.system(f"mount -t tmpfs -o size=4m tmpfs {mnt} 2>/dev/null") != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): no read-only filesystem to test on")
-    try:
+    with tmpfs(tmp_path / "ro") as mnt:
         conf = write_config(tmp_path / "a.toml", lane_dict(mnt / "state"))
         assert charge(conf, "A1", WECHAT_PAID).returncode == 0
-        assert os.system(f"mount -o remount,ro {mnt}") == 0
+        remount_read_only(mnt)
         r = cli(conf, "journal", "--json")
         assert r.returncode == 0, r.stderr
         assert [json.loads(line)["state"] for line in r.stdout.splitlines()] == ["paid"]
         assert charge(conf, "A2", WECHAT_PAID_2).returncode != 0  # a writer cannot work there, and says so
-    finally:
-        os.system(f"umount -l {mnt}")
 
 
 def test_disk_full_during_the_platform_call_answers_unknown_then_the_service_finishes_it(tmp_path, small_disk):

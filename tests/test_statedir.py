@@ -11,6 +11,7 @@ import pytest
 from appliance import statedir
 from appliance.errors import JournalError, JournalIntegrityError
 from appliance.journal import Journal
+from conftest import remount_read_only, tmpfs
 
 CODE = "134567890123456789"
 
@@ -210,25 +211,13 @@ def test_read_only_open_cannot_write(tmp_path):
     j.close()
 
 
-@pytest.fixture
-def read_only_mount(tmp_path):
-    """A state dir copied onto a tmpfs that is then remounted read-only (needs root and mount)."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if os.system(f"mount -t tmpfs -o size=4m tmpfs {mnt} 2>/dev/null") != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): no read-only filesystem to test on")
-    try:
-        yield mnt
-    finally:
-        os.system(f"umount {mnt}")
-
-
-def test_read_only_open_works_on_a_read_only_filesystem(tmp_path, read_only_mount):
+def test_read_only_open_works_on_a_read_only_filesystem(tmp_path):
     _make(tmp_path / "state")
-    for p in (tmp_path / "state").iterdir():
-        shutil.copy(p, read_only_mount / p.name)
-    assert os.system(f"mount -o remount,ro {read_only_mount}") == 0
-    j = Journal(read_only_mount, "S0001", "L01", readonly=True)
-    assert [t.order for t in j.recent()] == ["A1"]
-    j.close()
-    assert sorted(p.name for p in read_only_mount.iterdir()) == ["code-digest.key", "journal.id", "journal.sqlite"]
+    with tmpfs(tmp_path / "ro") as mnt:
+        for p in (tmp_path / "state").iterdir():
+            shutil.copy(p, mnt / p.name)
+        remount_read_only(mnt)
+        j = Journal(mnt, "S0001", "L01", readonly=True)
+        assert [t.order for t in j.recent()] == ["A1"]
+        j.close()
+        assert sorted(p.name for p in mnt.iterdir()) == ["code-digest.key", "journal.id", "journal.sqlite"]

@@ -7,7 +7,7 @@ from appliance.journal import State
 from appliance.scan import Scan
 from appliance.till import OfflinePolicy, Till
 from conftest import (ALIPAY_NOTENOUGH, WECHAT_EXPIRED, WECHAT_PAID, WECHAT_PAID_2, WECHAT_PASSWORD_OK,
-                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, journal_snapshot)
+                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, Recorder, journal_snapshot)
 
 
 class Clock:
@@ -16,21 +16,6 @@ class Clock:
 
     def __call__(self):
         return self.t
-
-
-class Recorder:
-    """An Indicator that records what the cashier was shown."""
-
-    def __init__(self):
-        self.shown = []
-        self.current = None
-
-    def show(self, signal):
-        self.current = signal
-        self.shown.append(signal)
-
-    def close(self):
-        pass
 
 
 @pytest.fixture

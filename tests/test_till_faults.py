@@ -10,20 +10,7 @@ from appliance.indicator import Signal
 from appliance.journal import State
 from appliance.payments import Provider
 from appliance.scan import Scan
-from conftest import WECHAT_PAID, WECHAT_PAID_2, lane_dict
-
-
-class Recorder:
-    def __init__(self):
-        self.shown = []
-        self.current = None
-
-    def show(self, signal):
-        self.current = signal
-        self.shown.append(signal)
-
-    def close(self):
-        pass
+from conftest import WECHAT_PAID, WECHAT_PAID_2, Recorder, lane_dict
 
 
 class DuringPay(Provider):
