@@ -165,8 +165,11 @@ def cmd_classify(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    from appliance.config import check_state_dir
+
     path = config_path(args.config)
     cfg = load(path)
+    check_state_dir(cfg)  # the service user must be able to write it (systemd runs this first)
     print(f"# effective configuration from {path} (secrets shown as their files)")
     print(to_toml(cfg))
     return EXIT_OK

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pwd
 import re
+import tempfile
 import tomllib
 import types
 import typing
@@ -429,6 +431,67 @@ def _check_routing(cfg: Config) -> None:
             raise ConfigError(key, f"no payment type {ptype!r} in the rules (known: {', '.join(sorted(known))})")
         if provider not in cfg.providers:
             raise ConfigError(key, f"names provider {provider!r}, which is not configured under [providers]")
+
+
+# --- checks of the machine, for check-config ------------------------------------------------
+
+
+def check_state_dir(cfg: Config) -> None:
+    """Prove that this user can write `terminal.state_dir`, by trying. Raises ConfigError naming it.
+
+    For `check-config`, which systemd runs as the service user before the service (ExecStartPre);
+    never called by load(), because read-only commands (`appliance journal`) must keep working
+    on a read-only filesystem. Accepted:
+
+    * an existing directory in which this user can create and remove a file, and whose regular
+      files this user can open for writing (nothing is written to them);
+    * a missing directory whose nearest existing parent lets this user create a directory
+      (the journal creates the state dir on first use).
+
+    A file where the directory should be, a read-only mount, or missing permissions are refused.
+    The probes are real (a temporary file or directory, removed at once), not os.access, so they
+    also catch read-only mounts and hold for root. Nothing is left behind.
+    """
+    key, path = "terminal.state_dir", cfg.terminal.state_dir
+    user = _user()
+    nearest = path
+    while True:
+        try:
+            nearest.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            nearest = nearest.parent
+        except OSError as e:
+            raise ConfigError(key, f"{nearest}: {e.strerror} (as user {user})") from None
+    if not nearest.is_dir():
+        cause = "" if nearest == path else f" cannot be created: {nearest}"
+        raise ConfigError(key, f"{path}{cause} is not a directory")
+    if nearest != path:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".check-config-", dir=nearest))
+        except OSError as e:
+            raise ConfigError(key, f"{path} does not exist and cannot be created: {nearest} is not writable "
+                                   f"by user {user} ({e.strerror})") from None
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".check-config-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+        files = [e.path for e in os.scandir(path) if e.is_file(follow_symlinks=False)]
+    except OSError as e:
+        raise ConfigError(key, f"{path} is not writable by user {user} ({e.strerror})") from None
+    for name in files:
+        try:
+            os.close(os.open(name, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC))
+        except OSError as e:
+            raise ConfigError(key, f"{name} is not writable by user {user} ({e.strerror})") from None
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _join(path: str, key: str) -> str:

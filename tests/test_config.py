@@ -1,11 +1,16 @@
 import dataclasses
+import os
 import subprocess
+import tempfile
 import threading
 import typing
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from appliance.config import Amount, Config, ConfigError, Range, SecretFile, config_path, from_dict, load, to_toml
+from appliance.config import (Amount, Config, ConfigError, Range, SecretFile, check_state_dir, config_path, from_dict,
+                              load, to_toml)
 from appliance.money import format_amount
 from appliance.payments import provider_options
 from conftest import ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
@@ -310,3 +315,109 @@ def test_cli_hostile_configs_exit_2_naming_the_key_without_traceback(tmp_path):
                            text=True, env=subprocess_env(), timeout=60)
         assert (r.returncode, r.stdout) == (2, ""), (path.name, r.stderr)
         assert expected in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+# --- terminal.state_dir: check-config proves the service user can write it ----------------------
+
+
+def _state_dir_cfg(tmp_path, state_dir: Path) -> Config:
+    return from_dict(lane_dict(state_dir), base_dir=tmp_path)
+
+
+def _refusal(cfg: Config) -> str:
+    with pytest.raises(ConfigError) as e:
+        check_state_dir(cfg)
+    assert e.value.key == "terminal.state_dir"
+    return e.value.reason
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A real read-only filesystem (tmpfs mounted ro): the one thing that stops root writing."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root and mount rights): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+
+
+@contextmanager
+def _as_nobody():
+    """Run the block with effective uid/gid nobody: the service user's view, not root's."""
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory every user can traverse (pytest's own tmp dirs are root-only)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user (seteuid)")
+    with tempfile.TemporaryDirectory(prefix="appliance-test-") as d:
+        os.chmod(d, 0o755)
+        yield Path(d)
+
+
+def test_ok__state_dir_writable_or_creatable_and_nothing_left_behind(tmp_path):
+    state = tmp_path / "state"
+    check_state_dir(_state_dir_cfg(tmp_path, state / "deeper"))  # missing, parent missing, grandparent writable
+    assert not state.exists()
+    state.mkdir()
+    (state / "journal.sqlite").write_bytes(b"keep me")
+    check_state_dir(_state_dir_cfg(tmp_path, state))
+    assert sorted(p.name for p in state.iterdir()) == ["journal.sqlite"]
+    assert (state / "journal.sqlite").read_bytes() == b"keep me"
+
+
+def test_fail__state_dir_is_a_file(tmp_path):
+    (tmp_path / "state").write_text("")
+    assert _refusal(_state_dir_cfg(tmp_path, tmp_path / "state")) == f"{tmp_path / 'state'} is not a directory"
+    assert _refusal(_state_dir_cfg(tmp_path, tmp_path / "state" / "sub")) == (
+        f"{tmp_path / 'state' / 'sub'} cannot be created: {tmp_path / 'state'} is not a directory")
+
+
+def test_fail__state_dir_on_a_read_only_mount(tmp_path, read_only_mount):
+    reason = _refusal(_state_dir_cfg(tmp_path, read_only_mount))
+    assert reason == f"{read_only_mount} is not writable by user root (Read-only file system)"
+    reason = _refusal(_state_dir_cfg(tmp_path, read_only_mount / "appliance" / "state"))
+    assert reason == (f"{read_only_mount / 'appliance' / 'state'} does not exist and cannot be created: "
+                      f"{read_only_mount} is not writable by user root (Read-only file system)")
+
+
+def test_fail__state_dir_not_writable_by_the_service_user(tmp_path, shared_tmp):
+    owned_by_root = shared_tmp / "state"
+    owned_by_root.mkdir(mode=0o755)
+    with _as_nobody():
+        assert "is not writable by user nobody (Permission denied)" in _refusal(_state_dir_cfg(tmp_path, owned_by_root))
+        assert "does not exist and cannot be created" in _refusal(_state_dir_cfg(tmp_path, owned_by_root / "new"))
+    # The technician ran `appliance charge` as root once: the journal is root's, the dir is the service's.
+    os.chmod(owned_by_root, 0o777)
+    (owned_by_root / "journal.sqlite").touch(mode=0o600)
+    with _as_nobody():
+        assert _refusal(_state_dir_cfg(tmp_path, owned_by_root)) == (
+            f"{owned_by_root / 'journal.sqlite'} is not writable by user nobody (Permission denied)")
+    os.chown(owned_by_root / "journal.sqlite", 65534, 65534)
+    with _as_nobody():
+        check_state_dir(_state_dir_cfg(tmp_path, owned_by_root))
+
+
+@pytest.mark.integration
+def test_cli_check_config_refuses_a_read_only_state_dir_but_journal_still_reads(tmp_path, read_only_mount):
+    """check-config (systemd's ExecStartPre) exits 2; the check is not in load(), so reading still works."""
+    path = write_config(tmp_path / "a.toml", lane_dict(read_only_mount))
+    r = subprocess.run(appliance_cmd() + ["check-config", "--config", str(path)], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=60)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"appliance: config error: terminal.state_dir: {read_only_mount} is not writable by user "
+                        "root (Read-only file system)\n")
+    load(path)  # what `appliance journal` does first: no probe, no error
