@@ -5,6 +5,12 @@ file that adds, replaces or disables rules by type). A code is matched on its le
 leading digits; when several rules match, the longest matching prefix wins, then the local file,
 then file order. Nothing here prints or stores a full payment code: `Classification.masked`
 is the only rendering meant for output.
+
+The order-ticket pattern comes from the config, so it is matched with RE2 (google-re2), whose
+time is linear in the input whatever the pattern: a pattern such as `(?P<order>(a+)+)b...` cannot
+hang the till as it would with Python's backtracking `re`. And no pattern ever sees more than
+MAX_SCAN_LEN characters: a longer scan is "unknown" before anything is matched. The project's own
+fixed patterns stay on `re`.
 """
 
 from __future__ import annotations
@@ -15,12 +21,16 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import re2
+
 from appliance.errors import BadInput
 from appliance.money import parse_amount
 from appliance.redact import mask, printable
 
 #: Longest text a scan may have. Payment codes are <= 24 digits, order tickets a few dozen chars.
 MAX_SCAN_LEN = 256
+#: Most codes one `lengths` or `prefixes` entry of a rule may stand for ("10-15" stands for 6).
+MAX_EXPANSION = 10_000
 
 
 @dataclass(frozen=True)
@@ -59,19 +69,25 @@ class Classification:
 
 
 def _expand(spec, what: str, width_from_text: bool) -> list:
-    """Expand "10-15" into ["10", ..., "15"] (prefixes) or [10, ..., 15] (lengths)."""
+    """Expand "10-15" into ["10", ..., "15"] (prefixes) or [10, ..., 15] (lengths).
+
+    Raises ValueError for anything but numbers and ranges of at most 64 digits, and when the
+    entry stands for more than MAX_EXPANSION values (a typo like "8-80000000" must not hang).
+    """
     items = spec if isinstance(spec, list) else [spec]
     out: list = []
     for item in items:
         if isinstance(item, int) and not isinstance(item, bool) and not width_from_text:
             out.append(item)
             continue
-        if not isinstance(item, str) or not re.fullmatch(r"[0-9]+(-[0-9]+)?", item):
-            raise ValueError(f"{what}: {item!r} is not a number or a range like \"10-15\"")
+        if not isinstance(item, str) or not re.fullmatch(r"[0-9]{1,64}(-[0-9]{1,64})?", item):
+            raise ValueError(f"{what}: {str(item)[:70]!r} is not a number or a range like \"10-15\"")
         lo, _, hi = item.partition("-")
         hi = hi or lo
         if int(hi) < int(lo) or (width_from_text and len(lo) != len(hi)):
             raise ValueError(f"{what}: range {item!r} is empty or mixes widths")
+        if len(out) + int(hi) - int(lo) >= MAX_EXPANSION:
+            raise ValueError(f"{what}: stands for more than {MAX_EXPANSION} values; list fewer, longer prefixes")
         values = range(int(lo), int(hi) + 1)
         out.extend(str(v).zfill(len(lo)) for v in values) if width_from_text else out.extend(values)
     return out
@@ -82,6 +98,8 @@ def _read_rules(text: str, origin: str) -> list[dict]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{origin} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{origin} is not usable TOML: nested too deeply") from None
     unknown = set(doc) - {"rule"}
     if unknown:
         raise ValueError(f"{origin}: unknown key(s) {sorted(unknown)}; expected [[rule]] tables")
@@ -136,13 +154,42 @@ def load_rules(local_file: Path | None = None) -> list[Rule]:
             for rank, r in enumerate(merged) if r["enabled"]]
 
 
+def compile_order_pattern(pattern: str):
+    """Compile an order-ticket pattern with RE2. Raises ValueError saying what is wrong with it.
+
+    The pattern must be valid, must need nothing RE2 lacks (backreferences, lookaround: the
+    features that make matching time exponential) and must have the named groups `order` and
+    `amount`. RE2's own error log to stderr is switched off: the ValueError says it all.
+    """
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        rx = re2.compile(pattern, options)
+    except re2.error as e:
+        reason = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        if "too large" in reason:
+            raise ValueError(f"is too large for the linear-time engine (RE2): {reason}") from None
+        try:  # RE2 says only "invalid"; Python's re tells a typo from a feature RE2 lacks on purpose
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as py:
+            raise ValueError(f"is not a valid regular expression: {py}") from None
+        raise ValueError(f"uses a feature the linear-time engine (RE2) does not support: {reason}") from None
+    missing = {"order", "amount"} - set(rx.groupindex)
+    if missing:
+        raise ValueError(f"must have named groups (?P<order>...) and (?P<amount>...); missing {sorted(missing)}")
+    return rx
+
+
 class Classifier:
     """Classifies scans against a rule table, an order-ticket pattern and the command cards."""
 
     def __init__(self, rules: list[Rule], order_pattern: str, commands: dict[str, str]):
-        """`commands` maps the card text (e.g. "CMD:CANCEL") to the command name ("cancel")."""
+        """`commands` maps the card text (e.g. "CMD:CANCEL") to the command name ("cancel").
+
+        Raises ValueError if `order_pattern` is unusable (see compile_order_pattern).
+        """
         self._rules = rules
-        self._order = re.compile(order_pattern)
+        self._order = compile_order_pattern(order_pattern)
         self._commands = dict(commands)
         self.payment_types = frozenset(r.payment_type for r in rules)
 
@@ -156,6 +203,8 @@ class Classifier:
             return Classification("command", printable(text), command=self._commands[text])
         om = self._order.fullmatch(text)
         if om:
+            if om["order"] is None or om["amount"] is None:  # an optional group in the configured pattern
+                return Classification("unknown", printable(text), reason="order ticket without order or amount")
             try:
                 fen = parse_amount(om["amount"])
             except BadInput as e:

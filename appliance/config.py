@@ -121,14 +121,10 @@ TCP_PORT = between(1, 65_535, "(a TCP port)")
 ANY_AMOUNT = between(Amount(1), Amount(MAX_FEN), YUAN)
 
 
-def _regex(v: str) -> str:
-    try:
-        rx = re.compile(v)
-    except re.error as e:
-        raise ValueError(f"is not a valid regular expression: {e}") from None
-    missing = {"order", "amount"} - set(rx.groupindex)
-    if missing:
-        raise ValueError(f"must have named groups (?P<order>...) and (?P<amount>...); missing {sorted(missing)}")
+def _order_pattern(v: str) -> str:
+    from appliance.classify import compile_order_pattern  # RE2, linear time: see docs/config.md
+
+    compile_order_pattern(v)
     return v
 
 
@@ -181,7 +177,7 @@ class TillConfig:
 class ClassifyConfig:
     rules_file: Path = opt(Path("/etc/appliance/payment_types.toml"), doc="extra/overriding rules; absent = none")
     order_pattern: str = opt(r"ORD:(?P<order>[A-Za-z0-9_-]{1,32}):(?P<amount>[0-9]{1,9}\.[0-9]{2})",
-                              check=_regex, doc="full-match regex for order tickets")
+                              check=_order_pattern, doc="full-match regex for order tickets")
     cancel_card: str = opt("CMD:CANCEL", doc="text of the cancel command card")
 
 

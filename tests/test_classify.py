@@ -1,9 +1,12 @@
 import re
+import subprocess
+import sys
+from textwrap import dedent
 
 import pytest
 from hypothesis import given, strategies as st
 
-from appliance.classify import MAX_SCAN_LEN, Classifier, load_rules
+from appliance.classify import MAX_SCAN_LEN, Classifier, compile_order_pattern, load_rules
 from appliance.config import ClassifyConfig
 
 ORDER = ClassifyConfig().order_pattern
@@ -103,6 +106,11 @@ def test_tie_goes_to_local_then_file_order(tmp_path):
     ("[[rule]]\ntype = 'x'\nlength = [18]\nprefixes=['1']\n", "unknown key"),
     ("[rules]\n", "unknown key"),
     ("not toml [", "not valid TOML"),
+    ("[[rule]]\ntype = 'x'\nlengths = '8-80000000000'\nprefixes=['1']\n", "more than 10000 values"),
+    ("[[rule]]\ntype = 'x'\nlengths = [18]\nprefixes=['00000000000000000000-99999999999999999999']\n", "more than 10000 values"),
+    ("[[rule]]\ntype = 'x'\nlengths = [18]\nprefixes=['1000-5999', '6000-9999', '00000-02000']\n", "more than 10000 values"),
+    ("[[rule]]\ntype = 'x'\nlengths = [18]\nprefixes=['" + "1" * 5000 + "']\n", "is not a number or a range"),
+    ("a = " + "[" * 5000 + "]" * 5000, "nested too deeply"),
 ])
 def test_fail__bad_rules_file(tmp_path, body, msg):
     f = tmp_path / "bad.toml"
@@ -149,3 +157,64 @@ def test_property_digit_strings_agree_with_the_reference_regexes(digits):
 def test_max_scan_len_boundary(classifier):
     assert classifier.classify("A" * MAX_SCAN_LEN).reason.startswith("not digits")
     assert classifier.classify("A" * (MAX_SCAN_LEN + 1)).reason.startswith("too long")
+
+
+# --- the order pattern is configured, so it is user input: RE2, linear time -------------------
+
+#: Nested quantifiers: with a backtracking engine, 30 'a's already take minutes (2**30 paths).
+CATASTROPHIC = r"(?P<order>(a+)+)b(?P<amount>x)"
+
+
+def test_pathological_order_pattern_cannot_hang_the_classifier():
+    """In a child process with a timeout, so that a backtracking engine fails the test instead of hanging it."""
+    child = dedent(f"""
+        import time
+        from appliance.classify import Classifier, compile_order_pattern, load_rules
+        classifier = Classifier(load_rules(None), {CATASTROPHIC!r}, {{}})
+        worst = 0.0
+        for text in ("a" * 30, "a" * {MAX_SCAN_LEN}, "a" * 65536):
+            start = time.perf_counter()
+            c = classifier.classify(text)
+            worst = max(worst, time.perf_counter() - start)
+            assert c.kind == "unknown", c
+        engine = compile_order_pattern({CATASTROPHIC!r})  # the engine itself, past the length bound
+        start = time.perf_counter()
+        assert engine.fullmatch("a" * 65536) is None and engine.search("a" * 65536) is None
+        print(worst, time.perf_counter() - start)
+    """)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, r.stderr
+    classify_s, engine_s = map(float, r.stdout.split())
+    assert classify_s < 0.1 and engine_s < 0.5, r.stdout
+
+
+@pytest.mark.parametrize("pattern,reason", [
+    (r"(?P<order>a+)\1(?P<amount>[0-9.]+)",
+     r"uses a feature the linear-time engine (RE2) does not support: invalid escape sequence: \1"),
+    (r"(?=ORD)(?P<order>\w+):(?P<amount>[0-9.]+)",
+     "uses a feature the linear-time engine (RE2) does not support: invalid perl operator: (?="),
+    (r"(?P<order>\w+)(?<!x):(?P<amount>[0-9.]+)", "does not support: invalid perl operator: (?<"),
+    (r"(?P<order>\pL{1000})(?P<amount>x)", "is too large for the linear-time engine (RE2): pattern too large"),
+    (r"(?P<order>(a{100}){100})(?P<amount>x)", "does not support: invalid repetition size: {100}"),
+    ("ORD:(", "is not a valid regular expression: missing ), unterminated subpattern"),
+    ("ORD:(?P<order>.*)", "missing ['amount']"),
+])
+def test_fail__order_pattern_the_linear_engine_cannot_run_is_a_config_error(tmp_path, capfd, pattern, reason):
+    from appliance.config import ConfigError, from_dict
+    from conftest import lane_dict
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(lane_dict(tmp_path, classify={"order_pattern": pattern}))
+    assert e.value.key == "classify.order_pattern"
+    assert reason in e.value.reason
+    assert capfd.readouterr().err == ""  # RE2's own logging is off: the error says it once, by key
+
+
+def test_order_pattern_with_an_optional_group_that_did_not_match_is_unknown():
+    c = Classifier([], r"ORD:(?P<order>[A-Z0-9]+)?:(?P<amount>[0-9.]+)", {})
+    assert c.classify("ORD::12.00").reason == "order ticket without order or amount"
+    assert (c.classify("ORD:A1:12.00").order, c.classify("ORD:A1:12.00").amount_fen) == ("A1", 1200)
+
+
+def test_default_and_example_patterns_run_on_re2():
+    assert compile_order_pattern(ORDER).fullmatch("ORD:A-1001_x:12.34")["amount"] == "12.34"
