@@ -13,7 +13,7 @@ from appliance.config import (Amount, Config, ConfigError, Range, SecretFile, ch
                               load, to_toml)
 from appliance.money import format_amount
 from appliance.payments import provider_options
-from conftest import ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
+from conftest import ROOT, appliance_cmd, lane_dict, remount_read_only, subprocess_env, tmpfs, write_config
 
 
 def test_example_config_is_valid():
@@ -333,17 +333,10 @@ def _refusal(cfg: Config) -> str:
 
 @pytest.fixture
 def read_only_mount(tmp_path):
-    """A real read-only filesystem (tmpfs mounted ro): the one thing that stops root writing."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True,
-                       text=True, timeout=30)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root and mount rights): {r.stderr.strip()}")
-    try:
+    """A real read-only filesystem: the one thing that stops root writing."""
+    with tmpfs(tmp_path / "ro", "1m") as mnt:
+        remount_read_only(mnt)
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
 
 
 @contextmanager
