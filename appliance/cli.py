@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 from appliance import __version__
 from appliance.config import DEFAULT_PATH, ENV_VAR, Config, ConfigError, config_path, load, to_toml
@@ -217,6 +218,38 @@ def cmd_demo(args) -> int:
     return run_demo(pause=args.pause)
 
 
+class NumberArg(NamedTuple):
+    type: type
+    lo: int | float
+    hi: int | float
+    unit: str = ""
+
+
+#: Every numeric option (by argparse dest): its type and the range main() accepts, ends included.
+#: argparse refuses what is not a number (exit 2); main() refuses nan, inf and anything outside
+#: the range with exit 5 before a command runs, so no sleep, wait or query ever sees them.
+NUMBER_ARGS = {
+    "limit": NumberArg(int, 1, 1_000_000, "transactions"),
+    "txn": NumberArg(int, 1, 2**63 - 1),  # SQLite's largest integer
+    "wait": NumberArg(float, 0.0, 3600.0, "seconds"),
+    "pause": NumberArg(float, 0.0, 60.0, "seconds"),
+}
+
+
+def out_of_range(args: argparse.Namespace) -> str | None:
+    """The first numeric option of `args` outside its NUMBER_ARGS range, as a message; else None."""
+    for dest, rule in NUMBER_ARGS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not rule.lo <= value <= rule.hi:
+            unit = f" {rule.unit}" if rule.unit else ""
+            return f"--{dest} must be between {_num(rule.lo)} and {_num(rule.hi)}{unit}, got {_num(value)}"
+    return None
+
+
+def _num(v: int | float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="appliance", description="Scan-to-pay lane appliance.")
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -234,18 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--order", required=True, help="order number (1-32 letters, digits, _ or -)")
     sp.add_argument("--amount", required=True, help='amount in yuan with at most two decimals, e.g. "12.34"')
     sp.add_argument("--code", required=True, help="the payment code, or - to read it from stdin (keeps it out of ps)")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="S",
+    sp.add_argument("--wait", type=NUMBER_ARGS["wait"].type, default=0.0, metavar="S",
                     help="if the outcome is uncertain, keep resolving it for up to S seconds")
     sp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     sp = add("cancel", cmd_cancel, "cancel (reverse or refund) the paid payment of an order")
     sp.add_argument("--order", required=True)
-    sp.add_argument("--wait", type=float, default=0.0, metavar="S",
+    sp.add_argument("--wait", type=NUMBER_ARGS["wait"].type, default=0.0, metavar="S",
                     help="if the platform's answer is uncertain, keep trying for up to S seconds")
     sp.add_argument("--json", action="store_true")
     sp = add("journal", cmd_journal, "list journaled transactions, newest first")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
-    sp.add_argument("--limit", type=int, default=50)
-    sp.add_argument("--txn", type=int, metavar="N", help="one transaction with every state change it went through")
+    sp.add_argument("--limit", type=NUMBER_ARGS["limit"].type, default=50)
+    sp.add_argument("--txn", type=NUMBER_ARGS["txn"].type, metavar="N",
+                    help="one transaction with every state change it went through")
     sp.add_argument("--state", action="append", help="only this state (repeatable)",
                     choices=["pending", "paid", "declined", "unknown", "reversed", "deferred",
                              "cancel_requested", "cancelled", "refunded"])
@@ -254,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="one JSON object per input")
     add("check-config", cmd_check_config, "validate the config and print it with secrets redacted")
     sp = add("test-feedback", cmd_test_feedback, "play every LED/buzzer pattern in turn")
-    sp.add_argument("--pause", type=float, default=2.0, metavar="S", help="seconds per pattern")
+    sp.add_argument("--pause", type=NUMBER_ARGS["pause"].type, default=2.0, metavar="S", help="seconds per pattern")
     sp = add("scan-test", cmd_scan_test, "print each scan of the configured scanner (masked, classified) "
              "until Ctrl-C; touches no journal")
     sp.add_argument("--trace", action="store_true", help="also print the raw key/byte trace (digits masked)")
@@ -263,13 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_scanners)
     sp = sub.add_parser("demo", help="run a scripted lane on a temporary state dir with the sandbox platform",
                         description="run a scripted lane on a temporary state dir with the sandbox platform")
-    sp.add_argument("--pause", type=float, default=0.6, metavar="S", help="seconds between scripted scans")
+    sp.add_argument("--pause", type=NUMBER_ARGS["pause"].type, default=0.6, metavar="S",
+                    help="seconds between scripted scans")
     sp.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refused = out_of_range(args)
+    if refused:
+        print(f"appliance: refused: {refused}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         return args.func(args)
     except ConfigError as e:
