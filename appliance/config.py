@@ -381,7 +381,12 @@ def _convert(tp, value: Any, key: str, base: Path):
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(key, f"must be a non-empty path string, got {_tname(value)}")
-        return base / Path(value).expanduser()
+        if "\0" in value:
+            raise ConfigError(key, "must not contain a NUL character")
+        try:
+            return base / Path(value).expanduser()
+        except RuntimeError:  # ~name of a user this machine does not know
+            raise ConfigError(key, f"{value}: cannot expand ~ (no such user or no home directory)") from None
     if tp is SecretFile:
         p = _convert(Path, value, key, base)
         if p.is_dir():

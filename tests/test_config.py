@@ -276,6 +276,16 @@ def test_fail__provider_kind_of_the_wrong_type(tmp_path, kind, message):
     assert (e.value.key, e.value.reason) == ("providers.sandbox.kind", message)
 
 
+@pytest.mark.parametrize("section,key", [("terminal", "state_dir"), ("classify", "rules_file"),
+                                         ("mqtt", "password_file")])
+def test_fail__path_with_nul_or_unknown_home_is_named(tmp_path, section, key):
+    for value, reason in [("st\0ate", "must not contain a NUL character"),
+                          ("~nosuchuser/x", "~nosuchuser/x: cannot expand ~ (no such user or no home directory)")]:
+        with pytest.raises(ConfigError) as e:
+            from_dict(lane_dict(tmp_path, **{section: {key: value}}))
+        assert (e.value.key, e.value.reason) == (f"{section}.{key}", reason)
+
+
 def test_fail__secret_file_that_is_a_directory(tmp_path):
     with pytest.raises(ConfigError) as e:
         from_dict(lane_dict(tmp_path, mqtt={"password_file": str(tmp_path)}))
