@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test apt-deps bench clean
+.PHONY: demo test apt-deps bench kill-nightly clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(MAKE) apt-deps && $(PYTHON) -m venv $(VENV); }
@@ -36,6 +36,10 @@ demo: apt-deps $(STAMP)
 test: apt-deps $(STAMP)
 	$(BIN)/ruff check appliance tests bench
 	$(BIN)/python -m pytest -q
+
+# The kill harness at nightly size (make test runs 200 kill points); KILL_SEED=N for another seed.
+kill-nightly: apt-deps $(STAMP)
+	KILL_POINTS=$${KILL_POINTS:-2000} $(BIN)/python -m pytest -q -s tests/test_kill_harness.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

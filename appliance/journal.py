@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 import peewee as pw
 
-from appliance import statedir
+from appliance import failpoints, statedir
 from appliance.errors import (IllegalTransition, JournalError, JournalFull, JournalIntegrityError, JournalLost,
                               Refused)
 from appliance.money import format_amount
@@ -297,9 +297,10 @@ class Journal:
             raise JournalLost(f"the journal {self.path} was {what} while in use; no more payments are taken")
 
     @contextmanager
-    def _writing(self):
+    def _writing(self, what: str):
         """One BEGIN IMMEDIATE transaction on a checked file. Disk full becomes JournalFull, and
-        whatever SQLite already rolled back by itself is not rolled back twice."""
+        whatever SQLite already rolled back by itself is not rolled back twice. `what` names the
+        write for the kill harness's crash points on either side of the commit."""
         if self.readonly:
             raise JournalError("the journal was opened read-only")
         self.check_file()
@@ -307,7 +308,9 @@ class Journal:
         try:
             self.db.execute_sql("BEGIN IMMEDIATE")
             yield
+            failpoints.hit(f"journal.{what}.before_commit")
             self.db.execute_sql("COMMIT")
+            failpoints.hit(f"journal.{what}.after_commit")
         except BaseException as e:
             if conn.in_transaction:
                 try:
@@ -336,7 +339,7 @@ class Journal:
         day = now.strftime("%Y%m%d")
         digest = self.digest(code)
         P = self._Payment
-        with self._writing():
+        with self._writing("open"):
             live = P.select(P.id, P.state).where(P.order == order, P.state.in_([str(s) for s in LIVE_STATES])).first()
             if live is not None:
                 if live.state in (S.PAID, S.CANCEL_REQUESTED):
@@ -368,7 +371,7 @@ class Journal:
         to = State(to)
         if (to is S.DEFERRED) != (auth_code is not None):
             raise IllegalTransition("the payment code is kept exactly while a payment is deferred")
-        with self._writing():
+        with self._writing(f"to_{to}"):
             row = self._Payment.get_or_none(self._Payment.id == txn_id)
             if row is None:
                 raise IllegalTransition(f"txn {txn_id} does not exist")
@@ -392,7 +395,7 @@ class Journal:
     def schedule(self, txn_id: int, next_attempt_at: float, note: str = "") -> None:
         """Record a resolution attempt that changed nothing, and why (`note`); no outbox event."""
         P = self._Payment
-        with self._writing():
+        with self._writing("schedule"):
             P.update(attempts=P.attempts + 1, next_attempt_at=next_attempt_at, retry_note=note[:200]).where(
                 P.id == txn_id).execute()
 

@@ -22,6 +22,7 @@ reversed (refunded to the customer); an older one is refused by reverse and must
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import threading
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
+from appliance import failpoints
 from appliance.errors import ProviderUnavailable
 from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status
 
@@ -74,6 +76,7 @@ class SandboxProvider(Provider):
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))  # private, like the journal
             self._db = sqlite3.connect(self._path, timeout=10, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -101,6 +104,7 @@ class SandboxProvider(Provider):
             db.execute("INSERT INTO trade VALUES (?,?,?,?,?,0,?)", (
                 req.out_trade_no, hashlib.sha256(req.auth_code.encode()).hexdigest(), req.amount_fen,
                 scenario, state, time.time()))
+        failpoints.hit("platform.pay.done")  # the platform has the trade; its answer is not back yet
         if scenario == "97":
             self._sleep(self.options.slow_ms / 1000)
         if scenario == "90":
@@ -127,6 +131,7 @@ class SandboxProvider(Provider):
             if state == "PAYING" and scenario in ("92", "93") and queries >= 2:
                 state = "SUCCESS" if scenario == "92" else "PAYERROR"
             db.execute("UPDATE trade SET state=?, queries=? WHERE out_trade_no=?", (state, queries, out_trade_no))
+        failpoints.hit("platform.query.done")
         if state == "PAYING" and scenario == "94":
             return Outcome(Status.UNKNOWN, "SYSTEMERROR: query failed, try again")
         return self._answer(state, out_trade_no)
@@ -154,6 +159,7 @@ class SandboxProvider(Provider):
                 return Outcome(Status.DECLINED, "REVERSE_EXPIRE: outside the reverse window, refund instead")
             new = "REFUND" if state == "SUCCESS" else "CLOSED"
             db.execute("UPDATE trade SET state=? WHERE out_trade_no=?", (new, out_trade_no))
+        failpoints.hit("platform.reverse.done")
         return Outcome(Status.REVERSED, "SUCCESS: paid trade refunded to the customer" if new == "REFUND"
                        else "SUCCESS: unpaid trade closed")
 
@@ -167,6 +173,7 @@ class SandboxProvider(Provider):
             if amount_fen != row[1]:
                 return Outcome(Status.DECLINED, "INVALID_REQUEST: refund amount differs from the payment")
             db.execute("UPDATE trade SET state='REFUND' WHERE out_trade_no=?", (out_trade_no,))
+        failpoints.hit("platform.refund.done")
         return Outcome(Status.REFUNDED, "SUCCESS: refund accepted")
 
     def charges(self, code: str) -> int:
@@ -175,6 +182,13 @@ class SandboxProvider(Provider):
             digest = hashlib.sha256(code.encode()).hexdigest()
             return self._conn().execute(
                 "SELECT COUNT(*) FROM trade WHERE code_sha256=? AND state='SUCCESS'", (digest,)).fetchone()[0]
+
+    def trades(self) -> dict[str, tuple[str, str]]:
+        """out_trade_no -> (state, code SHA-256) of every trade the "platform" has (for tests: the ledger
+        the journal must agree with)."""
+        with self._lock:
+            rows = self._conn().execute("SELECT out_trade_no, state, code_sha256 FROM trade").fetchall()
+        return {no: (state, digest) for no, state, digest in rows}
 
     def close(self) -> None:
         with self._lock:

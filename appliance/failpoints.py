@@ -1,0 +1,44 @@
+"""Named crash points, for the kill harness (tests/test_kill_harness.py) and nothing else.
+
+`hit(name)` marks a moment where losing the process matters: just before and just after a journal
+commit, just after the platform charged or reversed. It does nothing unless the process was
+started with `APPLIANCE_CRASH_AT=N`: then the N-th hit of any point in this process kills the
+process with SIGKILL, exactly as power loss or the OOM killer would, after appending the point's
+name to the file named by `APPLIANCE_CRASH_TRACE` (when set) so the harness can say where it
+struck. The environment is read once, at the first hit; an unset variable costs one attribute
+test per hit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+ENV = "APPLIANCE_CRASH_AT"
+TRACE_ENV = "APPLIANCE_CRASH_TRACE"
+
+_lock = threading.Lock()
+_armed: int | None = None  # the hit number that kills; 0 = disarmed
+_hits = 0
+
+
+def hit(name: str) -> None:
+    """Count one pass through the crash point `name`; SIGKILL the process if it is the chosen one."""
+    global _armed, _hits
+    if _armed == 0:
+        return
+    with _lock:
+        if _armed is None:
+            spec = os.environ.get(ENV, "")
+            _armed = int(spec) if spec.isdigit() else 0
+            if _armed == 0:
+                return
+        _hits += 1
+        if _hits != _armed:
+            return
+        trace = os.environ.get(TRACE_ENV)
+        if trace:
+            with open(trace, "a") as f:
+                f.write(name + "\n")
+        os.kill(os.getpid(), signal.SIGKILL)
