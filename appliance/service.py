@@ -97,13 +97,17 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
         lane: Lane | None = None) -> int:
     """The service. Returns the process exit code (0 after a clean stop).
 
+    SIGTERM, SIGINT and SIGHUP stop it cleanly (LED off, journal closed, exit 0). SIGHUP is the
+    technician's "reload": under systemd (Restart=always) the service starts again at once and
+    reads the config anew; a half-applied config in a running lane is never possible.
+
     The till runs in its own thread so that a stop request is honoured within seconds even while
     a platform call hangs: a payment cut off that way stays `pending` in the journal and is
     resolved (queried, never charged again) by the resolver at the next start.
     """
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: stop.set())
     scanner = scanner or make_scanner(cfg.scanner)  # may raise ConfigError: before any pin is claimed
     lane = lane or build(cfg)

@@ -122,7 +122,7 @@ def _wait_for(predicate, timeout=10.0):
     return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_run_takes_scans_from_stdin_and_stops_cleanly_on_signal(tmp_path, sig):
     conf = write_config(tmp_path / "a.toml", lane_dict(tmp_path / "state", scanner={"kind": "stdin"},
                                                        indicator={"kind": "log"}))
