@@ -42,6 +42,8 @@ EXIT_CODES = {State.PAID: 0, State.CANCELLED: 0, State.REFUNDED: 0, State.DECLIN
               State.UNKNOWN: 4, State.PENDING: 4, State.DEFERRED: 4, State.CANCEL_REQUESTED: 4}
 #: States in which the cashier keeps waiting while the resolver drives the payment to an end.
 AWAITING_END = frozenset({State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED})
+#: Seconds between the idle lane's checks that its journal file is still the one it opened.
+JOURNAL_CHECK_S = 1.0
 SIGNALS = {State.PAID: Signal.PAID, State.DECLINED: Signal.DECLINED, State.REVERSED: Signal.DECLINED,
            State.UNKNOWN: Signal.WORKING, State.PENDING: Signal.WORKING, State.DEFERRED: Signal.OFFLINE_QUEUED,
            State.CANCEL_REQUESTED: Signal.WORKING, State.CANCELLED: Signal.CANCELLED,
@@ -134,6 +136,7 @@ class Till:
         self.offline = offline
         self.in_flight = in_flight or InFlight()
         self._clock = clock
+        self._next_journal_check = 0.0
         self._events: queue.Queue = queue.Queue()
         self.lane: object = _Ready()
         self._hold_until = 0.0
@@ -411,6 +414,12 @@ class Till:
 
     def tick(self) -> None:
         now = self._clock()
+        if now >= self._next_journal_check:  # show a lost journal at once, not at the next payment
+            self._next_journal_check = now + JOURNAL_CHECK_S
+            try:
+                self.journal.check_file()
+            except JournalLost as e:
+                self._journal_failed(e)
         lane = self.lane
         if isinstance(lane, _AwaitingCode) and now >= lane.deadline:
             log.info("order %s: no payment code within %gs; back to ready", lane.order, self.order_timeout_s)

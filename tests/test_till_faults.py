@@ -99,3 +99,16 @@ def test_disk_full_between_pending_and_the_answer_is_unknown_then_resolved(small
     lane.till.drain()  # the resolver's news reaches the till: the payment ends, the disk fault clears
     assert lane.till.indicator.current is Signal.PAID
     lane.close()
+
+
+def test_an_idle_lane_shows_a_lost_journal_within_a_second(tmp_path):
+    lane, _ = _lane(tmp_path / "state")
+    lane.till.tick()
+    assert lane.till.indicator.current is not Signal.FAULT
+    lane.journal.path.unlink()
+    deadline = time.monotonic() + 3
+    while lane.till.indicator.current is not Signal.FAULT and time.monotonic() < deadline:
+        lane.till.tick()
+        time.sleep(0.05)
+    assert lane.till.indicator.current is Signal.FAULT
+    lane.close()
