@@ -14,14 +14,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Build tools for evdev's C extension (gcc, kernel headers), the venv module, and the xkb data
-# the keymap tables are checked against.
+# Build tools for evdev's C extension (gcc, kernel headers), the venv module, the xkb data
+# the keymap tables are checked against, and libfaketime (a service process's wall clock stepped).
 apt-deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	[ -f /usr/include/linux/input.h ] || missing="$$missing linux-libc-dev"; \
 	[ -f /usr/share/X11/xkb/symbols/fr ] || missing="$$missing xkb-data"; \
 	ldconfig -p 2>/dev/null | grep -q libxkbcommon.so.0 || missing="$$missing libxkbcommon0"; \
+	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	[ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \

@@ -150,7 +150,7 @@ def _models(db: pw.Database):
         created_at = pw.CharField()
         updated_at = pw.CharField()
         attempts = pw.IntegerField(default=0)
-        next_attempt_at = pw.FloatField(default=0.0)  # wall-clock epoch seconds
+        next_attempt_at = pw.FloatField(default=0.0)  # wall-clock epoch seconds; display only (see inflight.py)
         retry_note = pw.CharField(default="")  # why the last attempt changed nothing
         source = pw.CharField(default="scan")
 

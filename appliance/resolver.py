@@ -3,7 +3,12 @@
 `settle`, `drive_cancel` and `forward` are the platform steps shared by the till (first
 attempt, while the cashier waits) and the `Resolver` (every later attempt, in the background,
 also after a restart). Every step commits its outcome as a journal transition; a step that
-learns nothing new only reschedules itself (`Journal.schedule`), so retries leave no events.
+learns nothing new only reschedules itself, so retries leave no events.
+
+Time: every decision (when to query, when to give up and reverse, whether a deferred payment is
+still within `forward_within_s`, when to retry) is taken on the monotonic clock through the
+process's shared `InFlight` (appliance/inflight.py). A wall-clock step changes only timestamps.
+The journal's `next_attempt_at`/`attempts`/`retry_note` are written for display only.
 
 Rules (../shared/reference/payments.md §2.5, §3.4): an uncertain payment is never paid again;
 it is queried until the platform's `reverse_after_s`, then reversed, and the reverse is repeated
@@ -15,36 +20,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from datetime import datetime
 from typing import Callable
 
 from appliance.errors import IllegalTransition, ProviderError, ProviderUnavailable, Refused
+from appliance.inflight import InFlight
 from appliance.journal import Journal, State, Txn
 from appliance.payments import Outcome, PayRequest, Provider, Router, Status
 
 log = logging.getLogger(__name__)
 
 _PAY_TO_STATE = {Status.PAID: State.PAID, Status.DECLINED: State.DECLINED, Status.UNKNOWN: State.UNKNOWN}
-
-
-class InFlight:
-    """Txn ids with a platform call running in this process; the resolver leaves them alone."""
-
-    def __init__(self) -> None:
-        self._ids: set[int] = set()
-        self._lock = threading.Lock()
-
-    def claim(self, txn_id: int) -> bool:
-        with self._lock:
-            if txn_id in self._ids:
-                return False
-            self._ids.add(txn_id)
-            return True
-
-    def release(self, txn_id: int) -> None:
-        with self._lock:
-            self._ids.discard(txn_id)
 
 
 def settle(journal: Journal, txn: Txn, outcome: Outcome) -> Txn:
@@ -68,8 +53,9 @@ def settle(journal: Journal, txn: Txn, outcome: Outcome) -> Txn:
     return new
 
 
-def drive_cancel(journal: Journal, provider: Provider, txn: Txn) -> Txn:
-    """One attempt to cancel a `cancel_requested` payment: reverse, else refund."""
+def drive_cancel(journal: Journal, provider: Provider, txn: Txn, in_flight: InFlight) -> Txn:
+    """One attempt to cancel a `cancel_requested` payment: reverse, else refund. When the platform
+    answers nothing definite, the payment is due again after the platform's `retry_every_s`."""
     try:
         out = provider.reverse(txn.out_trade_no)
         if out.status is Status.REVERSED:
@@ -82,17 +68,19 @@ def drive_cancel(journal: Journal, provider: Provider, txn: Txn) -> Txn:
                 return _move(journal, txn, State.PAID, Outcome(Status.PAID, f"cancel refused: {out.reason}"))
     except ProviderError as e:
         out = Outcome(Status.UNKNOWN, f"{type(e).__name__}: {e}")
-    return _retry_later(journal, txn, provider.policy.retry_every_s, f"cancel still open: {out.reason}")
+    return _retry_later(journal, in_flight, txn, provider.policy.retry_every_s, f"cancel still open: {out.reason}")
 
 
-def forward(journal: Journal, provider: Provider, txn: Txn, store_id: str, terminal_id: str) -> Txn:
-    """One attempt to send a payment accepted offline. The code is erased once the platform answered."""
+def forward(journal: Journal, provider: Provider, txn: Txn, in_flight: InFlight, store_id: str,
+            terminal_id: str) -> Txn:
+    """One attempt to send a payment accepted offline. The code is erased once the platform answered;
+    while the platform is unreachable the payment is due again after `retry_every_s`."""
     req = PayRequest(txn.out_trade_no, txn.amount_fen, txn.auth_code or "", f"Order {txn.order}",
                      store_id, terminal_id)
     try:
         out = provider.pay(req)
     except ProviderUnavailable as e:
-        return _retry_later(journal, txn, provider.policy.retry_every_s, f"still offline: {e}")
+        return _retry_later(journal, in_flight, txn, provider.policy.retry_every_s, f"still offline: {e}")
     except ProviderError as e:
         out = Outcome(Status.DECLINED, f"{type(e).__name__}: {e}")
     pending = _move(journal, txn, State.PENDING, Outcome(Status.UNKNOWN, "forwarded"))
@@ -114,10 +102,17 @@ def _move(journal: Journal, txn: Txn, to: State, out: Outcome) -> Txn:
     return new
 
 
-def _retry_later(journal: Journal, txn: Txn, after_s: float, why: str) -> Txn:
-    if why != txn.retry_note:  # log when the problem starts or changes, not on every retry
+def _retry_later(journal: Journal, in_flight: InFlight, txn: Txn, after_s: float, why: str) -> Txn:
+    """Logged once per problem (when it starts or changes, not on every retry)."""
+    if why != txn.retry_note:
         log.warning("txn %d: %s; retrying every %gs", txn.txn_id, why, after_s)
-    journal.schedule(txn.txn_id, time.time() + after_s, why)
+    return _wait(journal, in_flight, txn, after_s, why)
+
+
+def _wait(journal: Journal, in_flight: InFlight, txn: Txn, after_s: float, why: str) -> Txn:
+    """Make `txn` due again in `after_s` monotonic seconds; record why (and when, in wall-clock
+    time, for display only) in the journal. Returns the payment as journaled."""
+    journal.schedule(txn.txn_id, in_flight.defer(txn, after_s), why)
     return journal.get(txn.txn_id)
 
 
@@ -125,11 +120,6 @@ def _log_change(txn: Txn, previous: State) -> None:
     level = logging.INFO if txn.state in (State.PAID, State.CANCELLED, State.REFUNDED) else logging.WARNING
     log.log(level, "txn %d: %s -> %s (%s) order %s %s code %s", txn.txn_id, previous, txn.state,
             txn.reason, txn.order, txn.out_trade_no, txn.code_masked)
-
-
-def age_s(txn: Txn, now: float) -> float:
-    """Seconds since the payment was opened (wall clock)."""
-    return now - datetime.fromisoformat(txn.created_at.replace("Z", "+00:00")).timestamp()
 
 
 #: Seconds before a payment that could not be driven at all (no platform, adapter bug) is tried again.
@@ -142,38 +132,42 @@ class Resolver:
     `step()` makes at most one platform call per due payment and returns the payments whose
     state changed; `on_change(txn)` is called for each (the service posts them to the till so
     the cashier sees the end of a payment the till gave up waiting for).
+
+    Durations (`stale_pending_s`, `forward_within_s`, the platform's ResolutionPolicy) are
+    seconds of the monotonic clock of `in_flight`, which the till of the same process shares.
     """
 
     def __init__(self, journal: Journal, router: Router, *, store_id: str, terminal_id: str,
                  stale_pending_s: float, forward_within_s: float, in_flight: InFlight | None = None,
-                 on_change: Callable[[Txn], None] | None = None, wall: Callable[[], float] = time.time):
+                 on_change: Callable[[Txn], None] | None = None):
         self.journal = journal
         self.router = router
         self.store_id = store_id
         self.terminal_id = terminal_id
         self.stale_pending_s = stale_pending_s
         self.forward_within_s = forward_within_s
-        self.in_flight = in_flight or InFlight()
+        self.in_flight = in_flight if in_flight is not None else InFlight()
         self.on_change = on_change or (lambda txn: None)
-        self._wall = wall
 
     def step(self, only: int | None = None) -> list[Txn]:
         """One pass over the open payments that are due (or just payment `only`)."""
         changed = []
-        for txn in self.journal.open_txns():
+        mark = self.in_flight.mark()
+        open_txns = self.journal.open_txns()
+        self.in_flight.retain({t.txn_id for t in open_txns}, mark)
+        for txn in open_txns:
             if only is not None and txn.txn_id != only:
                 continue
-            now = self._wall()
-            if txn.next_attempt_at > now or not self.in_flight.claim(txn.txn_id):
+            if not self.in_flight.due(txn) or not self.in_flight.claim(txn.txn_id):
                 continue
             try:
-                new = self._drive(txn, now)
+                new = self._drive(txn)
             except Exception as e:  # its platform was removed from the config, or an adapter bug:
                 note = f"cannot resolve: {e}"  # park this payment, keep resolving the others
                 if note != txn.retry_note:
                     log.error("txn %d: %s; retrying every %gs", txn.txn_id, note, PARK_S,
                               exc_info=not isinstance(e, Refused))
-                self.journal.schedule(txn.txn_id, now + PARK_S, note)
+                _wait(self.journal, self.in_flight, txn, PARK_S, note)
                 continue
             finally:
                 self.in_flight.release(txn.txn_id)
@@ -182,26 +176,24 @@ class Resolver:
                 self.on_change(new)
         return changed
 
-    def _drive(self, txn: Txn, now: float) -> Txn:
+    def _drive(self, txn: Txn) -> Txn:
         provider = self.router.by_name(txn.platform)
         policy = provider.policy
-        age = age_s(txn, now)
+        age = self.in_flight.age_s(txn)
         if txn.state is State.PENDING:
             if age < self.stale_pending_s:
-                self.journal.schedule(txn.txn_id, now + self.stale_pending_s - age, "call in progress")
-                return txn
+                return _wait(self.journal, self.in_flight, txn, self.stale_pending_s - age, "call in progress")
             return settle(self.journal, txn, Outcome(Status.UNKNOWN, "interrupted during the platform call"))
         if txn.state is State.CANCEL_REQUESTED:
-            return drive_cancel(self.journal, provider, txn)
+            return drive_cancel(self.journal, provider, txn, self.in_flight)
         if txn.state is State.DEFERRED:
             if age > self.forward_within_s:
                 return _move(self.journal, txn, State.DECLINED,
                              Outcome(Status.DECLINED, "not forwarded in time; not charged"))
-            return forward(self.journal, provider, txn, self.store_id, self.terminal_id)
+            return forward(self.journal, provider, txn, self.in_flight, self.store_id, self.terminal_id)
         # UNKNOWN
         if age < policy.first_query_after_s:
-            self.journal.schedule(txn.txn_id, now + policy.first_query_after_s - age, "waiting to query")
-            return txn
+            return _wait(self.journal, self.in_flight, txn, policy.first_query_after_s - age, "waiting to query")
         try:
             out = provider.query(txn.out_trade_no)
         except ProviderError as e:
@@ -209,15 +201,15 @@ class Resolver:
         if out.status is not Status.UNKNOWN:
             return settle(self.journal, txn, out)
         if age < policy.reverse_after_s:
-            self.journal.schedule(txn.txn_id, now + policy.query_every_s, f"querying: {out.reason}")
-            return self.journal.get(txn.txn_id)
+            return _wait(self.journal, self.in_flight, txn, policy.query_every_s, f"querying: {out.reason}")
         try:
             rev = provider.reverse(txn.out_trade_no)
         except ProviderError as e:
             rev = Outcome(Status.UNKNOWN, f"reverse failed: {e}")
         if rev.status is Status.REVERSED:
             return _move(self.journal, txn, State.REVERSED, rev)
-        return _retry_later(self.journal, txn, policy.retry_every_s, f"still unknown, reverse: {rev.reason}")
+        return _retry_later(self.journal, self.in_flight, txn, policy.retry_every_s,
+                            f"still unknown, reverse: {rev.reason}")
 
     def run(self, stop: threading.Event, interval_s: float = 0.2) -> None:
         """Loop until stop is set. Survives any error of a single step (logged once per kind)."""

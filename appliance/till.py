@@ -318,6 +318,7 @@ class Till:
         log.info("txn %d: pending, order %s %s %s via %s, code %s, %s", txn.txn_id, order,
                  format_amount(amount_fen), c.payment_type, provider.name, c.masked, txn.out_trade_no)
         req = PayRequest(txn.out_trade_no, amount_fen, code, f"Order {order}", self.store_id, self.terminal_id)
+        self.in_flight.opened(txn.txn_id)  # its timeouts count from now, on the monotonic clock
         self.in_flight.claim(txn.txn_id)
         try:
             try:
@@ -399,7 +400,7 @@ class Till:
         log.info("txn %d: paid -> cancel_requested, order %s", txn.txn_id, order)
         self.in_flight.claim(txn.txn_id)
         try:
-            return Result.of(drive_cancel(self.journal, provider, txn), cancel=True)
+            return Result.of(drive_cancel(self.journal, provider, txn, self.in_flight), cancel=True)
         except JournalError as e:
             self._journal_failed(e)
             return Result("unknown", f"{e}; the cancel is finished by the resolver once there is room", txn, True)

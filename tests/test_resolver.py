@@ -133,8 +133,8 @@ def test_a_second_resolver_racing_on_the_same_cancel_keeps_the_first_answer(lane
     from appliance.resolver import drive_cancel
 
     sandbox = lane.router.by_name("sandbox")
-    first = drive_cancel(lane.journal, sandbox, txn)
-    second = drive_cancel(lane.journal, sandbox, txn)  # read before the first committed
+    first = drive_cancel(lane.journal, sandbox, txn, lane.resolver.in_flight)
+    second = drive_cancel(lane.journal, sandbox, txn, lane.resolver.in_flight)  # read before the first committed
     assert first.state is State.CANCELLED and second.state is State.CANCELLED
     assert [e["state"] for e in lane.journal.events(txn.txn_id)].count("cancelled") == 1
 
