@@ -91,6 +91,10 @@ def sd_notify(message: str) -> None:
 #: On SIGTERM, how long the till may take to finish what it is doing (e.g. a platform call)
 #: before the process exits anyway; systemd's TimeoutStopSec is 10 s, the contract here is 5 s.
 STOP_GRACE_S = 3.0
+#: How often the main thread wakes while the lane runs. Python runs a signal handler only in the
+#: main thread, when it wakes: the kernel may deliver a SIGTERM to any thread (one not blocking
+#: it), and an untimed wait would then never see it.
+SIGNAL_POLL_S = 0.5
 
 
 def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | None = None,
@@ -125,7 +129,8 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
         resolver_thread.start()
         till_thread.start()
         sd_notify("READY=1")
-        stop.wait()
+        while not stop.wait(SIGNAL_POLL_S):
+            pass
     finally:
         sd_notify("STOPPING=1")
         log.info("stopping")
