@@ -19,6 +19,21 @@ States and the only legal moves (anything else raises IllegalTransition):
 Payment codes are bearer tokens. The journal keeps the masked code and an HMAC digest (to refuse
 a code that was already used) for ever, and the full code only while the payment is `deferred`,
 because forwarding needs it; every transition out of `deferred` erases it.
+
+Erased means gone from the files, not only from the table. `secure_delete` zeroes what SQLite frees
+inside journal.sqlite, but the WAL (journal.sqlite-wal) keeps the page images of earlier
+transactions, the deferred payment's row with its code among them, until a checkpoint has copied
+newer images into the database file and later writes have overwritten those frames: days away, or
+never (the WAL file does not shrink). So the transition that erases a code then scrubs (`scrub()`):
+a TRUNCATE checkpoint copies the newest page images into journal.sqlite and cuts the WAL to zero
+bytes (the -shm file holds only an index of the WAL, no row data). The guarantee: once a transition
+out of `deferred` has returned and a scrub after it succeeded (as a rule the one the transition
+itself runs), no byte of journal.sqlite, -wal or -shm holds that code. A scrub needs a moment when
+no other connection writes or reads an older snapshot; it waits up to SCRUB_WAIT_S for one and
+otherwise is left to the next chance: the next transition out of `deferred`, every pass of the
+running service's resolver (`scrub()` is cheap when nothing is due), `close()`, and the next
+writer's open, which also covers a process killed between an erasure and its scrub. Nothing is
+promised below the files (blocks the filesystem freed, flash wear levelling).
 """
 
 from __future__ import annotations
@@ -27,8 +42,10 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import sqlite3
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +62,13 @@ from appliance.errors import (IllegalTransition, JournalError, JournalFull, Jour
                               Refused)
 from appliance.money import format_amount
 from appliance.redact import mask
+
+log = logging.getLogger(__name__)
+
+#: How long a write waits for another connection's write to finish.
+BUSY_TIMEOUT_S = 10.0
+#: How long a scrub waits for other connections to leave older snapshots before leaving it for later.
+SCRUB_WAIT_S = 0.25
 
 
 class State(StrEnum):
@@ -229,12 +253,17 @@ class Journal:
         self._clock = clock
         self._code_key: bytes | None = None
         self._file_id: tuple[int, int] | None = None
+        # Scrubs due (erasures) and done, counted so that an erasure during a scrub is not lost. A
+        # writer starts with one due: an earlier process may have died before its scrub.
+        self._scrub_lock = threading.Lock()
+        self._erasures = 0 if readonly else 1
+        self._scrubbed = 0
         if readonly:
             self.db = self._open_readonly()
         else:
             identity = statedir.settle(self.state_dir, store_id, terminal_id, _init_schema)
             self._code_key = identity.code_key
-            self.db = pw.SqliteDatabase(str(self.path), timeout=10, pragmas={
+            self.db = pw.SqliteDatabase(str(self.path), timeout=BUSY_TIMEOUT_S, pragmas={
                 "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1, "secure_delete": 1})
         self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db)
         try:
@@ -251,6 +280,7 @@ class Journal:
                                         f"used twice ({e}); it needs a technician") from None
         except (OSError, pw.DatabaseError) as e:
             raise JournalError(f"cannot open the journal in {self.state_dir}: {e}") from None
+        self.scrub()
 
     def _open_readonly(self) -> pw.SqliteDatabase:
         if not self.path.is_file():
@@ -272,9 +302,35 @@ class Journal:
         return pw.SqliteDatabase(uri, uri=True)
 
     def close(self) -> None:
-        """Close this thread's connection. Idempotent."""
+        """Close this thread's connection (after a last try at a due scrub). Idempotent."""
         if not self.db.is_closed():
+            self.scrub()
             self.db.close()
+
+    def scrub(self) -> bool:
+        """Make the journal's files forget every erased payment code (see the module docstring).
+
+        Returns True when no scrub is due any more, False when other connections kept it from
+        finishing within SCRUB_WAIT_S (it is then tried again at the next call). Never raises."""
+        with self._scrub_lock:
+            target = self._erasures
+        if target == self._scrubbed:
+            return True
+        try:
+            self.db.execute_sql(f"PRAGMA busy_timeout = {int(SCRUB_WAIT_S * 1000)}")
+            try:
+                busy, _, _ = self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self.db.execute_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        except (pw.DatabaseError, sqlite3.DatabaseError) as e:
+            log.debug("journal scrub left for later: %s", e)
+            return False
+        if busy:
+            log.debug("journal scrub left for later: other connections are reading or writing")
+            return False
+        with self._scrub_lock:
+            self._scrubbed = max(self._scrubbed, target)
+            return self._scrubbed == self._erasures
 
     # --- writing --------------------------------------------------------------------------
 
@@ -390,6 +446,10 @@ class Journal:
             row.auth_code = auth_code
             row.save()
             self._event(row, previous=current, at=stamp)
+        if current is S.DEFERRED:  # the code is erased from the table; now from the files
+            with self._scrub_lock:
+                self._erasures += 1
+            self.scrub()
         return self._txn(row)
 
     def schedule(self, txn_id: int, next_attempt_at: float, note: str = "") -> None:

@@ -217,6 +217,7 @@ class Resolver:
         while not stop.wait(interval_s):
             try:
                 self.step()
+                self.journal.scrub()  # a scrub that other connections delayed: retried every pass
                 last_error = None
             except Exception as e:  # keep resolving whatever else is open
                 if repr(e) != last_error:

@@ -1,7 +1,10 @@
 import os
 import re
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -123,6 +126,66 @@ def test_full_code_never_in_the_file_for_a_normal_payment(journal):
         p = journal.path.parent / name
         if p.exists():
             assert CODE.encode() not in p.read_bytes()
+
+
+def _files_holding(state_dir, code: str) -> list[str]:
+    """The journal files (database, WAL, shared memory) whose bytes contain the code."""
+    return sorted(p.name for p in state_dir.glob("journal.sqlite*") if code.encode() in p.read_bytes())
+
+
+def _defer_then(journal, to: State, retries: int = 3):
+    """A payment accepted offline, retried a few times (each retry rewrites its row), then moved on."""
+    txn = _open(journal)
+    journal.transition(txn.txn_id, State.DEFERRED, auth_code=CODE)
+    for _ in range(retries):
+        journal.schedule(txn.txn_id, 0.0, "still offline")
+    return journal.transition(txn.txn_id, to, "done")
+
+
+@pytest.mark.parametrize("to", [State.PENDING, State.DECLINED, State.CANCELLED])
+def test_an_erased_code_is_in_no_journal_file_while_other_connections_are_open(journal, to):
+    other = Journal(journal.state_dir, "S0001", "L01")  # another writer, idle
+    reader = Journal(journal.state_dir, "S0001", "L01", readonly=True)
+    assert reader.recent() == []  # its connection is open
+    raw = sqlite3.connect(journal.path)  # and an idle raw connection
+    raw.execute("SELECT COUNT(*) FROM payment").fetchone()
+    _defer_then(journal, to)
+    assert _files_holding(journal.state_dir, CODE) == []
+    assert (journal.state_dir / "journal.sqlite-wal").stat().st_size == 0  # truncated, not just reset
+    raw.close()
+    reader.close()
+    other.close()
+
+
+def test_a_scrub_kept_from_finishing_by_a_reader_is_done_at_the_next_chance(journal):
+    reader = sqlite3.connect(journal.path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM payment").fetchone()  # holds a snapshot older than the erasure
+    _defer_then(journal, State.DECLINED)
+    assert _files_holding(journal.state_dir, CODE) == ["journal.sqlite-wal"]  # what the scrub is for
+    assert journal.scrub() is False
+    reader.execute("COMMIT")
+    assert journal.scrub() is True
+    assert _files_holding(journal.state_dir, CODE) == []
+    reader.close()
+
+
+def test_a_process_killed_between_an_erasure_and_its_scrub_is_scrubbed_at_the_next_open(tmp_path):
+    """Crash point 6 is `journal.to_declined.after_commit`: the code is erased from the table, not yet
+    from the WAL. The next writer to open the journal scrubs it."""
+    script = ("import sys; from pathlib import Path; from appliance.journal import Journal, State\n"
+              "j = Journal(Path(sys.argv[1]), 'S0001', 'L01')\n"
+              "t = j.open_payment(order='A1', amount_fen=1, payment_type='wechat', platform='sandbox', code=sys.argv[2])\n"
+              "j.transition(t.txn_id, State.DEFERRED, auth_code=sys.argv[2])\n"
+              "j.transition(t.txn_id, State.DECLINED, 'too old')\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path), CODE], env={**os.environ, "APPLIANCE_CRASH_AT": "6"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert _files_holding(tmp_path, CODE) == ["journal.sqlite-wal"]
+    j = Journal(tmp_path, "S0001", "L01")
+    assert j.recent()[0].state is State.DECLINED and j.recent()[0].auth_code is None
+    assert _files_holding(tmp_path, CODE) == []
+    j.close()
 
 
 def test_code_used_by_digest(journal):
