@@ -3,6 +3,11 @@
 import logging
 import sys
 
+#: Libraries that log secrets at DEBUG: peewee logs every SQL statement with its parameters, among
+#: them the full payment code of a payment accepted offline. They log at INFO at most, whatever the
+#: configured level.
+_QUIET_BELOW_INFO = ("peewee",)
+
 
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -10,4 +15,6 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in _QUIET_BELOW_INFO:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
     logging.captureWarnings(True)
