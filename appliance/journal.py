@@ -48,7 +48,7 @@ import sqlite3
 import threading
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
@@ -119,7 +119,7 @@ class Txn:
     next_attempt_at: float
     retry_note: str
     source: str
-    auth_code: str | None = None
+    auth_code: str | None = field(default=None, repr=False)  # a bearer token: never in a repr
 
     def as_dict(self) -> dict:
         """The public view (CLI, head office): no digest, no code beyond its mask."""

@@ -33,3 +33,19 @@ def test_mask_never_shows_more_than_8_digits_and_keeps_most_hidden(code):
 def test_printable_escapes():
     assert printable("a\nb") == "a\\nb"
     assert printable("x" * 100, limit=10).startswith("xxxxxxxxxx…")
+
+
+def test_objects_that_carry_a_payment_code_never_show_it_in_their_repr(tmp_path):
+    from appliance.journal import Journal, State
+    from appliance.payments import PayRequest
+    from appliance.scan import Scan
+
+    code = "134567890123456795"
+    journal = Journal(tmp_path, "S0001", "L01")
+    txn = journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox", code=code)
+    deferred = journal.transition(txn.txn_id, State.DEFERRED, auth_code=code)
+    journal.close()
+    assert deferred.auth_code == code
+    for obj in (PayRequest("S_L_1", 100, code, "Order A1", "S", "L"), Scan(code, "stdin"), deferred):
+        assert code not in repr(obj) and code not in str(obj), type(obj).__name__
+    assert mask(code) in repr(Scan(code, "stdin"))

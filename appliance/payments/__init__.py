@@ -20,7 +20,7 @@ Contract for adapters (one per file, chosen by `[providers.<name>] kind`):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -46,7 +46,7 @@ class Outcome:
 class PayRequest:
     out_trade_no: str
     amount_fen: int
-    auth_code: str  # the payment code: a bearer token, never log it
+    auth_code: str = field(repr=False)  # the payment code: a bearer token, never log it
     subject: str
     store_id: str
     terminal_id: str

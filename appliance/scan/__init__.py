@@ -19,6 +19,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
+from appliance.redact import mask
+
 
 @dataclass(frozen=True)
 class Scan:
@@ -26,6 +28,9 @@ class Scan:
     source: str  # adapter and device, e.g. "stdin" or "evdev:/dev/input/by-id/usb-..."
     at: float = field(default_factory=time.monotonic)  # monotonic seconds
     defect: str | None = None  # set when the adapter knows the scan is damaged
+
+    def __repr__(self) -> str:  # the text may be a payment code: one stray log of a Scan must not leak it
+        return f"Scan(text={mask(self.text)!r}, source={self.source!r}, at={self.at!r}, defect={self.defect!r})"
 
 
 OnScan = Callable[[Scan], None]
