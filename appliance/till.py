@@ -11,6 +11,12 @@ An uncertain payment keeps the lane in `resolving` (LED "working") while the res
 the platform; the cashier sees the definite end, or a fault after the platform's reverse deadline
 (the resolver keeps going in the background). `charge()` and `cancel()` are the same operations
 for the CLI and (later) the register: they validate, journal first, then call the platform.
+
+Commands from outside the till's thread (the control socket, later the register and MQTT) come in
+through `post_command(ChargeCommand | CancelCommand)`, which returns a Future: the till's own
+thread runs them between scans, so one thread owns the lane. A command's result is shown on the
+LED/buzzer when the lane is idle; while the cashier is mid-order (or waiting out a payment) the
+lane and its signal are left alone.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from appliance.classify import Classifier
 from appliance.errors import (BadInput, IllegalTransition, JournalError, JournalFull, JournalLost,
@@ -90,6 +97,26 @@ class OfflinePolicy:
     max_total_fen: int = 0
 
 
+@dataclass(frozen=True)
+class ChargeCommand:
+    """Charge `code` for an order, from outside the till's thread. The code is kept out of repr."""
+
+    order: str
+    amount_fen: int
+    code: str = field(repr=False)
+    source: str = "command"
+
+
+@dataclass(frozen=True)
+class CancelCommand:
+    """Cancel the paid payment of an order, from outside the till's thread."""
+
+    order: str
+
+
+Command = ChargeCommand | CancelCommand
+
+
 # Lane states
 @dataclass(frozen=True)
 class _Ready:
@@ -142,7 +169,8 @@ class Till:
         self._hold_until = 0.0
         self._faults: dict[str, str] = {}  # source ("scanner", "platform", "journal", "journal-lost") -> reason
         self._recent_codes: dict[str, float] = {}
-        self._handlers = {"scan": self.handle_scan, "fault": self._set_scanner_fault, "resolved": self._on_resolved}
+        self._handlers = {"scan": self.handle_scan, "fault": self._set_scanner_fault, "resolved": self._on_resolved,
+                          "command": self._on_command}
 
     # --- events from other threads ------------------------------------------------------------
 
@@ -154,6 +182,13 @@ class Till:
 
     def post_resolved(self, txn: Txn) -> None:
         self._events.put(("resolved", txn))
+
+    def post_command(self, command: Command) -> "Future[Result]":
+        """Queue a charge or cancel for the till's thread. The Future gets its Result, or the
+        exception it raised; it is cancelled if the till stops before running it (nothing done)."""
+        future: Future[Result] = Future()
+        self._events.put(("command", (future, command)))
+        return future
 
     def run(self, stop: threading.Event, tick_s: float = 0.05,
             heartbeat: Callable[[], None] | None = None, heartbeat_every_s: float = 1.0) -> None:
@@ -179,15 +214,26 @@ class Till:
             except Exception:  # a bug handling one event must not take the lane down
                 log.exception("till: handling %s failed", kind or "tick")
                 self._flash(Signal.FAULT)
+        self._cancel_queued_commands()
+
+    def _cancel_queued_commands(self) -> None:
+        """The loop stopped: commands it never started are cancelled, so nobody waits for them."""
+        for kind, arg in self._queued():
+            if kind == "command":
+                arg[0].cancel()
 
     def drain(self) -> None:
         """Handle every queued event now (tests and the demo drive the till without a thread)."""
+        for kind, arg in self._queued():
+            self._handlers[kind](arg)
+
+    def _queued(self) -> Iterator[tuple[str, object]]:
+        """Take the queued events one by one, without waiting for more."""
         while True:
             try:
-                kind, arg = self._events.get_nowait()
+                yield self._events.get_nowait()
             except queue.Empty:
                 return
-            self._handlers[kind](arg)
 
     # --- scans ----------------------------------------------------------------------------------
 
@@ -277,6 +323,34 @@ class Till:
                 cancel = self.lane.cancel
                 self.lane = _Ready()
                 self._flash(Result.of(txn, cancel).signal)
+
+    # --- commands (control socket, register) ----------------------------------------------------
+
+    def _on_command(self, item: tuple[Future, Command]) -> None:
+        future, command = item
+        if not future.set_running_or_notify_cancel():
+            return  # its sender gave up before the till got to it
+        try:
+            result = self.execute(command)
+        except BaseException as e:
+            future.set_exception(e)
+            raise  # logged by the run loop, which shows the fault
+        future.set_result(result)
+
+    def execute(self, command: Command) -> Result:
+        """Run one command now, in the till's thread. Shows its outcome only if the lane is idle."""
+        idle = isinstance(self.lane, _Ready)
+        if idle:
+            self._show(Signal.WORKING)
+        if isinstance(command, ChargeCommand):
+            result = self.charge(command.order, command.amount_fen, command.code, source=command.source)
+        else:
+            result = self.cancel(command.order)
+        if idle:
+            return self._finish(result)
+        log.info("%s for order %s: %s; not shown, the lane is busy with the cashier",
+                 "cancel" if result.cancel else "charge", printable(command.order, 40), result.state)
+        return result
 
     # --- operations (also used directly by the CLI) ---------------------------------------------
 
