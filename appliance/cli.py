@@ -4,6 +4,11 @@ Exit codes: 0 ok/paid, 1 other error, 2 config (or usage) error, 3 declined (a c
 the platform), 4 unknown (still being resolved), 5 refused (bad input, policy); the last three come
 from `till.Result.exit_code`; 6 the journal is not whole (missing, empty, replaced, or its key or id
 file does not belong to it: see docs/reliability.md). `DEBUG=1` shows tracebacks of unexpected errors.
+
+`charge` and `cancel` go to the running service's till over its control socket; with no service
+they hold the lane lock and run on a headless lane (`control.submit`). Either way the output is
+the same. Also exit 1: the lane stayed busy (another one-shot command held it for 15 s) or the
+service could not be reached; exit 4: the service stopped before it answered.
 """
 
 from __future__ import annotations
@@ -37,10 +42,14 @@ def cmd_run(args) -> int:
 
 
 def _print_result(result, as_json: bool) -> None:
+    _print_reply(result.as_dict(), as_json)
+
+
+def _print_reply(d: dict, as_json: bool) -> None:
+    """Print a Result's dict (from this process or from the service's reply)."""
     if as_json:
-        print(json.dumps(result.as_dict(), ensure_ascii=False))
+        print(json.dumps(d, ensure_ascii=False))
     else:
-        d = result.as_dict()
         head = f"txn {d['txn_id']} {d['out_trade_no']}: " if d["txn_id"] else ""
         print(f"{head}{d['state']}" + (f" ({d['reason']})" if d["reason"] else ""))
 
@@ -60,12 +69,11 @@ def _wait_for_end(lane, result, wait_s: float):
     return Result.of(txn, result.cancel) if txn is not None else result
 
 
-def _one_shot(cfg: Config, args, operation) -> int:
-    """Run one till operation (charge or cancel) on a headless lane and print its result."""
-    from appliance.logs import setup
+def _headless(cfg: Config, args, operation) -> dict:
+    """Run one till operation on a headless lane (the caller holds the lane lock)."""
+    from appliance.control import reply_of
     from appliance.service import build_headless
 
-    setup("WARNING" if args.json else cfg.logging.level)
     lane = build_headless(cfg)
     try:
         result = operation(lane.till)
@@ -73,8 +81,34 @@ def _one_shot(cfg: Config, args, operation) -> int:
             result = _wait_for_end(lane, result, args.wait)
     finally:
         lane.close()
-    _print_result(result, args.json)
-    return result.exit_code
+    return reply_of(result)
+
+
+def _one_shot(cfg: Config, args, request: dict, operation) -> int:
+    """Run one charge or cancel on this lane, through the service if one runs, and print its result."""
+    from appliance import control
+    from appliance.logs import setup
+    from appliance.till import Result
+
+    setup("WARNING" if args.json else cfg.logging.level)
+
+    def busy(pid):
+        print(f"appliance: lane busy: held by {f'pid {pid}' if pid else 'another process'}; "
+              f"waiting up to {control.LOCK_WAIT_S:g}s", file=sys.stderr)
+
+    try:
+        reply = control.submit(cfg.terminal.state_dir, request, lambda: _headless(cfg, args, operation),
+                               on_wait=busy)
+    except control.ServiceGone as e:
+        print(f"appliance: {e}", file=sys.stderr)
+        _print_result(Result("unknown", str(e), cancel=request["op"] == "cancel"), args.json)
+        return control.GONE_EXIT
+    if "error" in reply:
+        print(f"appliance: {reply['error']}", file=sys.stderr)
+        return reply["exit_code"]
+    code = reply.pop("exit_code")
+    _print_reply(reply, args.json)
+    return code
 
 
 def cmd_charge(args) -> int:
@@ -88,11 +122,14 @@ def cmd_charge(args) -> int:
         print(f"appliance: refused: {e}", file=sys.stderr)
         _print_result(Result("refused", str(e)), args.json)
         return EXIT_REFUSED
-    return _one_shot(cfg, args, lambda till: till.charge(args.order, amount, code, source="command"))
+    request = {"op": "charge", "order": args.order, "amount_fen": amount, "code": code, "source": "command",
+               "wait_s": args.wait}
+    return _one_shot(cfg, args, request, lambda till: till.charge(args.order, amount, code, source="command"))
 
 
 def cmd_cancel(args) -> int:
-    return _one_shot(_config(args), args, lambda till: till.cancel(args.order))
+    request = {"op": "cancel", "order": args.order, "wait_s": args.wait}
+    return _one_shot(_config(args), args, request, lambda till: till.cancel(args.order))
 
 
 def cmd_journal(args) -> int:

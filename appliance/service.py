@@ -3,6 +3,11 @@
 The only place where adapters are chosen and wired. `run()` is `appliance run`: it stops cleanly
 on SIGTERM/SIGINT within a few seconds (scanner closed, LED off, journal closed) and, after a
 crash, resumes from the journal: the resolver finishes every payment left open.
+
+One lane, one owner: `run()` takes the lane lock (`lanelock.py`) before it opens the journal and
+holds it for its life; a second `run` on the same state dir waits up to `RUN_LOCK_WAIT_S`, then
+exits 1. While it runs, its control socket (`control.py`) is the only way for the CLI (and later
+the register and MQTT) to charge or cancel on this lane: the till runs those commands itself.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from dataclasses import dataclass
 
 from appliance.classify import Classifier, load_rules
 from appliance.config import Config
+from appliance.control import CommandHandler, ControlServer
 from appliance.indicator import Indicator, NullIndicator, make_indicator
 from appliance.journal import Journal
+from appliance.lanelock import LaneBusy, LaneLock
 from appliance.payments import Router
 from appliance.resolver import InFlight, Resolver
 from appliance.scan import Scanner, make_scanner
@@ -40,6 +47,7 @@ class Lane:
     indicator: Indicator
     till: Till
     resolver: Resolver
+    commands: CommandHandler
 
     def close(self) -> None:
         self.indicator.close()
@@ -65,7 +73,7 @@ def build(cfg: Config, *, indicator: Indicator | None = None) -> Lane:
     resolver = Resolver(journal, router, store_id=t.store_id, terminal_id=t.terminal_id,
                         stale_pending_s=cfg.till.stale_pending_s, forward_within_s=cfg.offline.forward_within_s,
                         in_flight=in_flight, on_change=till.post_resolved)
-    return Lane(cfg, journal, router, indicator, till, resolver)
+    return Lane(cfg, journal, router, indicator, till, resolver, CommandHandler(till, journal))
 
 
 def build_headless(cfg: Config) -> Lane:
@@ -95,11 +103,14 @@ STOP_GRACE_S = 3.0
 #: main thread, when it wakes: the kernel may deliver a SIGTERM to any thread (one not blocking
 #: it), and an untimed wait would then never see it.
 SIGNAL_POLL_S = 0.5
+#: How long `appliance run` waits for a lane another process holds (an old instance still
+#: stopping, a one-shot `charge`) before it exits 1 and lets systemd try again.
+RUN_LOCK_WAIT_S = 15.0
 
 
 def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | None = None,
-        lane: Lane | None = None) -> int:
-    """The service. Returns the process exit code (0 after a clean stop).
+        lane: Lane | None = None, lock: LaneLock | None = None, lock_wait_s: float = RUN_LOCK_WAIT_S) -> int:
+    """The service. Returns the process exit code (0 after a clean stop, 1 if the lane stayed busy).
 
     SIGTERM, SIGINT and SIGHUP stop it cleanly (LED off, journal closed, exit 0). SIGHUP is the
     technician's "reload": under systemd (Restart=always) the service starts again at once and
@@ -107,12 +118,43 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
 
     The till runs in its own thread so that a stop request is honoured within seconds even while
     a platform call hangs: a payment cut off that way stays `pending` in the journal and is
-    resolved (queried, never charged again) by the resolver at the next start.
+    resolved (queried, never charged again) by the resolver at the next start. A client of the
+    control socket waiting for that payment gets no answer (EOF).
     """
     stop = stop or threading.Event()
+    previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda signum, frame: stop.set())
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        return _run_owner(cfg, stop, scanner, lane, lock or LaneLock(cfg.terminal.state_dir), lock_wait_s)
+    finally:
+        for sig, handler in previous.items():  # run() in-process (tests, demo) leaves signals as it found them
+            signal.signal(sig, handler)
+
+
+def _run_owner(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane: Lane | None, lock: LaneLock,
+               lock_wait_s: float) -> int:
+    """Take the lane lock, then run the lane."""
+    try:
+        if not lock.acquire(lock_wait_s, stop=stop, on_wait=lambda pid: log.warning(
+                "lane %s is held by %s; waiting up to %gs", lock.path, f"pid {pid}" if pid else "another process",
+                lock_wait_s)):
+            return 0  # stopped while waiting
+    except LaneBusy as e:
+        log.error("not starting: %s; only one process may drive this lane's journal", e)
+        return 1
+    still_busy = False
+    try:
+        still_busy = _run_locked(cfg, stop, scanner, lane)
+    finally:
+        if not still_busy:  # else a thread may still write the journal: the lock goes with the process
+            lock.release()
+    return 0
+
+
+def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane: Lane | None) -> bool:
+    """Run the lane until stop is set. True if a thread still waits on a platform call."""
     scanner = scanner or make_scanner(cfg.scanner)  # may raise ConfigError: before any pin is claimed
     lane = lane or build(cfg)
     open_count = len(lane.journal.open_txns())
@@ -124,10 +166,12 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
         target=lane.till.run, args=(stop,), name="till", daemon=True,
         kwargs={"heartbeat": (lambda: sd_notify("WATCHDOG=1")) if watchdog_s else None,
                 "heartbeat_every_s": watchdog_s or 1.0})
+    control = ControlServer(cfg.terminal.state_dir, lane.commands)
     try:
         scanner.start(lane.till.post_scan, lane.till.post_fault)
         resolver_thread.start()
         till_thread.start()
+        control.start()
         sd_notify("READY=1")
         while not stop.wait(SIGNAL_POLL_S):
             pass
@@ -136,7 +180,9 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
         log.info("stopping")
         stop.set()
         scanner.close()
+        control.stop_accepting()
         till_thread.join(timeout=STOP_GRACE_S)
+        control.close()
         resolver_thread.join(timeout=1.0)
         busy = [t.name for t in (till_thread, resolver_thread) if t.is_alive()]
         if busy:
@@ -144,4 +190,4 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
                         "at the next start", " and ".join(busy))
         lane.close()
         log.info("stopped")
-    return 0
+    return bool(busy)

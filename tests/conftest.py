@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -91,6 +92,17 @@ def write_config(path: Path, doc: dict) -> Path:
     table("", doc)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def wait_for(predicate, timeout: float = 20.0, every_s: float = 0.02) -> bool:
+    """Poll predicate until it is true (True) or timeout passes (False). Generous by default:
+    other test runs share the cores."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every_s)
+    return False
 
 
 def appliance_cmd() -> list[str]:

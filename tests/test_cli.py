@@ -9,7 +9,7 @@ import pytest
 
 from appliance.journal import Journal, State
 from conftest import (ALIPAY_NOTENOUGH, WECHAT_PAID, WECHAT_PAID_2, WECHAT_PASSWORD_OK, WECHAT_SLOW,
-                      WECHAT_UNREACHABLE, appliance_cmd, lane_dict, subprocess_env, write_config)
+                      WECHAT_UNREACHABLE, appliance_cmd, lane_dict, subprocess_env, wait_for, write_config)
 
 pytestmark = pytest.mark.integration
 
@@ -113,15 +113,6 @@ def _start_service(conf, stdin=subprocess.PIPE, extra_env=None):
                             stderr=subprocess.PIPE, text=True, env=subprocess_env(**(extra_env or {})))
 
 
-def _wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_run_takes_scans_from_stdin_and_stops_cleanly_on_signal(tmp_path, sig):
     conf = write_config(tmp_path / "a.toml", lane_dict(tmp_path / "state", scanner={"kind": "stdin"},
@@ -130,7 +121,7 @@ def test_run_takes_scans_from_stdin_and_stops_cleanly_on_signal(tmp_path, sig):
     proc.stdin.write(f"ORD:A1:12.34\n{WECHAT_PAID}\n")
     proc.stdin.flush()
     journal = Journal(tmp_path / "state", "S0001", "L01")
-    assert _wait_for(lambda: any(t.state is State.PAID for t in journal.recent()))
+    assert wait_for(lambda: any(t.state is State.PAID for t in journal.recent()))
     t0 = time.monotonic()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=10)
@@ -150,7 +141,7 @@ def _service_inside_a_slow_payment(tmp_path):
     proc.stdin.write(f"ORD:K1:5.00\n{WECHAT_SLOW}\n")
     proc.stdin.flush()
     journal = Journal(tmp_path / "state", "S0001", "L01")
-    assert _wait_for(lambda: journal.recent() and journal.recent()[0].state is State.PENDING)
+    assert wait_for(lambda: journal.recent() and journal.recent()[0].state is State.PENDING)
     time.sleep(0.3)  # inside the platform call: charged, no answer yet
     return conf, proc, journal
 
@@ -158,7 +149,7 @@ def _service_inside_a_slow_payment(tmp_path):
 def _restart_and_resolve(conf, journal, txn) -> str:
     proc = _start_service(conf, stdin=subprocess.DEVNULL)
     try:
-        assert _wait_for(lambda: journal.get(txn.txn_id).state is State.PAID, timeout=20)
+        assert wait_for(lambda: journal.get(txn.txn_id).state is State.PAID, timeout=20)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
