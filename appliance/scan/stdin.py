@@ -35,7 +35,7 @@ class StdinScanner(Scanner):
                 continue
             chunk = os.read(self._fd, 4096)
             if not chunk:
-                if buf:
+                if buf and not overlong:  # the tail of a line reported too long is no scan of its own
                     self._deliver(buf)
                 log.info("stdin closed; no more scans from it")
                 return
@@ -48,10 +48,18 @@ class StdinScanner(Scanner):
                     self._deliver(line)
             if len(buf) > MAX_LINE:
                 if not overlong:
-                    self._on_scan(Scan("", "stdin", defect=f"line longer than {MAX_LINE} bytes"))
+                    self._overlong()
                 overlong, buf = True, b""
 
+    def _overlong(self) -> None:
+        self._on_scan(Scan("", "stdin", defect=f"line longer than {MAX_LINE} bytes"))
+
     def _deliver(self, line: bytes) -> None:
+        """One complete line (without its newline) as a scan, or as a defect when it is longer
+        than MAX_LINE (however the reads split it) or not UTF-8."""
+        if len(line) > MAX_LINE:
+            self._overlong()
+            return
         line = line.removesuffix(b"\r")
         try:
             text = line.decode("utf-8")
