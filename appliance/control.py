@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from appliance.errors import ApplianceError, BadInput
+from appliance.errors import ApplianceError, BadInput, JournalIntegrityError
 from appliance.journal import OPEN_STATES, Journal
 from appliance.lanelock import LaneBusy, LaneLock
 from appliance.till import CancelCommand, ChargeCommand, Command, Result, Till
@@ -61,8 +61,9 @@ MAX_WAIT_S = 3600.0
 MAX_CLIENTS = 16
 #: How long a client may take to send its request line once connected.
 REQUEST_TIMEOUT_S = 10.0
-#: Exit code for a failure that is not a payment outcome (cli.py: "1 other error").
-EXIT_ERROR = 1
+#: Exit codes for failures that are not payment outcomes, as cli.py documents them: 1 other
+#: error, 6 the journal is not whole. The CLI gives the same codes with or without a service.
+EXIT_ERROR, EXIT_INTEGRITY = 1, 6
 #: The state a CLI prints when the service went away mid-command, and its exit code (unknown).
 GONE_EXIT = 4
 GONE_MESSAGE = ("the service stopped before the answer; the payment is resolved at the next start, "
@@ -164,6 +165,8 @@ class CommandHandler:
         except CancelledError:
             return refused("the lane service is stopping; nothing was done, try again",
                            isinstance(command, CancelCommand))
+        except JournalIntegrityError as e:  # the journal was lost under the service
+            return {"error": f"journal refused: {e}", "exit_code": EXIT_INTEGRITY}
         except ApplianceError as e:
             return {"error": str(e), "exit_code": EXIT_ERROR}
         except Exception as e:  # a till bug: the run loop has logged it with its traceback

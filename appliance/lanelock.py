@@ -54,8 +54,12 @@ class LaneLock:
         """Take the lock if it is free now. True when this object holds it (also if it already did)."""
         if self._fd is not None:
             return True
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ApplianceError(f"cannot open the lane lock {self.path}: {e.strerror or e} "
+                                 "(run as the service user, e.g. sudo -u appliance appliance ...)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -9,12 +9,13 @@ import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
 from appliance import control, service
 from appliance.config import from_dict
+from appliance.errors import ApplianceError, JournalLost
 from appliance.indicator import Signal, make_indicator
 from appliance.journal import Journal, State
 from appliance.payments.sandbox import SandboxOptions, SandboxProvider
@@ -132,6 +133,30 @@ def test_validate_accepts_the_two_shapes():
     assert WECHAT_PAID not in repr(command)  # a stray log of a command does not leak the code
     assert control.validate({"op": "cancel", "order": "C1"}) == (CancelCommand("C1"), 0.0)
     assert control.validate({"op": "charge", "order": "C1", "amount_fen": 5, "code": "x"})[0].source == "command"
+
+
+class _FailingTill:
+    """A till whose every command fails with `error` (the real till turns failures it knows into
+    refusals; this is the handler's last line for the ones it does not)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def post_command(self, command):
+        future = Future()
+        future.set_exception(self.error)
+        return future
+
+
+@pytest.mark.parametrize("error,exit_code,text", [
+    (JournalLost("the journal was deleted while in use"), 6, "journal refused: the journal was deleted"),
+    (ApplianceError("platform table broken"), 1, "platform table broken"),
+    (RuntimeError(WECHAT_PAID), 1, "unexpected error in the lane service: RuntimeError"),
+])
+def test_handler_maps_failures_to_the_clis_exit_codes(tmp_path, error, exit_code, text):
+    reply = control.CommandHandler(_FailingTill(error), journal=None).handle(charge_request())
+    assert set(reply) == {"error", "exit_code"} and reply["exit_code"] == exit_code
+    assert text in reply["error"] and WECHAT_PAID not in reply["error"]
 
 
 # --- the socket with a real till thread -------------------------------------------------------

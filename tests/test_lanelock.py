@@ -14,6 +14,7 @@ import pytest
 
 from appliance import cli, control, service
 from appliance.config import from_dict
+from appliance.errors import ApplianceError
 from appliance.journal import Journal, State
 from appliance.lanelock import LaneBusy, LaneLock
 from appliance.scan import NoScanner
@@ -32,6 +33,12 @@ def test_one_holder_at_a_time_pid_written_file_private(tmp_path):
     assert b.try_acquire()
     b.release()
     assert a.path.exists() and a.holder() is None  # the file stays; it names no holder when free
+
+
+def test_an_unusable_state_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "state").write_text("not a directory")
+    with pytest.raises(ApplianceError, match="cannot open the lane lock .*run as the service user"):
+        LaneLock(tmp_path / "state").try_acquire()
 
 
 def test_acquire_waits_then_names_the_holder(tmp_path):
