@@ -13,6 +13,8 @@ Contract:
 - The lock belongs to this object's open file; a second `LaneLock` on the same directory, even in
   the same process, does not get it while the first holds it.
 - Nothing is touched before `acquire()`; `release()` is idempotent.
+- Run as root (a technician's `sudo appliance charge`), the lock file is given to the owner of the
+  state dir, so that the service's user can still open it afterwards.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class LaneLock:
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.geteuid() == 0:  # `sudo appliance charge`: leave the file to the service's user
+                owner = os.stat(self.state_dir)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
         except OSError as e:
             raise ApplianceError(f"cannot open the lane lock {self.path}: {e.strerror or e} "
                                  "(run as the service user, e.g. sudo -u appliance appliance ...)") from None

@@ -35,6 +35,17 @@ def test_one_holder_at_a_time_pid_written_file_private(tmp_path):
     assert a.path.exists() and a.holder() is None  # the file stays; it names no holder when free
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
+def test_as_root_the_lock_file_belongs_to_the_state_dirs_owner(tmp_path):
+    (tmp_path / "state").mkdir()
+    os.chown(tmp_path / "state", 4242, 4343)  # the service's user and group
+    lock = LaneLock(tmp_path / "state")
+    assert lock.try_acquire()
+    lock.release()
+    st = os.stat(lock.path)
+    assert (st.st_uid, st.st_gid) == (4242, 4343)
+
+
 def test_an_unusable_state_dir_is_a_clear_error(tmp_path):
     (tmp_path / "state").write_text("not a directory")
     with pytest.raises(ApplianceError, match="cannot open the lane lock .*run as the service user"):
