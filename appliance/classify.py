@@ -15,7 +15,9 @@ fixed patterns stay on `re`.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -134,6 +136,27 @@ def _read_rules(text: str, origin: str) -> list[dict]:
     return out
 
 
+#: A rules file is a few KiB; more than this is a wrong path (a log, a disk image).
+MAX_RULES_BYTES = 1024 * 1024
+
+
+def _read_local(path: Path) -> str | None:
+    """The local rules file's text, or None when there is none. Raises OSError (a name too long,
+    a directory, ...), UnicodeDecodeError, or ValueError for what cannot be a rules file: not a
+    regular file (a FIFO would block the start, /dev/zero would never end) or too large."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{str(path)[:200]}: not a regular file")
+        data = f.read(MAX_RULES_BYTES + 1)
+    if len(data) > MAX_RULES_BYTES:
+        raise ValueError(f"{str(path)[:200]}: larger than {MAX_RULES_BYTES // 1024} KiB: not a rules file")
+    return data.decode("utf-8")
+
+
 def load_rules(local_file: Path | None = None) -> list[Rule]:
     """The merged rule table: the local file's rules (if the file exists) then the defaults.
 
@@ -143,11 +166,13 @@ def load_rules(local_file: Path | None = None) -> list[Rule]:
     default_text = resources.files("appliance").joinpath("payment_types.toml").read_text("utf-8")
     defaults = _read_rules(default_text, "payment_types.toml (built in)")
     local: list[dict] = []
-    if local_file is not None and local_file.exists():
+    if local_file is not None:
         try:
-            local = _read_rules(local_file.read_text("utf-8"), str(local_file))
+            text = _read_local(local_file)
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{local_file}: {e}") from None
+            raise ValueError(f"{str(local_file)[:200]}: {e.strerror if isinstance(e, OSError) else e}") from None
+        if text is not None:
+            local = _read_rules(text, str(local_file))
     overridden = {r["type"] for r in local}
     merged = local + [r for r in defaults if r["type"] not in overridden]
     return [Rule(r["type"], frozenset(r["lengths"]), tuple(r["prefixes"]), rank)

@@ -389,11 +389,14 @@ def _convert(tp, value: Any, key: str, base: Path):
             raise ConfigError(key, f"{value}: cannot expand ~ (no such user or no home directory)") from None
     if tp is SecretFile:
         p = _convert(Path, value, key, base)
-        if p.is_dir():
-            raise ConfigError(key, f"secret file {p} is a directory, not a file")
-        if not p.is_file():
-            raise ConfigError(key, f"secret file {p} does not exist" if not p.exists()
-                              else f"secret file {p} is not a regular file")
+        try:
+            if p.is_dir():
+                raise ConfigError(key, f"secret file {p} is a directory, not a file")
+            if not p.is_file():
+                raise ConfigError(key, f"secret file {p} does not exist" if not p.exists()
+                                  else f"secret file {p} is not a regular file")
+        except OSError as e:  # a name too long for the system, a loop of links ...
+            raise ConfigError(key, f"secret file {str(p)[:200]}: {e.strerror}") from None
         if not os.access(p, os.R_OK):
             raise ConfigError(key, f"secret file {p} is not readable by this user")
         return SecretFile(p, key)
@@ -425,7 +428,7 @@ def _check_routing(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError("classify.rules_file", str(e)) from None
     for ptype, provider in cfg.routing.items():
-        key = f"routing.{ptype}"
+        key = _join("routing", ptype)
         if not isinstance(provider, str):
             raise ConfigError(key, f"must be a provider name, got {_tname(provider)}")
         if ptype not in known:
@@ -495,7 +498,14 @@ def _user() -> str:
         return str(os.geteuid())
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _join(path: str, key: str) -> str:
+    """The dotted name of `key` under `path` as TOML writes it: a key that is not bare (empty,
+    spaces, dots, other characters) is quoted, escaped like a Python string, so an error names it."""
+    if not _BARE_KEY.fullmatch(key):
+        key = '"' + key.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
     return f"{path}.{key}" if path else key
 
 
