@@ -335,9 +335,11 @@ class Journal:
     # --- writing --------------------------------------------------------------------------
 
     def digest(self, code: str) -> str:
+        """The code's HMAC digest. Any str has one: text that is not valid Unicode (a lone
+        surrogate from a JSON command, say) is digested by its code points, never refused here."""
         if self._code_key is None:
             raise JournalError("a read-only journal cannot digest payment codes")
-        return hmac.new(self._code_key, code.encode(), hashlib.sha256).hexdigest()[:40]
+        return hmac.new(self._code_key, code.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:40]
 
     def check_file(self) -> None:
         """Raise JournalLost unless the journal file this writer opened is still at `path`, whole.

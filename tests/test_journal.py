@@ -188,6 +188,11 @@ def test_a_process_killed_between_an_erasure_and_its_scrub_is_scrubbed_at_the_ne
     j.close()
 
 
+def test_any_text_has_a_digest(journal):
+    assert not journal.code_used("13\ud800456789")  # a lone surrogate, e.g. from a JSON command
+    assert journal.digest("a\udfff") != journal.digest("a")
+
+
 def test_code_used_by_digest(journal):
     assert not journal.code_used(CODE)
     _open(journal)
