@@ -25,7 +25,8 @@ rolled forward; an incomplete set with no final file yet is discarded and creati
 A state dir written before journal ids existed (a code-digest.key of bare hex, no journal.id, no
 id in the journal) is upgraded in place once, keeping its key.
 
-All files are created 0600 and the directory 0700 when this module creates it. Callers hold
+All files are created 0600 and the directory 0700 when this module creates it; created by root,
+files belong to the state dir's owner (the service user). Callers hold
 `settle()`'s directory lock only while it runs; it serialises processes that open one state dir
 at the same moment.
 """
@@ -132,7 +133,9 @@ def _create(state_dir: Path, store_id: str, terminal_id: str, init_schema, at: d
     _write_file(state_dir / (ID + NEW), json.dumps({"journal_id": journal_id, **lane, "created_at": stamp},
                                                   indent=1) + "\n")
     tmp = state_dir / f".{JOURNAL}.tmp-{os.getpid()}"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # SQLite's -wal/-shm copy this mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # SQLite's -wal/-shm copy mode and owner
+    _give_to_dir_owner(fd, state_dir)
+    os.close(fd)
     init_schema(tmp)
     conn = sqlite3.connect(tmp, isolation_level=None)
     try:
@@ -185,12 +188,21 @@ def _write_file(path: Path, text: str) -> None:
     """Write a small file completely (0600, fsynced) under a temporary name, then rename it to `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _give_to_dir_owner(fd, path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
     _fsync(path.parent)
+
+
+def _give_to_dir_owner(fd: int, state_dir: Path) -> None:
+    """Run as root (`sudo appliance charge` with the service stopped), hand a new file to the owner
+    of the state dir, so that the service's user can still open it."""
+    if os.geteuid() == 0:
+        owner = os.stat(state_dir)
+        os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def _fsync(path: Path) -> None:

@@ -36,6 +36,16 @@ def test_a_new_state_dir_gets_three_files_with_one_id_all_private(tmp_path):
     assert sorted(p.name for p in state.iterdir() if ".new" in p.name or ".tmp" in p.name) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a journal made by root for the service's user")
+def test_made_by_root_the_files_belong_to_the_state_dirs_owner(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)  # the service user, here nobody
+    _make(state)
+    owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in state.iterdir()}
+    assert set(owners.values()) == {(65534, 65534)}, owners
+
+
 def test_reopening_a_whole_journal_keeps_its_id_and_history(tmp_path):
     jid = _make(tmp_path)
     j = Journal(tmp_path, "S0001", "L01")
