@@ -1,4 +1,4 @@
-"""Named crash points, for the kill harness (tests/test_kill_harness.py) and nothing else.
+"""Named crash points, for the kill harness (tests/test_kill_harness.py) and fault tests only.
 
 `hit(name)` marks a moment where losing the process matters: just before and just after a journal
 commit, just after the platform charged or reversed. It does nothing unless the process was
@@ -7,6 +7,9 @@ process with SIGKILL, exactly as power loss or the OOM killer would, after appen
 name to the file named by `APPLIANCE_CRASH_TRACE` (when set) so the harness can say where it
 struck. The environment is read once, at the first hit; an unset variable costs one attribute
 test per hit.
+
+In-process tests can instead `set_hook(fn)`: `fn(name)` then runs at every hit, in the thread
+that hits it (the disk-full tests fill the disk at a chosen point this way).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import Callable
 
 ENV = "APPLIANCE_CRASH_AT"
 TRACE_ENV = "APPLIANCE_CRASH_TRACE"
@@ -21,11 +25,20 @@ TRACE_ENV = "APPLIANCE_CRASH_TRACE"
 _lock = threading.Lock()
 _armed: int | None = None  # the hit number that kills; 0 = disarmed
 _hits = 0
+_hook: Callable[[str], None] | None = None
+
+
+def set_hook(fn: Callable[[str], None] | None) -> None:
+    """Run `fn(name)` at every hit from now on (None: stop). For tests in this process."""
+    global _hook
+    _hook = fn
 
 
 def hit(name: str) -> None:
     """Count one pass through the crash point `name`; SIGKILL the process if it is the chosen one."""
     global _armed, _hits
+    if _hook is not None:
+        _hook(name)
     if _armed == 0:
         return
     with _lock:

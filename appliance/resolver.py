@@ -22,7 +22,7 @@ import logging
 import threading
 from typing import Callable
 
-from appliance.errors import IllegalTransition, ProviderError, ProviderUnavailable, Refused
+from appliance.errors import IllegalTransition, JournalError, ProviderError, ProviderUnavailable, Refused
 from appliance.inflight import InFlight
 from appliance.journal import Journal, State, Txn
 from appliance.payments import Outcome, PayRequest, Provider, Router, Status
@@ -124,6 +124,8 @@ def _log_change(txn: Txn, previous: State) -> None:
 
 #: Seconds before a payment that could not be driven at all (no platform, adapter bug) is tried again.
 PARK_S = 30.0
+#: Seconds before a payment whose step could not be journaled (disk full) is tried again.
+JOURNAL_RETRY_S = 1.0
 
 
 class Resolver:
@@ -148,6 +150,8 @@ class Resolver:
         self.forward_within_s = forward_within_s
         self.in_flight = in_flight if in_flight is not None else InFlight()
         self.on_change = on_change or (lambda txn: None)
+        self._journal_error = ""  # the journal failure last logged, so an outage is logged once
+        self.journal_retry_s = JOURNAL_RETRY_S
 
     def step(self, only: int | None = None) -> list[Txn]:
         """One pass over the open payments that are due (or just payment `only`)."""
@@ -162,6 +166,12 @@ class Resolver:
                 continue
             try:
                 new = self._drive(txn)
+            except JournalError as e:  # disk full (or the journal lost): nothing could be recorded;
+                self.in_flight.defer(txn, self.journal_retry_s)  # try again soon, without writing that down
+                if str(e) != self._journal_error:
+                    log.error("txn %d: %s; retrying every %gs", txn.txn_id, e, self.journal_retry_s)
+                    self._journal_error = str(e)
+                continue
             except Exception as e:  # its platform was removed from the config, or an adapter bug:
                 note = f"cannot resolve: {e}"  # park this payment, keep resolving the others
                 if note != txn.retry_note:
@@ -171,6 +181,7 @@ class Resolver:
                 continue
             finally:
                 self.in_flight.release(txn.txn_id)
+            self._journal_error = ""
             if new.state != txn.state:
                 changed.append(new)
                 self.on_change(new)

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.journal import OPEN_STATES, Journal, State
+from appliance.journal import Journal
 from appliance.payments.sandbox import SandboxOptions, SandboxProvider
 from conftest import appliance_cmd, lane_dict, subprocess_env, write_config
+from ledger_check import check_against_ledger
 
 pytestmark = pytest.mark.integration
 
@@ -50,16 +51,6 @@ OUTCOMES = {"paid": "07", "declined": "90", "expired": "91", "password_ok": "92"
             "systemerror": "94", "unreachable": "95", "lost_answer": "96"}
 WEIGHTS = {"paid": 8, "declined": 1, "expired": 1, "password_ok": 2, "password_giveup": 1, "systemerror": 1,
            "unreachable": 1, "lost_answer": 2}
-
-#: What the platform may hold for a payment the journal has in each final state.
-AGREES = {
-    State.PAID: {"SUCCESS"},
-    State.DECLINED: {None, "PAYERROR", "CLOSED"},  # None: refused before sending, or never forwarded
-    State.REVERSED: {None, "CLOSED", "REFUND"},
-    State.CANCELLED: {"REFUND", "CLOSED", None},  # None: cancelled before it was forwarded
-    State.REFUNDED: {"REFUND"},
-}
-
 
 @dataclass
 class Chain:
@@ -177,23 +168,6 @@ def _restart_until_final(chain: Chain, journal: Journal) -> None:
         proc.wait(10)
 
 
-def _check(chain: Chain, journal: Journal, ledger: SandboxProvider) -> None:
-    payments = {t.out_trade_no: t for t in journal.recent(limit=1_000_000)}
-    trades = ledger.trades()
-    lost = set(trades) - set(payments)
-    assert not lost, f"chain {chain.number}: charged at the platform with no journal record: {lost}"
-    success = [no for no, (state, _) in trades.items() if state == "SUCCESS"]
-    by_code = Counter(trades[no][1] for no in success)
-    by_order = Counter(payments[no].order for no in success)
-    assert max(by_code.values(), default=0) <= 1, f"chain {chain.number}: a code charged twice"
-    assert max(by_order.values(), default=0) <= 1, f"chain {chain.number}: an order charged twice"
-    for no, txn in payments.items():
-        assert txn.state not in OPEN_STATES, f"{no} is still {txn.state}"
-        held = trades.get(no, (None, None))[0]
-        assert held in AGREES[txn.state], f"{no}: journal {txn.state}, platform {held}"
-    chain.checks += 1
-
-
 def _run_chain(chain: Chain, kills: int, errors: list) -> None:
     try:
         Journal(chain.state_dir, "S0001", "L01").close()  # the lane's journal, as its first start makes it
@@ -204,7 +178,8 @@ def _run_chain(chain: Chain, kills: int, errors: list) -> None:
             if chain.rng.random() < 0.25 and sum(chain.kills.values()) < kills:  # kill the recovery too
                 chain.kills[_kill_once(chain, journal, recovery=True)] += 1
             _restart_until_final(chain, journal)
-            _check(chain, journal, ledger)
+            check_against_ledger(journal, ledger)
+            chain.checks += 1
         journal.close()
         ledger.close()
     except BaseException as e:  # reported by the test thread

@@ -21,6 +21,7 @@ reversed (refunded to the customer); an older one is refused by reverse and must
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sqlite3
@@ -29,8 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.config import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
 from appliance import failpoints
+from appliance.config import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
 from appliance.errors import ProviderUnavailable
 from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status
 
@@ -58,6 +59,18 @@ CREATE TABLE IF NOT EXISTS trade (
     created REAL NOT NULL
 )
 """
+
+
+def _ledger_failure_is_unknown(call):
+    """The "platform" failing inside (its ledger cannot be read or written, e.g. its disk is full)
+    answers SYSTEMERROR, as a real one would: never a sqlite3 exception through the port."""
+    @functools.wraps(call)
+    def guarded(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            return Outcome(Status.UNKNOWN, f"SYSTEMERROR: sandbox ledger failed ({e})")
+    return guarded
 
 
 class SandboxProvider(Provider):
@@ -89,6 +102,7 @@ class SandboxProvider(Provider):
             return tail
         return "92" if req.amount_fen > self.options.password_above else "ok"
 
+    @_ledger_failure_is_unknown
     def pay(self, req: PayRequest) -> Outcome:
         scenario = self._scenario(req)
         if scenario == "95":
@@ -118,6 +132,7 @@ class SandboxProvider(Provider):
             return Outcome(Status.UNKNOWN, reason)
         return Outcome(Status.PAID, "SUCCESS", platform_txn_id=f"sbx{req.out_trade_no}")
 
+    @_ledger_failure_is_unknown
     def query(self, out_trade_no: str) -> Outcome:
         self._sleep(self.options.latency_ms / 1000)
         with self._lock:
@@ -145,6 +160,7 @@ class SandboxProvider(Provider):
             "REFUND": Outcome(Status.REFUNDED, "REFUND: trade refunded"),
         }[state]
 
+    @_ledger_failure_is_unknown
     def reverse(self, out_trade_no: str) -> Outcome:
         self._sleep(self.options.latency_ms / 1000)
         with self._lock:
@@ -163,6 +179,7 @@ class SandboxProvider(Provider):
         return Outcome(Status.REVERSED, "SUCCESS: paid trade refunded to the customer" if new == "REFUND"
                        else "SUCCESS: unpaid trade closed")
 
+    @_ledger_failure_is_unknown
     def refund(self, out_trade_no: str, amount_fen: int, out_refund_no: str) -> Outcome:
         self._sleep(self.options.latency_ms / 1000)
         with self._lock:
