@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -48,6 +47,8 @@ from typing import Callable, Iterator
 from appliance.errors import ApplianceError, BadInput, JournalIntegrityError
 from appliance.journal import OPEN_STATES, Journal
 from appliance.lanelock import LaneBusy, LaneLock
+from appliance.money import MAX_FEN
+from appliance.redact import mask
 from appliance.till import CancelCommand, ChargeCommand, Command, Result, Till
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ GONE_MESSAGE = ("the service stopped before the answer; the payment is resolved 
                 "see `appliance journal`")
 
 _SOURCE = re.compile(r"[a-z][a-z0-9_-]{0,15}")
+_NAME = re.compile(r"[A-Za-z_]{1,20}")  # shown as they are: no digits, so never a payment code
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
+               dict: "an object"}
 _FIELDS = {"charge": {"op", "order", "amount_fen", "code", "source", "wait_s"},
            "cancel": {"op", "order", "wait_s"}}
 
@@ -92,33 +96,45 @@ def reply_of(result: Result) -> dict:
 
 def validate(request: object) -> tuple[Command, float]:
     """Check a parsed request strictly. Returns the till command and its wait_s; raises BadInput
-    with a message that never contains the payment code."""
+    (and nothing else, whatever the request holds) with a message that never contains the
+    payment code, nor any text of the request but a short name (see `_shown`)."""
     if not isinstance(request, dict):
         raise BadInput("a request must be a JSON object")
     op = request.get("op")
-    if op not in _FIELDS:
-        raise BadInput(f"unknown op {str(op)[:20]!r}: expected 'charge' or 'cancel'")
+    if not isinstance(op, str) or op not in _FIELDS:
+        raise BadInput(f"unknown op {_shown(op) if 'op' in request else '(none given)'}: "
+                       "expected 'charge' or 'cancel'")
     keys = set(request)
     required = _FIELDS[op] - {"source", "wait_s"}
     if missing := sorted(required - keys):
         raise BadInput(f"{op}: missing {', '.join(missing)}")
-    if extra := sorted(keys - _FIELDS[op]):
-        raise BadInput(f"{op}: unknown field(s) {', '.join(k[:20] for k in extra[:5])}")
+    if extra := keys - _FIELDS[op]:
+        shown = sorted(_shown(k) for k in extra)
+        raise BadInput(f"{op}: unknown field(s) {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}")
     order = _string(request, "order", 64)
     wait_s = request.get("wait_s", 0)
-    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not math.isfinite(wait_s) \
-            or not 0 <= wait_s <= MAX_WAIT_S:
+    # no float(): an int too large for a float compares exactly; nan compares false
+    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= MAX_WAIT_S:
         raise BadInput(f"wait_s must be a number of seconds from 0 to {MAX_WAIT_S:g}")
     if op == "cancel":
         return CancelCommand(order), float(wait_s)
     amount = request["amount_fen"]
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise BadInput("amount_fen must be a positive whole number of fen")
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_FEN:
+        raise BadInput(f"amount_fen must be a whole number of fen from 1 to {MAX_FEN}")
     code = _string(request, "code", 128)
     source = request.get("source", "command")
     if not isinstance(source, str) or not _SOURCE.fullmatch(source):
         raise BadInput("source must be 1-16 of a-z, 0-9, '_' or '-', starting with a letter")
     return ChargeCommand(order, amount, code, source), float(wait_s)
+
+
+def _shown(value: object) -> str:
+    """A word of the request (an op, a field name) as a refusal may show it: a short name as it
+    is, other text masked like a payment code (it may be one; masking also drops control
+    characters and lone surrogates), anything else by its JSON type."""
+    if isinstance(value, str):
+        return value if _NAME.fullmatch(value) else mask(value)
+    return f"({_JSON_TYPES.get(type(value), type(value).__name__)})"
 
 
 def _string(request: dict, key: str, limit: int) -> str:
@@ -395,7 +411,7 @@ REPLY_TIMEOUT_S = 300.0
 
 def _wait_of(request: dict) -> float:
     w = request.get("wait_s", 0)
-    return float(w) if isinstance(w, (int, float)) and math.isfinite(w) and w > 0 else 0.0
+    return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= MAX_WAIT_S else 0.0
 
 
 def call(state_dir: Path, request: dict, *, reply_timeout_s: float = REPLY_TIMEOUT_S) -> dict | None:

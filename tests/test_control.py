@@ -18,6 +18,7 @@ from appliance.config import from_dict
 from appliance.errors import ApplianceError, JournalLost
 from appliance.indicator import Signal, make_indicator
 from appliance.journal import Journal, State
+from appliance.money import MAX_FEN
 from appliance.payments.sandbox import SandboxOptions, SandboxProvider
 from appliance.scan import Scan
 from appliance.till import CancelCommand, ChargeCommand
@@ -119,12 +120,27 @@ def charge_request(order="C1", code=WECHAT_PAID, **extra):
     (charge_request(wait_s=1e9), "wait_s"),
     (charge_request(wait_s="5"), "wait_s"),
     (charge_request(wait_s=False), "wait_s"),
+    # found by fuzzing (test_fuzz_control.py): each raised something else than BadInput
+    ({"op": [], "order": "A"}, "unknown op (an array)"),  # TypeError: unhashable
+    ({"op": {"charge": 1}, "order": "A"}, "unknown op (an object)"),
+    (charge_request(wait_s=10**400), "wait_s"),  # OverflowError: JSON ints have no size limit
+    ({**charge_request(), "amount_fen": 10**5000}, "amount_fen must be a whole number of fen from 1 to"),
+    ({**charge_request(), "amount_fen": MAX_FEN + 1}, "amount_fen"),
+    # ... or showed request text in full: a code, a control character, a lone surrogate
+    ({"op": WECHAT_PAID, "order": "A"}, "unknown op 1345**********6700"),
+    ({**charge_request(), WECHAT_PAID: 1}, "unknown field(s) 1345**********6700"),
+    ({"op": "cancel", "order": "A", "x\ny": 1, "\ud800": 2, "pin": 3}, "unknown field(s) *, ***, pin"),
 ])
 def test_validate_refuses_every_malformed_request(request_, why):
     with pytest.raises(control.BadInput, match=None) as e:
         control.validate(request_)
     assert why in str(e.value)
     assert WECHAT_PAID not in str(e.value)
+    assert str(e.value).isprintable() and str(e.value).encode("utf-8")
+
+
+def test_the_client_waits_for_any_wait_s_without_raising():
+    assert [control._wait_of({"wait_s": w}) for w in (10**400, float("nan"), True, -1, 2.5)] == [0.0, 0.0, 0.0, 0.0, 2.5]
 
 
 def test_validate_accepts_the_two_shapes():
