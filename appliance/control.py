@@ -340,8 +340,9 @@ class ControlServer:
                     return
                 try:
                     request = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError) as e:  # JSON errors name a position, not the text
+                except (UnicodeDecodeError, ValueError, RecursionError) as e:  # a position, never the text
                     reason = "request is not UTF-8" if isinstance(e, UnicodeDecodeError) else \
+                        "request is not JSON (nested too deep)" if isinstance(e, RecursionError) else \
                         f"request is not JSON ({type(e).__name__} at byte {getattr(e, 'pos', '?')})"
                     log.warning("control: request refused: %s", reason)
                     _send(conn, refused(reason))

@@ -215,6 +215,15 @@ def test_bad_requests_get_refused_replies_and_the_server_keeps_serving(door, cap
     assert all(WECHAT_PAID not in r.getMessage() for r in caplog.records)
 
 
+def test_json_nested_past_the_recursion_limit_is_refused_not_a_dead_connection(door):
+    """Found by fuzzing: 4000 '[' (within MAX_LINE) made json.loads raise RecursionError, which
+    killed the connection's thread with a traceback: no reply, the client saw a reset."""
+    deep = [b"[" * 4000, b"[" * 2000 + b"]" * 2000, b'{"":' * 1020]
+    replies = raw(door.state_dir, b"\n".join(deep) + b"\n")
+    assert [(r["state"], r["reason"]) for r in replies] == [("refused", "request is not JSON (nested too deep)")] * 3
+    assert door.call(**charge_request())["state"] == "paid"
+
+
 def test_concurrent_clients_one_thread_owns_the_lane(door):
     codes = [f"1345678901234{i:03d}00" for i in range(8)]
     same_order = [f"1345678901235{i:03d}00" for i in range(4)]
