@@ -316,13 +316,18 @@ class ControlServer:
                 time.sleep(0.2)
                 continue
             if not self._slots.acquire(blocking=False):
-                with conn:
-                    conn.settimeout(1.0)
-                    _send(conn, refused(f"the lane service is busy ({MAX_CLIENTS} commands at once); try again"))
+                _turn_away(conn, f"the lane service is busy ({MAX_CLIENTS} commands at once); try again")
                 continue
             with self._lock:
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            except RuntimeError as e:  # no thread to be had (a resource limit): this client only is refused
+                log.error("control: cannot serve a connection: %s", e)
+                with self._lock:
+                    self._conns.discard(conn)
+                self._slots.release()
+                _turn_away(conn, "the lane service cannot take a command now; try again")
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -360,6 +365,17 @@ class ControlServer:
                 self._conns.discard(conn)
             conn.close()
             self._slots.release()
+
+
+def _turn_away(conn: socket.socket, reason: str) -> None:
+    """Answer a connection we will not serve with a refusal, and close it. The client may have
+    hung up already: that is its business, never the accept loop's end."""
+    with conn:
+        try:
+            conn.settimeout(1.0)
+            _send(conn, refused(reason))
+        except OSError as e:
+            log.debug("control: refusal not delivered: %s", e)
 
 
 class _Oversized(Exception):

@@ -283,20 +283,50 @@ def test_a_stale_socket_file_means_no_service_and_is_replaced_at_start(tmp_path)
 
 
 def test_more_clients_than_slots_are_told_busy(tmp_path):
+    """Clients beyond the slots are told busy, also when they hang up before that reply. Found by
+    fuzzing: the reply's send failing (EPIPE) ended the accept loop's thread, and from then on every
+    client waited in the backlog, unanswered."""
     d = Door(tmp_path / "state", max_clients=1)
     idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with control.unix_address(d.server.path) as address:
             idle.connect(address)
-        assert wait_for(lambda: len(d.server._conns) == 1)
-        reply = d.call(**charge_request())
+            assert wait_for(lambda: len(d.server._conns) == 1)
+            gone = 0
+            deadline = time.monotonic() + 10
+            while gone < 20:  # each hangs up at once; a full backlog (nobody accepts) fails a connect
+                assert time.monotonic() < deadline, "the control server no longer accepts"
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(1.0)
+                    try:
+                        s.connect(address)
+                        gone += 1
+                    except BlockingIOError:
+                        time.sleep(0.05)
+        reply = control.call(d.state_dir, charge_request(), reply_timeout_s=5)
         assert reply["state"] == "refused" and "busy" in reply["reason"]
+        assert d.server._accepter.is_alive()
         idle.close()
         assert wait_for(lambda: not d.server._conns)
         assert d.call(**charge_request())["state"] == "paid"
     finally:
         idle.close()
         d.close()
+
+
+def test_no_thread_for_a_connection_refuses_that_client_only(door, monkeypatch):
+    class NoConnThreads(threading.Thread):
+        def start(self):
+            if self.name == "control-conn":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(threading, "Thread", NoConnThreads)
+    reply = door.call(**charge_request())
+    assert reply["state"] == "refused" and "cannot take a command now" in reply["reason"]
+    monkeypatch.undo()
+    assert door.server._accepter.is_alive() and not door.server._conns
+    assert door.call(**charge_request())["state"] == "paid"
 
 
 def test_a_command_the_till_never_started_is_refused_when_the_service_stops(tmp_path):
