@@ -60,7 +60,8 @@ MAX_LINE = 4096
 MAX_WAIT_S = 3600.0
 #: Connections handled at once; one more is told "busy" and closed.
 MAX_CLIENTS = 16
-#: How long a client may take to send its request line once connected.
+#: How long a client may take to send a whole request line, once connected or answered (a
+#: client trickling its bytes is dropped as one sending none).
 REQUEST_TIMEOUT_S = 10.0
 #: Exit codes for failures that are not payment outcomes, as cli.py documents them: 1 other
 #: error, 6 the journal is not whole. The CLI gives the same codes with or without a service.
@@ -331,11 +332,11 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            conn.settimeout(REQUEST_TIMEOUT_S)
             reader = _LineReader(conn)
             while not self._closed.is_set():
                 try:
-                    line = reader.line()
+                    line = reader.line(deadline=time.monotonic() + REQUEST_TIMEOUT_S)
+                    conn.settimeout(REQUEST_TIMEOUT_S)  # for the reply
                 except _Oversized:
                     log.warning("control: request refused: longer than %d bytes", MAX_LINE)
                     _send(conn, refused(f"request longer than {MAX_LINE} bytes"))
@@ -389,11 +390,18 @@ class _LineReader:
         self.sock = sock
         self.buf = b""
 
-    def line(self) -> bytes | None:
-        """The next line without its newline; a last line without one at EOF; None at EOF."""
+    def line(self, deadline: float | None = None) -> bytes | None:
+        """The next line without its newline; a last line without one at EOF; None at EOF. With a
+        `deadline` (time.monotonic()), TimeoutError unless the line is whole by then, however
+        slowly its bytes come (each recv() alone would wait its timeout anew)."""
         while b"\n" not in self.buf:
             if len(self.buf) >= MAX_LINE:
                 raise _Oversized()
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the request line did not come in time")
+                self.sock.settimeout(left)
             chunk = self.sock.recv(MAX_LINE)
             if not chunk:
                 rest, self.buf = self.buf, b""
@@ -405,12 +413,16 @@ class _LineReader:
         return line
 
 
-def _discard_rest(conn: socket.socket, limit: int = 1 << 20) -> None:
-    """Before closing on a client still sending: read (and drop) what it sends, up to a bound, so
-    that closing with unread data does not reset the connection and lose our reply."""
+def _discard_rest(conn: socket.socket, limit: int = 1 << 20, within_s: float = 1.0) -> None:
+    """Before closing on a client still sending: read (and drop) what it sends, up to a bound in
+    bytes and in time, so that closing with unread data does not reset the connection and lose
+    our reply."""
     conn.shutdown(socket.SHUT_WR)
-    conn.settimeout(1.0)
-    while limit > 0 and (chunk := conn.recv(65536)):
+    deadline = time.monotonic() + within_s
+    while limit > 0 and (left := deadline - time.monotonic()) > 0:
+        conn.settimeout(left)
+        if not (chunk := conn.recv(65536)):
+            return
         limit -= len(chunk)
 
 

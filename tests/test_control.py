@@ -314,6 +314,39 @@ def test_more_clients_than_slots_are_told_busy(tmp_path):
         d.close()
 
 
+@pytest.mark.parametrize("opening", [b"", b"x" * (2 * control.MAX_LINE)], ids=["request", "after-oversized"])
+def test_a_client_trickling_bytes_is_dropped_within_the_request_timeout(door, monkeypatch, opening):
+    """Found by fuzzing: the timeout was per recv(), so a byte every few seconds kept a connection
+    (and one of MAX_CLIENTS slots) for hours: 16 such clients shut the lane's door."""
+    monkeypatch.setattr(control, "REQUEST_TIMEOUT_S", 0.5)
+    stop = threading.Event()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, \
+            control.unix_address(door.state_dir / control.SOCKET_NAME) as address:
+        s.settimeout(10)
+        s.connect(address)
+
+        def trickle():
+            try:
+                s.sendall(opening)
+                while not stop.wait(0.05):
+                    s.sendall(b" ")
+            except OSError:
+                pass
+
+        threading.Thread(target=trickle, daemon=True).start()
+        t0 = time.monotonic()
+        buf = b""
+        try:
+            while chunk := s.recv(4096):
+                buf += chunk
+        except ConnectionResetError:
+            pass
+        dropped = wait_for(lambda: not door.server._conns, timeout=3)  # the server's side, still trickled at
+        stop.set()
+    assert dropped and time.monotonic() - t0 < 3
+    assert [r["state"] for r in map(json.loads, buf.splitlines())] == (["refused"] if opening else [])
+
+
 def test_no_thread_for_a_connection_refuses_that_client_only(door, monkeypatch):
     class NoConnThreads(threading.Thread):
         def start(self):
