@@ -13,57 +13,26 @@ Lookup order of the file: `--config PATH`, else `$APPLIANCE_CONFIG`, else
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pwd
 import re
 import tempfile
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from appliance.errors import ConfigError
-from appliance.money import MAX_FEN, format_amount, parse_amount
+from appliance.money import format_amount
+# The schema machinery lives in schema.py (adapters import it from there, never from here); its
+# names are re-exported for the callers of the sections.
+from appliance.schema import (ANY_AMOUNT, DAY, GPIO_PIN, HOUR, SECONDS, TCP_PORT, YUAN, Amount,  # noqa: F401
+                              Range, SecretFile, between, build, join, opt, tname)
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 ENV_VAR = "APPLIANCE_CONFIG"
 #: A real config is a few KiB; anything near this is a wrong path (a log, /dev/zero).
 MAX_CONFIG_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class SecretFile:
-    """A secret kept in a file (mode 0600, owned by the service user). Its text never enters the config."""
-
-    path: Path
-    key: str = ""  # the dotted config key that named it, for error messages
-
-    def read(self) -> str:
-        """The secret with surrounding whitespace stripped. Raises ConfigError if unreadable."""
-        try:
-            return self.path.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError(self.key, f"secret file {self.path}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(self.key, f"secret file {self.path} is not UTF-8 text") from None
-
-    def __str__(self) -> str:
-        return f"<secret in {self.path}>"
-
-
-class Amount(int):
-    """Money in fen, written in the config as a string with two decimals ("50000.00")."""
-
-
-def opt(default: Any = dataclasses.MISSING, *, check=None, doc: str = "") -> Any:
-    """A schema field: its default (omit = required), an optional check(value) -> value, a doc line."""
-    meta = {"check": check, "doc": doc}
-    if isinstance(default, (list, dict, tuple)) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
-        return field(default_factory=lambda: default, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def _ident(max_len: int):
@@ -72,53 +41,6 @@ def _ident(max_len: int):
             raise ValueError(f"must be 1-{max_len} letters or digits (it becomes part of out_trade_no)")
         return v
     return check
-
-
-@dataclass(frozen=True)
-class Range:
-    """A check that a number lies in [lo, hi], both ends included; `unit` is named in the error.
-
-    NaN is outside every range. Every numeric option in the schema has one (a test walks the
-    schema to hold us to it), so no infinite, absurd or negative value reaches a timer, a sleep,
-    a socket or a query.
-    """
-
-    lo: int | float
-    hi: int | float
-    unit: str = ""
-
-    def __call__(self, v):
-        if not self.lo <= v <= self.hi:
-            raise ValueError(f"must be between {self.describe(' and ')}, got {_number(v)}")
-        return v
-
-    def describe(self, sep: str = " to ") -> str:
-        """The range as the technician writes it: '0.1 to 3600 seconds', '"0.01" to "50000.00" yuan'."""
-        unit = f" {self.unit}" if self.unit else ""
-        return f"{_number(self.lo)}{sep}{_number(self.hi)}{unit}"
-
-
-def between(lo, hi, unit: str = "") -> Range:
-    """The range check for a schema field: `opt(60.0, check=between(0.1, 3600, "seconds"))`."""
-    return Range(lo, hi, unit)
-
-
-def _number(v) -> str:
-    """A number as the technician writes it in the file: 3600, 0.1, inf, "50000.00" (an amount)."""
-    if isinstance(v, Amount):
-        return f'"{format_amount(v)}"'
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return repr(v)
-
-
-#: Shared bounds and units of the schema's numbers.
-HOUR, DAY = 3600.0, 86_400.0
-SECONDS, YUAN = "seconds", "yuan"
-GPIO_PIN = between(0, 53, "(a BCM GPIO number)")
-TCP_PORT = between(1, 65_535, "(a TCP port)")
-#: The largest amount any platform takes in one trade; for options that only need a sane ceiling.
-ANY_AMOUNT = between(Amount(1), Amount(MAX_FEN), YUAN)
 
 
 def _order_pattern(v: str) -> str:
@@ -218,6 +140,10 @@ class ProviderConfig:
     kind: str
     options: Any
 
+    @classmethod
+    def __schema_build__(cls, raw: Any, key: str, base: Path) -> ProviderConfig:
+        return _provider(raw, key, base)
+
 
 @dataclass(frozen=True)
 class OfflineConfig:
@@ -297,7 +223,7 @@ def load(path: Path) -> Config:
 
 def from_dict(raw: dict, base_dir: Path | None = None) -> Config:
     """Validate an already parsed TOML document. Relative paths resolve against base_dir."""
-    cfg = _build(Config, raw, "", base_dir or Path.cwd())
+    cfg = build(Config, raw, "", base_dir or Path.cwd())
     _check_routing(cfg)
     s = cfg.scanner
     if s.kind == "evdev" and not (s.device or s.match_name or s.match_vid_pid):
@@ -306,118 +232,21 @@ def from_dict(raw: dict, base_dir: Path | None = None) -> Config:
     return cfg
 
 
-def _build(cls, raw: Any, path: str, base: Path):
-    if not isinstance(raw, dict):
-        raise ConfigError(path, f"must be a table, got {_tname(raw)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(_join(path, key), f"unknown key (known: {', '.join(sorted(names))})")
-    values = {}
-    for f in dataclasses.fields(cls):
-        key = _join(path, f.name)
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(key, "is required")
-            continue
-        value = _convert(hints[f.name], raw[f.name], key, base)
-        check = f.metadata.get("check")
-        if check is not None:
-            try:
-                value = check(value)
-            except ValueError as e:
-                raise ConfigError(key, str(e)) from None
-        values[f.name] = value
-    return cls(**values)
-
-
-def _convert(tp, value: Any, key: str, base: Path):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(inner[0], value, key, base)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed or type(value) is not type(allowed[0]):
-            raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
-        return value
-    if origin is dict:
-        _, vtype = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a table, got {_tname(value)}")
-        return {k: _convert(vtype, v, _join(key, k), base) for k, v in value.items()}
-    if tp is ProviderConfig:
-        return _provider(value, key, base)
-    if dataclasses.is_dataclass(tp) and tp is not SecretFile:
-        return _build(tp, value, key, base)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {_tname(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {_tname(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"must be a number, got {_tname(value)}")
-        if isinstance(value, int) and abs(value) > 2**53:  # float() would round it or overflow
-            raise ConfigError(key, f"must be a number of sensible size, got {_number(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(key, f"must be a finite number, got {value!r}")
-        return float(value)
-    if tp is Amount:
-        if not isinstance(value, str):
-            raise ConfigError(key, f'must be an amount string like "12.34", got {_tname(value)}')
-        try:
-            return Amount(parse_amount(value))
-        except ValueError as e:
-            raise ConfigError(key, str(e)) from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {_tname(value)}")
-        return value
-    if tp is Path:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(key, f"must be a non-empty path string, got {_tname(value)}")
-        if "\0" in value:
-            raise ConfigError(key, "must not contain a NUL character")
-        try:
-            return base / Path(value).expanduser()
-        except RuntimeError:  # ~name of a user this machine does not know
-            raise ConfigError(key, f"{value}: cannot expand ~ (no such user or no home directory)") from None
-    if tp is SecretFile:
-        p = _convert(Path, value, key, base)
-        try:
-            if p.is_dir():
-                raise ConfigError(key, f"secret file {p} is a directory, not a file")
-            if not p.is_file():
-                raise ConfigError(key, f"secret file {p} does not exist" if not p.exists()
-                                  else f"secret file {p} is not a regular file")
-        except OSError as e:  # a name too long for the system, a loop of links ...
-            raise ConfigError(key, f"secret file {str(p)[:200]}: {e.strerror}") from None
-        if not os.access(p, os.R_OK):
-            raise ConfigError(key, f"secret file {p} is not readable by this user")
-        return SecretFile(p, key)
-    raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in this module
-
-
 def _provider(raw: Any, key: str, base: Path) -> ProviderConfig:
     from appliance.payments import provider_options  # adapters declare their own options
 
     if not isinstance(raw, dict):
-        raise ConfigError(key, f"must be a table, got {_tname(raw)}")
+        raise ConfigError(key, f"must be a table, got {tname(raw)}")
     kinds = provider_options()
     kind = raw.get("kind")
     known = ", ".join(map(repr, sorted(kinds)))
     if kind is None:
-        raise ConfigError(_join(key, "kind"), f"is required (one of {known})")
+        raise ConfigError(join(key, "kind"), f"is required (one of {known})")
     if not isinstance(kind, str) or kind not in kinds:
-        got = repr(kind) if isinstance(kind, str) else _tname(kind)
-        raise ConfigError(_join(key, "kind"), f"must be one of {known}, got {got}")
+        got = repr(kind) if isinstance(kind, str) else tname(kind)
+        raise ConfigError(join(key, "kind"), f"must be one of {known}, got {got}")
     rest = {k: v for k, v in raw.items() if k != "kind"}
-    return ProviderConfig(kind=kind, options=_build(kinds[kind], rest, key, base))
+    return ProviderConfig(kind=kind, options=build(kinds[kind], rest, key, base))
 
 
 def _check_routing(cfg: Config) -> None:
@@ -428,9 +257,9 @@ def _check_routing(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError("classify.rules_file", str(e)) from None
     for ptype, provider in cfg.routing.items():
-        key = _join("routing", ptype)
+        key = join("routing", ptype)
         if not isinstance(provider, str):
-            raise ConfigError(key, f"must be a provider name, got {_tname(provider)}")
+            raise ConfigError(key, f"must be a provider name, got {tname(provider)}")
         if ptype not in known:
             raise ConfigError(key, f"no payment type {ptype!r} in the rules (known: {', '.join(sorted(known))})")
         if provider not in cfg.providers:
@@ -498,22 +327,6 @@ def _user() -> str:
         return str(os.geteuid())
 
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _join(path: str, key: str) -> str:
-    """The dotted name of `key` under `path` as TOML writes it: a key that is not bare (empty,
-    spaces, dots, other characters) is quoted, escaped like a Python string, so an error names it."""
-    if not _BARE_KEY.fullmatch(key):
-        key = '"' + key.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
-    return f"{path}.{key}" if path else key
-
-
-def _tname(v: Any) -> str:
-    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
-
-
 # --- presenting ------------------------------------------------------------------------------
 
 
@@ -558,7 +371,6 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, Amount):
-        from appliance.money import format_amount
         return f'"{format_amount(v)}"'
     if isinstance(v, (int, float)):
         return repr(v)

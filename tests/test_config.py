@@ -1,6 +1,7 @@
 import dataclasses
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import typing
@@ -29,6 +30,25 @@ def test_defaults_fill_everything_but_the_terminal_ids():
     assert cfg.scanner.kind == "stdin" and cfg.indicator.kind == "log" and cfg.mqtt.port == 1883
     with pytest.raises(AttributeError):
         cfg.terminal.store_id = "x"  # frozen
+
+
+def test_two_configs_share_no_mutable_default():
+    ids = {"terminal": {"store_id": "S1", "terminal_id": "T1"}}
+    a, b = from_dict(ids), from_dict(ids)
+    assert a.routing == b.routing == {} and a.routing is not b.routing
+    assert a.providers is not b.providers
+    a.routing["wechat"] = "x"  # a frozen dataclass still holds a mutable dict
+    assert b.routing == {} and from_dict(ids).routing == {}
+
+
+@pytest.mark.parametrize("module", ["appliance.schema", "appliance.payments.sandbox", "appliance.config"])
+def test_schema_imports_no_adapter_and_no_module_imports_in_a_circle(module):
+    """Each module imports on its own in a fresh interpreter; schema.py pulls in no port, adapter or section."""
+    code = (f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('appliance.') and "
+            "m.split('.')[1] in ('config', 'payments', 'scan', 'indicator')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    if module == "appliance.schema":
+        assert out.strip() == "[]"
 
 
 def _bad(tmp_path, **change):

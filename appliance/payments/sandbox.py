@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import failpoints
-from appliance.config import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
+from appliance.schema import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
 from appliance.errors import ProviderUnavailable
 from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status
 
