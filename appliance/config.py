@@ -27,7 +27,7 @@ from appliance.money import format_amount
 # The schema machinery lives in schema.py (adapters import it from there, never from here); its
 # names are re-exported for the callers of the sections.
 from appliance.schema import (ANY_AMOUNT, DAY, GPIO_PIN, HOUR, SECONDS, TCP_PORT, YUAN, Amount,  # noqa: F401
-                              Range, SecretFile, between, build, join, opt, tname)
+                              NoOptions, Range, SecretFile, between, build, join, opt, tname)
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 ENV_VAR = "APPLIANCE_CONFIG"
@@ -72,6 +72,24 @@ def _vid_pid(v: str) -> str:
     return v.lower()
 
 
+def _kind_of(port: str):
+    """The check of a port's `kind`: a kind its registry knows (built in, or offered by a plug-in)."""
+    def check(v: str) -> str:
+        known = _registry(port).known()
+        if v not in known:
+            raise ValueError(f"must be one of {', '.join(map(repr, known))}, got {v!r}")
+        return v
+    return check
+
+
+def _registry(port: str):
+    if port == "scanner":
+        from appliance.scan import scanners
+        return scanners
+    from appliance.indicator import indicators
+    return indicators
+
+
 @dataclass(frozen=True)
 class TerminalConfig:
     store_id: str = opt(check=_ident(8), doc="store number at the payment platforms")
@@ -105,7 +123,7 @@ class ClassifyConfig:
 
 @dataclass(frozen=True)
 class ScannerConfig:
-    kind: Literal["stdin", "serial", "evdev", "none"] = opt("stdin")
+    kind: str = opt("stdin", check=_kind_of("scanner"), doc="stdin, serial, evdev, none, or a plug-in's")
     device: str = opt("", doc="device path; prefer /dev/input/by-id/..., /dev/serial/by-id/... or /dev/scanner")
     match_name: str = opt("", doc="evdev auto-detect: substring of the device name")
     match_vid_pid: str = opt("", check=_vid_pid, doc="evdev auto-detect: USB VID:PID")
@@ -124,7 +142,7 @@ class ScannerConfig:
 
 @dataclass(frozen=True)
 class IndicatorConfig:
-    kind: Literal["gpio", "mock", "log", "none"] = opt("log")
+    kind: str = opt("log", check=_kind_of("indicator"), doc="gpio, mock, log, none, or a plug-in's")
     red_pin: int = opt(17, check=GPIO_PIN)
     green_pin: int = opt(27, check=GPIO_PIN)
     blue_pin: int = opt(22, check=GPIO_PIN)
@@ -224,6 +242,8 @@ def load(path: Path) -> Config:
 def from_dict(raw: dict, base_dir: Path | None = None) -> Config:
     """Validate an already parsed TOML document. Relative paths resolve against base_dir."""
     cfg = build(Config, raw, "", base_dir or Path.cwd())
+    for port in ("scanner", "indicator"):  # a plug-in that cannot be loaded is named now, by check-config
+        _registry(port).get(getattr(cfg, port).kind, f"{port}.kind")
     _check_routing(cfg)
     s = cfg.scanner
     if s.kind == "evdev" and not (s.device or s.match_name or s.match_vid_pid):
@@ -233,20 +253,19 @@ def from_dict(raw: dict, base_dir: Path | None = None) -> Config:
 
 
 def _provider(raw: Any, key: str, base: Path) -> ProviderConfig:
-    from appliance.payments import provider_options  # adapters declare their own options
+    from appliance.payments import providers  # the port's table: each adapter declares its own options
 
     if not isinstance(raw, dict):
         raise ConfigError(key, f"must be a table, got {tname(raw)}")
-    kinds = provider_options()
     kind = raw.get("kind")
-    known = ", ".join(map(repr, sorted(kinds)))
     if kind is None:
-        raise ConfigError(join(key, "kind"), f"is required (one of {known})")
-    if not isinstance(kind, str) or kind not in kinds:
-        got = repr(kind) if isinstance(kind, str) else tname(kind)
-        raise ConfigError(join(key, "kind"), f"must be one of {known}, got {got}")
+        raise ConfigError(join(key, "kind"), f"is required (one of {', '.join(map(repr, providers.known()))})")
+    if not isinstance(kind, str):
+        raise ConfigError(join(key, "kind"), f"must be one of {', '.join(map(repr, providers.known()))}, "
+                                             f"got {tname(kind)}")
+    adapter = providers.get(kind, join(key, "kind"))
     rest = {k: v for k, v in raw.items() if k != "kind"}
-    return ProviderConfig(kind=kind, options=build(kinds[kind], rest, key, base))
+    return ProviderConfig(kind=kind, options=build(adapter.options or NoOptions, rest, key, base))
 
 
 def _check_routing(cfg: Config) -> None:

@@ -66,6 +66,11 @@ def opt(default: Any = dataclasses.MISSING, *, check=None, doc: str = "") -> Any
 
 
 @dataclass(frozen=True)
+class NoOptions:
+    """The options of an adapter that takes none."""
+
+
+@dataclass(frozen=True)
 class Range:
     """A check that a number lies in [lo, hi], both ends included; `unit` is named in the error.
 

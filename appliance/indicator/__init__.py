@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
 
+from appliance.registry import Registry
+
 log = logging.getLogger(__name__)
 
 
@@ -107,16 +109,19 @@ class NullIndicator(Indicator):
         pass
 
 
+#: kind -> factory `(cfg: IndicatorConfig, on_render) -> Indicator`; each adapter file registers
+#: itself. The options are the `[indicator]` section.
+indicators = Registry("indicator", {"log": "appliance.indicator.log", "gpio": "appliance.indicator.gpio",
+                                    "mock": "appliance.indicator.gpio"})
+
+
+@indicators.register("none")
+def _no_indicator(cfg, on_render=None) -> Indicator:
+    return NullIndicator()
+
+
 def make_indicator(cfg, on_render=None) -> Indicator:
     """The adapter named by cfg.kind (an IndicatorConfig). `on_render(signal, pattern)` lets the
-    demo draw the mock LED in a terminal."""
-    if cfg.kind == "none":
-        return NullIndicator()
-    if cfg.kind == "log":
-        from appliance.indicator.log import LogIndicator
-        return LogIndicator()
-    from appliance.indicator.gpio import GpioIndicator
-    if cfg.kind == "mock":
-        from gpiozero.pins.mock import MockFactory
-        return GpioIndicator(cfg, pin_factory=MockFactory(), on_render=on_render)
-    return GpioIndicator(cfg, on_render=on_render)
+    demo draw the mock LED in a terminal. Raises ConfigError naming `indicator.kind` if that adapter
+    cannot be loaded."""
+    return indicators.get(cfg.kind, "indicator.kind").factory(cfg, on_render)

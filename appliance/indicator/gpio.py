@@ -11,7 +11,7 @@ from __future__ import annotations
 from gpiozero import RGBLED, Buzzer
 
 from appliance.errors import DeviceError
-from appliance.indicator import Indicator, Pattern, Signal
+from appliance.indicator import Indicator, Pattern, Signal, indicators
 
 
 class GpioIndicator(Indicator):
@@ -53,3 +53,15 @@ class GpioIndicator(Indicator):
         self.led.close()
         if self.buzzer is not None:
             self.buzzer.close()
+
+
+@indicators.register("gpio")
+def _gpio(cfg, on_render=None) -> Indicator:
+    return GpioIndicator(cfg, on_render=on_render)
+
+
+@indicators.register("mock")
+def _mock(cfg, on_render=None) -> Indicator:
+    from gpiozero.pins.mock import MockFactory
+
+    return GpioIndicator(cfg, pin_factory=MockFactory(), on_render=on_render)

@@ -2,9 +2,14 @@
 
 import logging
 
-from appliance.indicator import Indicator, Pattern, Signal
+from appliance.indicator import Indicator, Pattern, Signal, indicators
 
 log = logging.getLogger(__name__)
+
+
+@indicators.register("log")
+def _from_config(cfg, on_render=None) -> Indicator:
+    return LogIndicator()
 
 
 class LogIndicator(Indicator):

@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from appliance.errors import Refused
+from appliance.registry import Registry
 
 
 class Status(StrEnum):
@@ -92,18 +93,20 @@ class Provider(ABC):
         """Release connections. Idempotent."""
 
 
+#: kind -> options and factory `(name, options, state_dir) -> Provider`; each adapter file registers
+#: itself (`@providers.register("sandbox", SandboxOptions)`), plug-ins through entry points.
+providers = Registry("provider", {"sandbox": "appliance.payments.sandbox"})
+
+
 def provider_options() -> dict[str, type]:
     """Adapter kind -> its options dataclass (what `[providers.<name>]` may contain besides kind)."""
-    from appliance.payments.sandbox import SandboxOptions
-
-    return {"sandbox": SandboxOptions}
+    return {kind: a.options for kind, a in providers.all().items()}
 
 
 def make_provider(name: str, pcfg, state_dir: Path) -> Provider:
-    if pcfg.kind == "sandbox":
-        from appliance.payments.sandbox import SandboxProvider
-        return SandboxProvider(name, pcfg.options, state_dir)
-    raise ValueError(f"providers.{name}.kind: no adapter {pcfg.kind!r}")
+    """The provider `[providers.<name>]` configures (a ProviderConfig). Raises ConfigError naming its kind."""
+    adapter = providers.get(pcfg.kind, f"providers.{name}.kind")
+    return adapter.factory(name, pcfg.options, state_dir)
 
 
 class Router:

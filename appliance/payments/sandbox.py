@@ -33,7 +33,7 @@ from pathlib import Path
 from appliance import failpoints
 from appliance.schema import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
 from appliance.errors import ProviderUnavailable
-from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status
+from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status, providers
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def _ledger_failure_is_unknown(call):
     return guarded
 
 
+@providers.register("sandbox", SandboxOptions)
 class SandboxProvider(Provider):
     kind = "sandbox"
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from appliance.redact import mask
+from appliance.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,17 @@ class Scanner(ABC):
         self._thread = None
 
 
+#: kind -> factory `(cfg: ScannerConfig) -> Scanner`; each adapter file registers itself. The
+#: options are the `[scanner]` section (shared by all kinds, for now).
+scanners = Registry("scanner", {"stdin": "appliance.scan.stdin", "serial": "appliance.scan.serial",
+                                "evdev": "appliance.scan.evdev"})
+
+
+@scanners.register("none")
+def _no_scanner(cfg) -> Scanner:
+    return NoScanner()
+
+
 class NoScanner(Scanner):
     """`kind = "none"`: no scan gun; charges arrive only by command."""
 
@@ -75,16 +87,6 @@ class NoScanner(Scanner):
 
 
 def make_scanner(cfg) -> Scanner:
-    """The adapter named by `cfg.kind` (a ScannerConfig). Opens nothing until `start()`."""
-    if cfg.kind == "none":
-        return NoScanner()
-    if cfg.kind == "stdin":
-        from appliance.scan.stdin import StdinScanner
-        return StdinScanner()
-    if cfg.kind == "serial":
-        from appliance.scan.serial import SerialScanner
-        return SerialScanner(cfg)
-    if cfg.kind == "evdev":
-        from appliance.scan.evdev import EvdevScanner
-        return EvdevScanner(cfg)
-    raise ValueError(f"unknown scanner kind {cfg.kind!r}")
+    """The adapter named by `cfg.kind` (a ScannerConfig). Opens nothing until `start()`.
+    Raises ConfigError naming `scanner.kind` if that adapter cannot be loaded."""
+    return scanners.get(cfg.kind, "scanner.kind").factory(cfg)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.errors import ConfigError, DeviceError
 from appliance.redact import mask
-from appliance.scan import Scan, Scanner
+from appliance.scan import Scan, Scanner, scanners
 from appliance.scan.keymap import EV_KEY, EV_SYN, KEY, SYN_DROPPED, KeyDecoder, key_name
 
 if TYPE_CHECKING:
@@ -146,6 +146,7 @@ def _natural(path: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path))
 
 
+@scanners.register("evdev")
 class EvdevScanner(Scanner):
     """Reads one grabbed keyboard-wedge scanner; see the module docstring for device selection.
 

@@ -41,7 +41,7 @@ import serial
 
 from appliance.errors import DeviceError
 from appliance.redact import printable
-from appliance.scan import Scan, Scanner
+from appliance.scan import Scan, Scanner, scanners
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,7 @@ class SerialLink:
 # --- adapter ---------------------------------------------------------------------------------
 
 
+@scanners.register("serial")
 class SerialScanner(Scanner):
     """Reads scans from a serial / USB-CDC scan gun (`[scanner] kind = "serial"`).
 

@@ -11,12 +11,17 @@ import os
 import select
 import sys
 
-from appliance.scan import Scan, Scanner
+from appliance.scan import Scan, Scanner, scanners
 
 log = logging.getLogger(__name__)
 
 #: A line longer than this is read in full but delivered only as a defect.
 MAX_LINE = 4096
+
+
+@scanners.register("stdin")
+def _from_config(cfg) -> StdinScanner:
+    return StdinScanner()
 
 
 class StdinScanner(Scanner):
