@@ -119,6 +119,7 @@ class Txn:
     next_attempt_at: float
     retry_note: str
     source: str
+    funding_source: str | None = None  # WeChat bank_type, Alipay fund channels, ... (Outcome.funding_source)
     auth_code: str | None = field(default=None, repr=False)  # a bearer token: never in a repr
 
     def as_dict(self) -> dict:
@@ -127,7 +128,8 @@ class Txn:
                 "amount": format_amount(self.amount_fen), "amount_fen": self.amount_fen,
                 "payment_type": self.payment_type, "platform": self.platform,
                 "code_masked": self.code_masked, "state": str(self.state), "reason": self.reason,
-                "platform_txn_id": self.platform_txn_id, "created_at": self.created_at,
+                "platform_txn_id": self.platform_txn_id, "funding_source": self.funding_source,
+                "created_at": self.created_at,
                 "updated_at": self.updated_at, "source": self.source}
 
 
@@ -139,7 +141,13 @@ def rfc3339(t: datetime) -> str:
     return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _models(db: pw.Database):
+#: The journal's schema version, in SQLite's `PRAGMA user_version`. 0 (never set) is the first
+#: schema; 2 added `payment.funding_source`. `_migrate` brings an older journal forward on a
+#: writer's open.
+SCHEMA_VERSION = 2
+
+
+def _models(db: pw.Database, *, with_funding_source: bool = True):
     class Base(pw.Model):
         class Meta:
             database = db
@@ -171,6 +179,8 @@ def _models(db: pw.Database):
         state = pw.CharField(index=True)
         reason = pw.CharField(default="")
         platform_txn_id = pw.CharField(null=True)
+        if with_funding_source:  # absent from journals of schema 1 (opened read-only, never migrated)
+            funding_source = pw.CharField(null=True)
         created_at = pw.CharField()
         updated_at = pw.CharField()
         attempts = pw.IntegerField(default=0)
@@ -209,6 +219,31 @@ def _init_schema(path: Path) -> None:
         db.create_tables(_models(db))
         db.execute_sql(_LIVE_ORDER_INDEX)
         db.execute_sql(_CODE_ONCE_INDEX)
+        db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _payment_columns(db: pw.Database) -> set[str]:
+    return {row[1] for row in db.execute_sql("PRAGMA table_info(payment)").fetchall()}
+
+
+def _migrate(db: pw.Database) -> None:
+    """Bring a journal written by an older version to SCHEMA_VERSION, keeping every row.
+
+    Idempotent and safe against a second process doing the same: the check and the change are
+    one BEGIN IMMEDIATE transaction, so the second one finds the work done."""
+    if db.execute_sql("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    db.execute_sql("BEGIN IMMEDIATE")
+    try:
+        if db.execute_sql("PRAGMA user_version").fetchone()[0] < 2:
+            if "funding_source" not in _payment_columns(db):
+                db.execute_sql("ALTER TABLE payment ADD COLUMN funding_source VARCHAR(255)")
+        db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute_sql("COMMIT")
+    except BaseException:
+        db.execute_sql("ROLLBACK")
+        raise
+    log.info("journal schema migrated to version %d", SCHEMA_VERSION)
 
 
 def _reading(method):
@@ -265,9 +300,13 @@ class Journal:
             self._code_key = identity.code_key
             self.db = pw.SqliteDatabase(str(self.path), timeout=BUSY_TIMEOUT_S, pragmas={
                 "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1, "secure_delete": 1})
-        self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db)
         try:
             self.db.connect()  # kept open: this thread's reads need no new file handles later
+            if not readonly:
+                _migrate(self.db)
+            # A read-only open never migrates: it may see a journal of schema 1, without funding_source.
+            self._Meta, self._Seq, self._Payment, self._Outbox = _models(
+                self.db, with_funding_source=not readonly or "funding_source" in _payment_columns(self.db))
             self._epoch = self._Meta.get(self._Meta.key == "epoch").value
             if not readonly:
                 self.db.execute_sql(_LIVE_ORDER_INDEX)
@@ -421,10 +460,13 @@ class Journal:
         return self._txn(row)
 
     def transition(self, txn_id: int, to: State, reason: str = "", *,
-                   platform_txn_id: str | None = None, auth_code: str | None = None) -> Txn:
+                   platform_txn_id: str | None = None, funding_source: str | None = None,
+                   auth_code: str | None = None) -> Txn:
         """Move a payment to `to` and write its outbox event, atomically. Raises IllegalTransition.
 
-        `auth_code` is required for, and only kept by, a move to `deferred`.
+        `platform_txn_id` and `funding_source` are stored when given (a later move that does not
+        know them keeps what was stored). `auth_code` is required for, and only kept by, a move to
+        `deferred`.
         """
         to = State(to)
         if (to is S.DEFERRED) != (auth_code is not None):
@@ -445,6 +487,8 @@ class Journal:
             row.retry_note = ""
             if platform_txn_id:
                 row.platform_txn_id = platform_txn_id
+            if funding_source:
+                row.funding_source = funding_source[:64]
             row.auth_code = auth_code
             row.save()
             self._event(row, previous=current, at=stamp)
@@ -478,7 +522,8 @@ class Journal:
                    code_masked=row.code_masked, state=State(row.state), reason=row.reason,
                    platform_txn_id=row.platform_txn_id, created_at=row.created_at,
                    updated_at=row.updated_at, attempts=row.attempts,
-                   next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source, auth_code=row.auth_code)
+                   next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source,
+                   funding_source=getattr(row, "funding_source", None), auth_code=row.auth_code)
 
     @_reading
     def journal_id(self) -> str | None:

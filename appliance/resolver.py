@@ -44,7 +44,8 @@ def settle(journal: Journal, txn: Txn, outcome: Outcome) -> Txn:
     if target is None or current.state == target:
         return current
     try:
-        new = journal.transition(txn.txn_id, target, outcome.reason, platform_txn_id=outcome.platform_txn_id)
+        new = journal.transition(txn.txn_id, target, outcome.reason, platform_txn_id=outcome.platform_txn_id,
+                                 funding_source=outcome.funding_source)
     except IllegalTransition as e:
         log.error("txn %d: platform said %s but the journal has %s: %s", txn.txn_id, outcome.status,
                   current.state, e)
@@ -91,7 +92,8 @@ def _move(journal: Journal, txn: Txn, to: State, out: Outcome) -> Txn:
     """Commit a move from the state `txn` was read in. If another process (a `charge --wait`, a
     second resolver) moved it meanwhile, keep what it wrote: both acted on the same answers."""
     try:
-        new = journal.transition(txn.txn_id, to, out.reason, platform_txn_id=out.platform_txn_id)
+        new = journal.transition(txn.txn_id, to, out.reason, platform_txn_id=out.platform_txn_id,
+                                 funding_source=out.funding_source)
     except IllegalTransition:
         current = journal.get(txn.txn_id)
         if current.state == txn.state:

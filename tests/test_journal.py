@@ -347,3 +347,83 @@ def test_unique_indexes_hold_even_against_a_raw_insert(journal):
     journal.transition(txn.txn_id, State.DECLINED)
     assert _open(journal, order="A1", code="134567890123450001").state is State.PENDING  # a declined order is free
     conn.close()
+
+
+# --- schema migration: a journal written before `funding_source` (schema 1, user_version 0) ---
+
+
+def _schema_1_journal(state_dir) -> list[Txn]:
+    """A journal as the code before schema 2 wrote it: no funding_source column, user_version 0.
+    Made by writing one with today's code and taking the column out again."""
+    j = Journal(state_dir, "S0001", "L01")
+    a = _open(j, code="134567890123450001")
+    j.transition(a.txn_id, State.PAID, "SUCCESS", platform_txn_id="4200001")
+    b = _open(j, code="134567890123450002")
+    j.transition(b.txn_id, State.DECLINED, "NOTENOUGH: balance insufficient")
+    j.close()
+    conn = sqlite3.connect(state_dir / Journal.FILENAME, isolation_level=None)
+    conn.execute("ALTER TABLE payment DROP COLUMN funding_source")
+    conn.execute("PRAGMA user_version = 0")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    ro = Journal(state_dir, "S0001", "L01", readonly=True)
+    txns = ro.recent()
+    ro.close()
+    return txns
+
+
+def _columns(state_dir) -> tuple[int, set[str]]:
+    conn = sqlite3.connect(state_dir / Journal.FILENAME)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        return version, {r[1] for r in conn.execute("PRAGMA table_info(payment)")}
+    finally:
+        conn.close()
+
+
+def test_a_new_journal_has_the_current_schema(journal):
+    assert _columns(journal.state_dir) == (2, _columns(journal.state_dir)[1])
+    assert "funding_source" in _columns(journal.state_dir)[1]
+
+
+def test_a_schema_1_journal_is_read_as_it_is_and_migrated_by_a_writer_without_losing_rows(tmp_path):
+    before = _schema_1_journal(tmp_path)
+    assert _columns(tmp_path)[0] == 0 and "funding_source" not in _columns(tmp_path)[1]
+    ro = Journal(tmp_path, "S0001", "L01", readonly=True)  # reads the old schema, changes nothing
+    assert ro.recent() == before and all(t.funding_source is None for t in before)
+    assert ro.events()[-1]["state"] == "declined"
+    ro.close()
+    assert _columns(tmp_path)[0] == 0
+
+    j = Journal(tmp_path, "S0001", "L01")
+    assert _columns(tmp_path)[0] == 2 and "funding_source" in _columns(tmp_path)[1]
+    assert j.recent() == before and len(j.events()) == 4
+    paid = [t for t in before if t.state is State.PAID][0]
+    assert j.get(paid.txn_id).platform_txn_id == "4200001"
+    txn = _open(j, code="134567890123450003")
+    moved = j.transition(txn.txn_id, State.PAID, "SUCCESS", platform_txn_id="4200003", funding_source="CFT")
+    assert moved.funding_source == "CFT" and j.events()[-1]["funding_source"] == "CFT"
+    j.close()
+    again = Journal(tmp_path, "S0001", "L01")  # a second open finds nothing to do
+    assert _columns(tmp_path)[0] == 2 and len(again.recent()) == 3
+    again.close()
+
+
+def test_writers_opening_a_schema_1_journal_at_once_migrate_it_once(tmp_path):
+    before = _schema_1_journal(tmp_path)
+    script = ("import sys; from appliance.journal import Journal; "
+              "j = Journal(sys.argv[1], 'S0001', 'L01'); print(len(j.recent())); j.close()")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    assert {o.strip() for o, _ in outs} == {str(len(before))}
+    assert _columns(tmp_path) == (2, _columns(tmp_path)[1]) and "funding_source" in _columns(tmp_path)[1]
+
+
+def test_funding_source_is_kept_by_later_moves_and_sent_to_head_office(journal):
+    txn = _open(journal)
+    journal.transition(txn.txn_id, State.PAID, "SUCCESS", platform_txn_id="42", funding_source="CMB_DEBIT")
+    later = journal.transition(txn.txn_id, State.CANCEL_REQUESTED, "cancel card")
+    assert later.funding_source == "CMB_DEBIT" and later.as_dict()["funding_source"] == "CMB_DEBIT"
+    assert [e["funding_source"] for e in journal.events(txn.txn_id)] == [None, "CMB_DEBIT", "CMB_DEBIT"]

@@ -246,3 +246,16 @@ def test_run_loop_survives_a_failing_step_and_logs_it_once(lane, caplog):
     t.join(timeout=5)
     assert len(calls) >= 5
     assert sum("resolver step failed" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("code,via", [(WECHAT_PAID, "pay"), (WECHAT_LOST_ANSWER, "query")])
+def test_funding_source_and_platform_id_reach_the_journal_and_head_office(lane, code, via):
+    from appliance.payments.sandbox import funding_source
+
+    r = lane.till.charge("A1", 100, code)
+    txn = _resolve(lane, r.txn.txn_id)
+    assert txn.state is State.PAID
+    assert txn.funding_source == funding_source(txn.out_trade_no) and txn.platform_txn_id == f"sbx{txn.out_trade_no}"
+    last = lane.journal.events(txn.txn_id)[-1]
+    assert (last["state"], last["funding_source"], last["platform_txn_id"]) == (
+        "paid", txn.funding_source, txn.platform_txn_id)

@@ -17,18 +17,35 @@ def _req(code, no="T1", amount=100):
 
 
 @pytest.mark.parametrize("tail,pay,queries", [
-    ("00", Status.PAID, [Status.PAID]),
-    ("90", Status.DECLINED, [Status.DECLINED]),
-    ("91", Status.DECLINED, [Status.DECLINED]),
-    ("92", Status.UNKNOWN, [Status.UNKNOWN, Status.PAID, Status.PAID]),
-    ("93", Status.UNKNOWN, [Status.UNKNOWN, Status.DECLINED]),
-    ("94", Status.UNKNOWN, [Status.UNKNOWN, Status.UNKNOWN, Status.UNKNOWN]),
-    ("96", Status.UNKNOWN, [Status.PAID]),
-    ("97", Status.PAID, [Status.PAID]),
+    ("00", (Status.PAID, "SUCCESS"), [(Status.PAID, "SUCCESS")]),
+    ("90", (Status.DECLINED, "NOTENOUGH"), [(Status.DECLINED, "PAYERROR")]),
+    ("91", (Status.DECLINED, "AUTHCODEEXPIRE"), [(Status.DECLINED, "PAYERROR")]),
+    ("92", (Status.UNKNOWN, "USERPAYING"), [(Status.UNKNOWN, "USERPAYING"), (Status.PAID, "SUCCESS"),
+                                            (Status.PAID, "SUCCESS")]),
+    ("93", (Status.UNKNOWN, "USERPAYING"), [(Status.UNKNOWN, "USERPAYING"), (Status.DECLINED, "PAYERROR")]),
+    ("94", (Status.UNKNOWN, "SYSTEMERROR"), [(Status.UNKNOWN, "SYSTEMERROR")] * 3),
+    ("96", (Status.UNKNOWN, ""), [(Status.PAID, "SUCCESS")]),  # the answer was lost: no code at all
+    ("97", (Status.PAID, "SUCCESS"), [(Status.PAID, "SUCCESS")]),
 ])
-def test_outcomes_by_last_digits(sandbox, tail, pay, queries):
-    assert sandbox.pay(_req("1345678901234567" + tail)).status is pay
-    assert [sandbox.query("T1").status for _ in queries] == queries
+def test_outcomes_and_codes_by_last_digits(sandbox, tail, pay, queries):
+    out = sandbox.pay(_req("1345678901234567" + tail))
+    assert (out.status, out.code) == pay
+    assert [(o.status, o.code) for o in (sandbox.query("T1") for _ in queries)] == queries
+
+
+@pytest.mark.parametrize("no,source", [("T0", "CFT"), ("T1", "CMB_DEBIT"), ("T8", "CFT"), ("T9", "CMB_DEBIT")])
+def test_a_paid_trade_has_an_id_and_a_funding_source_unpaid_ones_none(sandbox, no, source):
+    paid = sandbox.pay(_req("134567890123456700", no=no))
+    assert (paid.platform_txn_id, paid.funding_source) == (f"sbx{no}", source)
+    assert sandbox.query(no).funding_source == source
+    declined = sandbox.pay(_req("134567890123456790", no=no + "D"))
+    assert declined.funding_source is None and declined.platform_txn_id is None
+    assert sandbox.query("nope").code == "ORDERNOTEXIST"
+
+
+def test_the_payment_code_is_in_no_repr(sandbox):
+    req = _req("134567890123456700")
+    assert "134567890123456700" not in repr(req) and "134567890123456700" not in str(req)
 
 
 def test_unreachable_sends_nothing(sandbox):

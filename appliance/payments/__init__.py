@@ -12,6 +12,21 @@ Contract for adapters (one per file, chosen by `[providers.<name>] kind`):
     platform refuses, e.g. outside the reverse window: use refund).
   * `refund(out_trade_no, amount_fen, out_refund_no)`: REFUNDED, UNKNOWN (retry with the same
     out_refund_no) or DECLINED.
+  * Every answer is an `Outcome`: `status`; `code`, the platform's own result or error code
+    ("SUCCESS", "NOTENOUGH", "USERPAYING", "ORDERNOTEXIST", "ACQ.TRADE_HAS_CLOSE", ...), so no
+    caller ever parses `reason` (text for people); `platform_txn_id`, the platform's transaction
+    id; `funding_source` where the platform gives it (WeChat `bank_type`, Alipay
+    `fund_bill_list` channels joined with "+", the aggregator's channel), journaled and sent to
+    head office.
+  * Threads: an adapter is called from the till's thread and the resolver's thread, at the same
+    time (never for the same payment). It must be safe for that: no per-call state on `self`
+    without a lock; an HTTP session shared across threads only if the library allows it.
+  * Time: every call returns within a stated limit, its `connect_timeout_s + read_timeout_s`
+    (per URL tried; the sandbox: its configured delays), which must stay well under the systemd
+    watchdog interval (WatchdogSec=30 in systemd/appliance.service, pinged every 15 s). A
+    call that runs out of time answers UNKNOWN (or raises ProviderUnavailable when provably
+    nothing was sent); it never blocks.
+  * `PayRequest.auth_code` is a bearer token: never in a repr, a log line or an exception text.
   * Third-party exceptions never leave an adapter. `ProviderMisconfigured` signals our own
     credentials or request shape are wrong (a fault for the technician, not a decline).
   * `policy` tells the resolver how this platform wants uncertain trades driven to an end.
@@ -39,8 +54,10 @@ class Status(StrEnum):
 @dataclass(frozen=True)
 class Outcome:
     status: Status
-    reason: str = ""  # platform code and text, e.g. "NOTENOUGH: balance insufficient"
-    platform_txn_id: str | None = None
+    reason: str = ""  # for people: platform code and text, e.g. "NOTENOUGH: balance insufficient"
+    platform_txn_id: str | None = None  # the platform's transaction id (WeChat transaction_id, Alipay trade_no)
+    code: str = ""  # the platform's own result/error code, e.g. "SUCCESS", "NOTENOUGH", "USERPAYING"
+    funding_source: str | None = None  # WeChat bank_type, Alipay fund_bill_list channels, aggregator channel
 
 
 @dataclass(frozen=True)

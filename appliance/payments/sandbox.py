@@ -14,7 +14,13 @@ like a real one would. Outcomes are chosen by the payment code's last two digits
     ..96       charged, but the answer is lost (timeout): unknown, the 1st query answers paid
     ..97       slow: charged at once, answered after `slow_ms` (for crash-mid-payment tests)
 
-and by the amount: above `password_above` (default 1000.00, WeChat's password-free limit) the
+A paid trade's funding source (WeChat `bank_type` style) follows the last digit of its
+out_trade_no: even "CFT" (the wallet's balance), odd "CMB_DEBIT" (a bank card). Every answer
+carries the platform's code (`Outcome.code`) as a real platform would: "SUCCESS", "NOTENOUGH",
+"AUTHCODEEXPIRE", "USERPAYING", "SYSTEMERROR", "PAYERROR", "ORDERNOTEXIST", "CLOSED", "REFUND",
+"REVERSE_EXPIRE", ...
+
+And by the amount: above `password_above` (default 1000.00, WeChat's password-free limit) the
 customer must confirm a password, as for ..92. A paid trade younger than `reverse_window_s` is
 reversed (refunded to the customer); an older one is refused by reverse and must be refunded.
 """
@@ -69,8 +75,13 @@ def _ledger_failure_is_unknown(call):
         try:
             return call(self, *args, **kwargs)
         except sqlite3.Error as e:
-            return Outcome(Status.UNKNOWN, f"SYSTEMERROR: sandbox ledger failed ({e})")
+            return Outcome(Status.UNKNOWN, f"SYSTEMERROR: sandbox ledger failed ({e})", code="SYSTEMERROR")
     return guarded
+
+
+def funding_source(out_trade_no: str) -> str:
+    """The sandbox's funding source of a paid trade (see the module docstring)."""
+    return "CMB_DEBIT" if out_trade_no[-1:] in ("1", "3", "5", "7", "9") else "CFT"
 
 
 @providers.register("sandbox", SandboxOptions)
@@ -123,15 +134,16 @@ class SandboxProvider(Provider):
         if scenario == "97":
             self._sleep(self.options.slow_ms / 1000)
         if scenario == "90":
-            return Outcome(Status.DECLINED, "NOTENOUGH: balance insufficient")
+            return Outcome(Status.DECLINED, "NOTENOUGH: balance insufficient", code="NOTENOUGH")
         if scenario == "91":
-            return Outcome(Status.DECLINED, "AUTHCODEEXPIRE: payment code expired, refresh it")
+            return Outcome(Status.DECLINED, "AUTHCODEEXPIRE: payment code expired, refresh it", code="AUTHCODEEXPIRE")
         if scenario == "96":
-            return Outcome(Status.UNKNOWN, "timeout: no answer from the platform")
+            return Outcome(Status.UNKNOWN, "timeout: no answer from the platform")  # no code: nothing came back
         if state == "PAYING":
-            reason = "SYSTEMERROR: result unknown" if scenario == "94" else "USERPAYING: waiting for the customer's password"
-            return Outcome(Status.UNKNOWN, reason)
-        return Outcome(Status.PAID, "SUCCESS", platform_txn_id=f"sbx{req.out_trade_no}")
+            if scenario == "94":
+                return Outcome(Status.UNKNOWN, "SYSTEMERROR: result unknown", code="SYSTEMERROR")
+            return Outcome(Status.UNKNOWN, "USERPAYING: waiting for the customer's password", code="USERPAYING")
+        return self._answer("SUCCESS", req.out_trade_no)
 
     @_ledger_failure_is_unknown
     def query(self, out_trade_no: str) -> Outcome:
@@ -141,7 +153,8 @@ class SandboxProvider(Provider):
             row = db.execute("SELECT scenario, state, queries FROM trade WHERE out_trade_no=?",
                              (out_trade_no,)).fetchone()
             if row is None:
-                return Outcome(Status.DECLINED, "ORDERNOTEXIST: the platform never received this trade")
+                return Outcome(Status.DECLINED, "ORDERNOTEXIST: the platform never received this trade",
+                               code="ORDERNOTEXIST")
             scenario, state, queries = row
             queries += 1
             if state == "PAYING" and scenario in ("92", "93") and queries >= 2:
@@ -149,17 +162,20 @@ class SandboxProvider(Provider):
             db.execute("UPDATE trade SET state=?, queries=? WHERE out_trade_no=?", (state, queries, out_trade_no))
         failpoints.hit("platform.query.done")
         if state == "PAYING" and scenario == "94":
-            return Outcome(Status.UNKNOWN, "SYSTEMERROR: query failed, try again")
+            return Outcome(Status.UNKNOWN, "SYSTEMERROR: query failed, try again", code="SYSTEMERROR")
         return self._answer(state, out_trade_no)
 
     def _answer(self, state: str, out_trade_no: str) -> Outcome:
-        return {
-            "SUCCESS": Outcome(Status.PAID, "SUCCESS", platform_txn_id=f"sbx{out_trade_no}"),
-            "PAYING": Outcome(Status.UNKNOWN, "USERPAYING: waiting for the customer's password"),
-            "PAYERROR": Outcome(Status.DECLINED, "PAYERROR: payment failed"),
-            "CLOSED": Outcome(Status.DECLINED, "CLOSED: trade closed"),
-            "REFUND": Outcome(Status.REFUNDED, "REFUND: trade refunded"),
+        if state == "SUCCESS":
+            return Outcome(Status.PAID, "SUCCESS", platform_txn_id=f"sbx{out_trade_no}", code="SUCCESS",
+                           funding_source=funding_source(out_trade_no))
+        status, code, text = {
+            "PAYING": (Status.UNKNOWN, "USERPAYING", "waiting for the customer's password"),
+            "PAYERROR": (Status.DECLINED, "PAYERROR", "payment failed"),
+            "CLOSED": (Status.DECLINED, "CLOSED", "trade closed"),
+            "REFUND": (Status.REFUNDED, "REFUND", "trade refunded"),
         }[state]
+        return Outcome(status, f"{code}: {text}", code=code)
 
     @_ledger_failure_is_unknown
     def reverse(self, out_trade_no: str) -> Outcome:
@@ -168,17 +184,18 @@ class SandboxProvider(Provider):
             db = self._conn()
             row = db.execute("SELECT state, created FROM trade WHERE out_trade_no=?", (out_trade_no,)).fetchone()
             if row is None:  # like WeChat: reversing an unknown trade just closes the number
-                return Outcome(Status.REVERSED, "CLOSED: no such trade; number closed")
+                return Outcome(Status.REVERSED, "CLOSED: no such trade; number closed", code="SUCCESS")
             state, created = row
             if state == "REFUND":
-                return Outcome(Status.REVERSED, "REFUND: already refunded")
+                return Outcome(Status.REVERSED, "REFUND: already refunded", code="SUCCESS")
             if time.time() - created > self.options.reverse_window_s:
-                return Outcome(Status.DECLINED, "REVERSE_EXPIRE: outside the reverse window, refund instead")
+                return Outcome(Status.DECLINED, "REVERSE_EXPIRE: outside the reverse window, refund instead",
+                               code="REVERSE_EXPIRE")
             new = "REFUND" if state == "SUCCESS" else "CLOSED"
             db.execute("UPDATE trade SET state=? WHERE out_trade_no=?", (new, out_trade_no))
         failpoints.hit("platform.reverse.done")
         return Outcome(Status.REVERSED, "SUCCESS: paid trade refunded to the customer" if new == "REFUND"
-                       else "SUCCESS: unpaid trade closed")
+                       else "SUCCESS: unpaid trade closed", code="SUCCESS")
 
     @_ledger_failure_is_unknown
     def refund(self, out_trade_no: str, amount_fen: int, out_refund_no: str) -> Outcome:
@@ -187,12 +204,13 @@ class SandboxProvider(Provider):
             db = self._conn()
             row = db.execute("SELECT state, amount_fen FROM trade WHERE out_trade_no=?", (out_trade_no,)).fetchone()
             if row is None or row[0] not in ("SUCCESS", "REFUND"):
-                return Outcome(Status.DECLINED, "TRADE_NOT_PAID: nothing to refund")
+                return Outcome(Status.DECLINED, "TRADE_NOT_PAID: nothing to refund", code="TRADE_NOT_PAID")
             if amount_fen != row[1]:
-                return Outcome(Status.DECLINED, "INVALID_REQUEST: refund amount differs from the payment")
+                return Outcome(Status.DECLINED, "INVALID_REQUEST: refund amount differs from the payment",
+                               code="INVALID_REQUEST")
             db.execute("UPDATE trade SET state='REFUND' WHERE out_trade_no=?", (out_trade_no,))
         failpoints.hit("platform.refund.done")
-        return Outcome(Status.REFUNDED, "SUCCESS: refund accepted")
+        return Outcome(Status.REFUNDED, "SUCCESS: refund accepted", code="SUCCESS")
 
     def charges(self, code: str) -> int:
         """How many trades this code paid and kept (for tests: nobody is charged twice)."""
