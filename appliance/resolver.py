@@ -54,19 +54,43 @@ def settle(journal: Journal, txn: Txn, outcome: Outcome) -> Txn:
     return new
 
 
+def refund_number(txn: Txn) -> str:
+    """The out_refund_no of a payment's one refund: derived from its out_trade_no, so that every
+    retry, also after a restart, asks for the same refund (and never for a second one)."""
+    return f"{txn.out_trade_no}R"
+
+
 def drive_cancel(journal: Journal, provider: Provider, txn: Txn, in_flight: InFlight) -> Txn:
-    """One attempt to cancel a `cancel_requested` payment: reverse, else refund. When the platform
-    answers nothing definite, the payment is due again after the platform's `retry_every_s`."""
+    """One attempt to cancel a `cancel_requested` payment: reverse, else refund.
+
+    A refund may only be accepted (WeChat's always is): the payment then stays `cancel_requested`
+    and becomes `refunded` only when `query_refund` says the refund succeeded. So an attempt after
+    an earlier one (`attempts` > 0, kept in the journal across restarts) first asks `query_refund`
+    about the payment's refund (`refund_number`): succeeded -> refunded; processing or no answer ->
+    wait; failed or never requested -> reverse, else refund (again, with the same number). A
+    refund the platform refuses puts the payment back to `paid`. When the platform answers
+    nothing definite, the payment is due again after the platform's `retry_every_s`."""
+    out_refund_no = refund_number(txn)
     try:
+        if txn.attempts:
+            out = provider.query_refund(txn.out_trade_no, out_refund_no)
+            if out.status is Status.REFUNDED:
+                return _move(journal, txn, State.REFUNDED, out)
+            if out.status is Status.UNKNOWN:
+                return _retry_later(journal, in_flight, txn, provider.policy.retry_every_s,
+                                    f"refund not finished: {out.reason}")
         out = provider.reverse(txn.out_trade_no)
         if out.status is Status.REVERSED:
             return _move(journal, txn, State.CANCELLED, out)
         if out.status is Status.DECLINED:  # outside the reverse window: refund instead
-            out = provider.refund(txn.out_trade_no, txn.amount_fen, f"{txn.out_trade_no}R")
+            out = provider.refund(txn.out_trade_no, txn.amount_fen, txn.amount_fen, out_refund_no)
             if out.status is Status.REFUNDED:
                 return _move(journal, txn, State.REFUNDED, out)
             if out.status is Status.DECLINED:
-                return _move(journal, txn, State.PAID, Outcome(Status.PAID, f"cancel refused: {out.reason}"))
+                return _move(journal, txn, State.PAID, Outcome(Status.PAID, f"cancel refused: {out.reason}",
+                                                               code=out.code))
+            return _retry_later(journal, in_flight, txn, provider.policy.retry_every_s,
+                                f"refund not finished: {out.reason}")
     except ProviderError as e:
         out = Outcome(Status.UNKNOWN, f"{type(e).__name__}: {e}")
     return _retry_later(journal, in_flight, txn, provider.policy.retry_every_s, f"cancel still open: {out.reason}")

@@ -3,12 +3,14 @@
 Each kill point is one SIGKILL of a real service process in the middle of its work:
 
   * at a named crash point (`appliance/failpoints.py`): just before or after any journal commit,
-    or just after the platform charged, answered a query, reversed or refunded; the N-th point the
-    process passes is chosen by a seeded random generator, so a run is reproducible;
+    or just after the platform charged, answered a query, reversed, refunded or answered a refund
+    query; the N-th point the process passes is chosen by a seeded random generator, so a run is
+    reproducible;
   * or at a random moment (a seeded delay), wherever the process happens to be.
 
 Kills land in payments (every sandbox outcome: paid, declined, expired code, the customer's
-password, a system error, a lost answer, an unreachable platform), in cancels, and in the
+password, a system error, a lost answer, an unreachable platform, a refund first only accepted),
+in cancels (reverses, refunds and the polling of a refund still processing), and in the
 resolver's work, including the recovery right after a restart (some restarts are armed too).
 
 After every kill the service is started again, unarmed, until every payment is final, and the
@@ -48,9 +50,9 @@ CHAINS = 4  # independent lanes (state dirs) killed side by side
 
 #: Sandbox outcomes by the code's last two digits (appliance/payments/sandbox.py).
 OUTCOMES = {"paid": "07", "declined": "90", "expired": "91", "password_ok": "92", "password_giveup": "93",
-            "systemerror": "94", "unreachable": "95", "lost_answer": "96"}
+            "systemerror": "94", "unreachable": "95", "lost_answer": "96", "refund_processing": "98"}
 WEIGHTS = {"paid": 8, "declined": 1, "expired": 1, "password_ok": 2, "password_giveup": 1, "systemerror": 1,
-           "unreachable": 1, "lost_answer": 2}
+           "unreachable": 1, "lost_answer": 2, "refund_processing": 1}
 
 @dataclass
 class Chain:
@@ -113,7 +115,7 @@ def _scenario(chain: Chain) -> list[tuple[str, ...]]:
             outcome = chain.rng.choices(list(WEIGHTS), list(WEIGHTS.values()))[0]
             order, amount = chain.order(), f"{chain.rng.randint(1, 99999) / 100:.2f}"
             steps.append((f"ORD:{order}:{amount}", chain.code(outcome)))
-            if outcome == "paid":
+            if outcome in ("paid", "refund_processing"):
                 chain.paid_orders.append((order, amount))
     return steps
 

@@ -204,7 +204,7 @@ def test_cancel_refused_by_reverse_and_refund_goes_back_to_paid(lane):
     sandbox = lane.router.by_name("sandbox")
     paid = lane.till.charge("A1", 100, WECHAT_PAID).txn
     sandbox.reverse = lambda no: Outcome(Status.DECLINED, "REVERSE_EXPIRE")
-    sandbox.refund = lambda no, fen, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
+    sandbox.refund = lambda no, fen, total, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
     r = lane.till.cancel("A1")
     assert r.txn.state is State.PAID and "cancel refused: TRADE_HAS_FINISHED" in r.reason
     assert r.exit_code == 3 and r.signal is Signal.DECLINED
@@ -259,3 +259,74 @@ def test_funding_source_and_platform_id_reach_the_journal_and_head_office(lane, 
     last = lane.journal.events(txn.txn_id)[-1]
     assert (last["state"], last["funding_source"], last["platform_txn_id"]) == (
         "paid", txn.funding_source, txn.platform_txn_id)
+
+
+WECHAT_REFUND_PROCESSING = "134567890123456798"  # paid at once; its refund is first only accepted
+
+
+def _calls(sandbox, *names):
+    """Count the platform calls made through `sandbox` by name."""
+    counted = {n: 0 for n in names}
+    for n in names:
+        real = getattr(sandbox, n)
+
+        def call(*a, _n=n, _real=real):
+            counted[_n] += 1
+            return _real(*a)
+        setattr(sandbox, n, call)
+    return counted
+
+
+def test_a_refund_only_accepted_stays_cancel_requested_until_the_platform_says_it_succeeded(lane):
+    from appliance.resolver import Resolver
+
+    sandbox = lane.router.by_name("sandbox")
+    sandbox.options = type(sandbox.options)(reverse_window_s=1e-6)
+    paid = lane.till.charge("A1", 100, WECHAT_REFUND_PROCESSING).txn
+    r = lane.till.cancel("A1")
+    assert r.txn.state is State.CANCEL_REQUESTED and r.exit_code == 4
+    assert "refund not finished: PROCESSING" in r.txn.retry_note and r.txn.attempts == 1
+    assert sandbox.trades()[paid.out_trade_no][0] == "SUCCESS"  # not refunded yet: the money is still taken
+    # a restart: a new resolver with nothing in memory still knows the refund was requested
+    calls = _calls(sandbox, "reverse", "refund", "query_refund")
+    fresh = Resolver(lane.journal, lane.router, store_id="S1", terminal_id="L1", stale_pending_s=60,
+                     forward_within_s=60)
+    states = []
+    deadline = time.monotonic() + 5
+    while lane.journal.get(paid.txn_id).state is State.CANCEL_REQUESTED and time.monotonic() < deadline:
+        fresh.step()
+        states.append(lane.journal.get(paid.txn_id).state)
+        time.sleep(0.02)
+    end = lane.journal.get(paid.txn_id)
+    assert end.state is State.REFUNDED and end.reason.startswith("SUCCESS")
+    assert calls == {"reverse": 0, "refund": 0, "query_refund": 2}  # processing, then success
+    assert [e["state"] for e in lane.journal.events(paid.txn_id)] == [
+        "pending", "paid", "cancel_requested", "refunded"]
+    assert sandbox.trades()[paid.out_trade_no][0] == "REFUND" and sandbox.charges(WECHAT_REFUND_PROCESSING) == 0
+
+
+@pytest.mark.parametrize("query_says,refund_says,end", [
+    # the refund failed at the platform: asked again (same out_refund_no), it is refused -> paid
+    (Outcome(Status.DECLINED, "REFUNDCLOSE", code="REFUNDCLOSE"),
+     Outcome(Status.DECLINED, "NOTENOUGH: merchant balance", code="NOTENOUGH"), State.PAID),
+    # the first refund never arrived: requested again, it succeeds
+    (Outcome(Status.DECLINED, "REFUNDNOTEXIST", code="REFUNDNOTEXIST"),
+     Outcome(Status.REFUNDED, "SUCCESS", code="SUCCESS"), State.REFUNDED),
+    # the query itself fails: wait and ask again; here it keeps failing, so the payment stays open
+    (Outcome(Status.UNKNOWN, "SYSTEMERROR", code="SYSTEMERROR"), None, State.CANCEL_REQUESTED),
+])
+def test_a_refund_that_was_requested_is_asked_about_before_anything_else(lane, query_says, refund_says, end):
+    sandbox = lane.router.by_name("sandbox")
+    sandbox.options = type(sandbox.options)(reverse_window_s=1e-6)
+    paid = lane.till.charge("A1", 100, WECHAT_REFUND_PROCESSING).txn
+    assert lane.till.cancel("A1").txn.state is State.CANCEL_REQUESTED
+    refunds = []
+    sandbox.query_refund = lambda no, rno: query_says
+    sandbox.refund = lambda no, fen, total, rno: refunds.append((no, fen, total, rno)) or refund_says
+    deadline = time.monotonic() + 1.0
+    while lane.journal.get(paid.txn_id).state is State.CANCEL_REQUESTED and time.monotonic() < deadline:
+        lane.resolver.step()
+        time.sleep(0.02)
+    assert lane.journal.get(paid.txn_id).state is end
+    assert all(r == (paid.out_trade_no, 100, 100, f"{paid.out_trade_no}R") for r in refunds)
+    assert len(refunds) == (0 if refund_says is None else 1)

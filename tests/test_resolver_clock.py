@@ -78,9 +78,13 @@ class Outage(SandboxProvider):
         self._gate()
         return super().reverse(out_trade_no)
 
-    def refund(self, out_trade_no: str, amount_fen: int, out_refund_no: str):
+    def refund(self, out_trade_no: str, amount_fen: int, total_fen: int, out_refund_no: str):
         self._gate()
-        return super().refund(out_trade_no, amount_fen, out_refund_no)
+        return super().refund(out_trade_no, amount_fen, total_fen, out_refund_no)
+
+    def query_refund(self, out_trade_no: str, out_refund_no: str):
+        self._gate()
+        return super().query_refund(out_trade_no, out_refund_no)
 
 
 class VirtualLane:

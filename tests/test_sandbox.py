@@ -80,8 +80,30 @@ def test_outside_reverse_window_refund_instead(tmp_path):
     p = SandboxProvider("sbx", SandboxOptions(reverse_window_s=0.000001), tmp_path)
     p.pay(_req("134567890123456700"))
     assert p.reverse("T1").status is Status.DECLINED
-    assert p.refund("T1", 99, "T1R").status is Status.DECLINED  # wrong amount
-    assert p.refund("T1", 100, "T1R").status is Status.REFUNDED
+    assert p.refund("T1", 99, 99, "T1R").status is Status.DECLINED  # wrong total
+    assert p.refund("T1", 99, 100, "T1R").status is Status.DECLINED  # partial: not in the sandbox
+    assert p.query_refund("T1", "T1R").code == "REFUNDNOTEXIST"
+    assert p.refund("T1", 100, 100, "T1R").status is Status.REFUNDED
+    assert p.query_refund("T1", "T1R").status is Status.REFUNDED
+    assert p.query("T1").status is Status.REFUNDED
+    p.close()
+
+
+@pytest.mark.parametrize("steps", [
+    # (call, answer status, answer code, the trade's state at the platform after it)
+    [("refund", Status.UNKNOWN, "PROCESSING", "SUCCESS"), ("query_refund", Status.UNKNOWN, "PROCESSING", "SUCCESS"),
+     ("query_refund", Status.REFUNDED, "SUCCESS", "REFUND"), ("query_refund", Status.REFUNDED, "SUCCESS", "REFUND")],
+    [("refund", Status.UNKNOWN, "PROCESSING", "SUCCESS"), ("refund", Status.UNKNOWN, "PROCESSING", "SUCCESS"),
+     ("query_refund", Status.UNKNOWN, "PROCESSING", "SUCCESS"), ("refund", Status.UNKNOWN, "PROCESSING", "SUCCESS"),
+     ("query_refund", Status.REFUNDED, "SUCCESS", "REFUND"), ("refund", Status.REFUNDED, "SUCCESS", "REFUND")],
+])
+def test_a_refund_of_a_code_ending_98_is_first_processing(tmp_path, steps):
+    p = SandboxProvider("sbx", SandboxOptions(reverse_window_s=0.000001), tmp_path)
+    assert p.pay(_req("134567890123456798")).status is Status.PAID
+    for call, status, code, trade in steps:
+        out = p.refund("T1", 100, 100, "T1R") if call == "refund" else p.query_refund("T1", "T1R")
+        assert (call, out.status, out.code, p.trades()["T1"][0]) == (call, status, code, trade)
+    assert p.charges("134567890123456798") == 0
     p.close()
 
 

@@ -323,7 +323,7 @@ def test_cancel_refused_after_resolving_shows_declined_not_paid(till, lane):
     r = scan(till, "ORD:A1:1.00")
     assert r.txn.state is State.CANCEL_REQUESTED and till.indicator.current is Signal.WORKING
     sandbox.reverse = lambda no: Outcome(Status.DECLINED, "REVERSE_EXPIRE")
-    sandbox.refund = lambda no, fen, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
+    sandbox.refund = lambda no, fen, total, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
     deadline = time.monotonic() + 5
     while lane.journal.get(r.txn.txn_id).state is State.CANCEL_REQUESTED:
         assert time.monotonic() < deadline

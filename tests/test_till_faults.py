@@ -32,8 +32,11 @@ class DuringPay(Provider):
     def reverse(self, out_trade_no):
         return self.inner.reverse(out_trade_no)
 
-    def refund(self, out_trade_no, amount_fen, out_refund_no):
-        return self.inner.refund(out_trade_no, amount_fen, out_refund_no)
+    def refund(self, out_trade_no, amount_fen, total_fen, out_refund_no):
+        return self.inner.refund(out_trade_no, amount_fen, total_fen, out_refund_no)
+
+    def query_refund(self, out_trade_no, out_refund_no):
+        return self.inner.query_refund(out_trade_no, out_refund_no)
 
 
 def _lane(state_dir, hook=None):

@@ -1,4 +1,4 @@
-"""The Provider port: one payment platform's barcode-payment API, reduced to four calls.
+"""The Provider port: one payment platform's barcode-payment API, reduced to five calls.
 
 Contract for adapters (one per file, chosen by `[providers.<name>] kind`):
   * `pay(req)` answers PAID, DECLINED or UNKNOWN. UNKNOWN covers every uncertain end: timeouts,
@@ -10,8 +10,14 @@ Contract for adapters (one per file, chosen by `[providers.<name>] kind`):
   * `reverse(out_trade_no)` cancels an uncertain or paid trade: REVERSED (closed, or paid and
     refunded), UNKNOWN (call again: recall=Y, retry_flag=Y, transport error) or DECLINED (the
     platform refuses, e.g. outside the reverse window: use refund).
-  * `refund(out_trade_no, amount_fen, out_refund_no)`: REFUNDED, UNKNOWN (retry with the same
-    out_refund_no) or DECLINED.
+  * `refund(out_trade_no, amount_fen, total_fen, out_refund_no)`: `total_fen` is the order's
+    total (WeChat `total_fee`), `amount_fen` what is paid back. REFUNDED only when the platform
+    says the money went back; UNKNOWN when the refund was only accepted (WeChat: always; it is
+    then confirmed by `query_refund`) or the call failed (retry with the same out_refund_no);
+    DECLINED when refused.
+  * `query_refund(out_trade_no, out_refund_no)`: REFUNDED (the refund succeeded), UNKNOWN
+    (still processing, or the query failed) or DECLINED (the refund failed or never arrived: the
+    caller may refund again with the same out_refund_no).
   * Every answer is an `Outcome`: `status`; `code`, the platform's own result or error code
     ("SUCCESS", "NOTENOUGH", "USERPAYING", "ORDERNOTEXIST", "ACQ.TRADE_HAS_CLOSE", ...), so no
     caller ever parses `reason` (text for people); `platform_txn_id`, the platform's transaction
@@ -104,7 +110,10 @@ class Provider(ABC):
     def reverse(self, out_trade_no: str) -> Outcome: ...
 
     @abstractmethod
-    def refund(self, out_trade_no: str, amount_fen: int, out_refund_no: str) -> Outcome: ...
+    def refund(self, out_trade_no: str, amount_fen: int, total_fen: int, out_refund_no: str) -> Outcome: ...
+
+    @abstractmethod
+    def query_refund(self, out_trade_no: str, out_refund_no: str) -> Outcome: ...
 
     def close(self) -> None:
         """Release connections. Idempotent."""

@@ -13,6 +13,8 @@ like a real one would. Outcomes are chosen by the payment code's last two digits
     ..95       platform unreachable: nothing is sent (ProviderUnavailable)
     ..96       charged, but the answer is lost (timeout): unknown, the 1st query answers paid
     ..97       slow: charged at once, answered after `slow_ms` (for crash-mid-payment tests)
+    ..98       paid at once; a refund of it is only accepted (PROCESSING, like WeChat's): the
+               1st `query_refund` answers PROCESSING, the 2nd and later SUCCESS
 
 A paid trade's funding source (WeChat `bank_type` style) follows the last digit of its
 out_trade_no: even "CFT" (the wallet's balance), odd "CMB_DEBIT" (a bank card). Every answer
@@ -23,10 +25,14 @@ carries the platform's code (`Outcome.code`) as a real platform would: "SUCCESS"
 And by the amount: above `password_above` (default 1000.00, WeChat's password-free limit) the
 customer must confirm a password, as for ..92. A paid trade younger than `reverse_window_s` is
 reversed (refunded to the customer); an older one is refused by reverse and must be refunded.
+Refunds are of the whole payment (`amount_fen == total_fen ==` the trade's amount); every other
+trade's refund succeeds at once. A refund repeated with the same out_refund_no answers what the
+first one did; `query_refund` of an out_refund_no it never got answers REFUNDNOTEXIST (declined).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -65,6 +71,26 @@ CREATE TABLE IF NOT EXISTS trade (
     created REAL NOT NULL
 )
 """
+_REFUND_SCHEMA = """
+CREATE TABLE IF NOT EXISTS refund (
+    out_refund_no TEXT PRIMARY KEY,
+    out_trade_no TEXT NOT NULL,
+    amount_fen INTEGER NOT NULL,
+    state TEXT NOT NULL,          -- PROCESSING, SUCCESS
+    queries INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection):
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _ledger_failure_is_unknown(call):
@@ -106,11 +132,12 @@ class SandboxProvider(Provider):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(_SCHEMA)
+            self._db.execute(_REFUND_SCHEMA)
         return self._db
 
     def _scenario(self, req: PayRequest) -> str:
         tail = req.auth_code[-2:]
-        if tail in ("90", "91", "92", "93", "94", "95", "96", "97"):
+        if tail in ("90", "91", "92", "93", "94", "95", "96", "97", "98"):
             return tail
         return "92" if req.amount_fen > self.options.password_above else "ok"
 
@@ -120,7 +147,8 @@ class SandboxProvider(Provider):
         if scenario == "95":
             raise ProviderUnavailable("sandbox: platform unreachable (code ends 95)")
         self._sleep(self.options.latency_ms / 1000)
-        state = {"ok": "SUCCESS", "90": "PAYERROR", "91": "PAYERROR", "96": "SUCCESS", "97": "SUCCESS"}.get(
+        state = {"ok": "SUCCESS", "90": "PAYERROR", "91": "PAYERROR", "96": "SUCCESS", "97": "SUCCESS",
+                 "98": "SUCCESS"}.get(
             scenario, "PAYING")
         with self._lock:
             db = self._conn()
@@ -198,19 +226,55 @@ class SandboxProvider(Provider):
                        else "SUCCESS: unpaid trade closed", code="SUCCESS")
 
     @_ledger_failure_is_unknown
-    def refund(self, out_trade_no: str, amount_fen: int, out_refund_no: str) -> Outcome:
+    def refund(self, out_trade_no: str, amount_fen: int, total_fen: int, out_refund_no: str) -> Outcome:
         self._sleep(self.options.latency_ms / 1000)
         with self._lock:
             db = self._conn()
-            row = db.execute("SELECT state, amount_fen FROM trade WHERE out_trade_no=?", (out_trade_no,)).fetchone()
+            done = db.execute("SELECT state FROM refund WHERE out_refund_no=?", (out_refund_no,)).fetchone()
+            if done is not None:  # a retry with the same out_refund_no: answer what the first one did
+                return self._refund_answer(done[0])
+            row = db.execute("SELECT state, amount_fen, scenario FROM trade WHERE out_trade_no=?",
+                             (out_trade_no,)).fetchone()
             if row is None or row[0] not in ("SUCCESS", "REFUND"):
                 return Outcome(Status.DECLINED, "TRADE_NOT_PAID: nothing to refund", code="TRADE_NOT_PAID")
-            if amount_fen != row[1]:
-                return Outcome(Status.DECLINED, "INVALID_REQUEST: refund amount differs from the payment",
+            if total_fen != row[1]:
+                return Outcome(Status.DECLINED, "INVALID_REQUEST: order total differs from the payment",
                                code="INVALID_REQUEST")
-            db.execute("UPDATE trade SET state='REFUND' WHERE out_trade_no=?", (out_trade_no,))
+            if amount_fen != total_fen:
+                return Outcome(Status.DECLINED, "INVALID_REQUEST: the sandbox refunds whole payments only",
+                               code="INVALID_REQUEST")
+            state = "PROCESSING" if row[2] == "98" and row[0] == "SUCCESS" else "SUCCESS"
+            with _transaction(db):
+                db.execute("INSERT INTO refund VALUES (?,?,?,?,0)", (out_refund_no, out_trade_no, amount_fen, state))
+                if state == "SUCCESS":
+                    db.execute("UPDATE trade SET state='REFUND' WHERE out_trade_no=?", (out_trade_no,))
         failpoints.hit("platform.refund.done")
-        return Outcome(Status.REFUNDED, "SUCCESS: refund accepted", code="SUCCESS")
+        return self._refund_answer(state)
+
+    @_ledger_failure_is_unknown
+    def query_refund(self, out_trade_no: str, out_refund_no: str) -> Outcome:
+        self._sleep(self.options.latency_ms / 1000)
+        with self._lock:
+            db = self._conn()
+            row = db.execute("SELECT state, queries FROM refund WHERE out_refund_no=? AND out_trade_no=?",
+                             (out_refund_no, out_trade_no)).fetchone()
+            if row is None:
+                return Outcome(Status.DECLINED, "REFUNDNOTEXIST: no such refund", code="REFUNDNOTEXIST")
+            state, queries = row[0], row[1] + 1
+            if state == "PROCESSING" and queries >= 2:
+                state = "SUCCESS"
+            with _transaction(db):
+                db.execute("UPDATE refund SET state=?, queries=? WHERE out_refund_no=?", (state, queries, out_refund_no))
+                if state == "SUCCESS":
+                    db.execute("UPDATE trade SET state='REFUND' WHERE out_trade_no=?", (out_trade_no,))
+        failpoints.hit("platform.query_refund.done")
+        return self._refund_answer(state)
+
+    @staticmethod
+    def _refund_answer(state: str) -> Outcome:
+        if state == "SUCCESS":
+            return Outcome(Status.REFUNDED, "SUCCESS: refunded to the customer", code="SUCCESS")
+        return Outcome(Status.UNKNOWN, "PROCESSING: refund accepted, not yet done", code="PROCESSING")
 
     def charges(self, code: str) -> int:
         """How many trades this code paid and kept (for tests: nobody is charged twice)."""
