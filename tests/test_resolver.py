@@ -330,3 +330,24 @@ def test_a_refund_that_was_requested_is_asked_about_before_anything_else(lane, q
     assert lane.journal.get(paid.txn_id).state is end
     assert all(r == (paid.out_trade_no, 100, 100, f"{paid.out_trade_no}R") for r in refunds)
     assert len(refunds) == (0 if refund_says is None else 1)
+
+
+def test_no_payment_code_reaches_a_log_line_on_any_path(lane, caplog):
+    """Every sandbox outcome through the real till and resolver, and a cancel by refund: the full
+    payment code (PayRequest.auth_code) is in no log record, no exception text, no repr."""
+    import logging
+
+    from appliance.payments import PayRequest
+
+    caplog.set_level(logging.DEBUG)
+    sandbox = lane.router.by_name("sandbox")
+    sandbox.options = type(sandbox.options)(reverse_window_s=1e-6, slow_ms=0)
+    codes = [f"1345678901234567{tail}" for tail in ("00", "90", "91", "92", "93", "94", "95", "96", "97", "98")]
+    for n, code in enumerate(codes):
+        r = lane.till.charge(f"N{n}", 100, code)
+        _resolve(lane, r.txn.txn_id)
+        assert code not in repr(PayRequest(r.txn.out_trade_no, 100, code, "x", "S", "L"))
+    lane.till.cancel("N9")
+    _resolve(lane, lane.journal.by_order("N9")[-1].txn_id)
+    text = "\n".join(rec.getMessage() + (rec.exc_text or "") for rec in caplog.records)
+    assert caplog.records and not [c for c in codes if c in text]
