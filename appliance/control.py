@@ -443,6 +443,25 @@ def _wait_of(request: dict) -> float:
     return float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= MAX_WAIT_S else 0.0
 
 
+#: How long a client keeps trying while the service's queue of waiting connections is full.
+CONNECT_WAIT_S = 5.0
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    """Connect, waiting out a full listen backlog (EAGAIN: a Unix socket never blocks for it) for
+    up to CONNECT_WAIT_S, as a busy service drains it; any other error is raised at once."""
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            with unix_address(path) as address:
+                sock.connect(address)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 def call(state_dir: Path, request: dict, *, reply_timeout_s: float = REPLY_TIMEOUT_S) -> dict | None:
     """Send one request to the service of this state dir. Returns its reply, or None when no
     service listens (no socket file, or one left by a dead service). Raises ServiceGone when the
@@ -451,14 +470,15 @@ def call(state_dir: Path, request: dict, *, reply_timeout_s: float = REPLY_TIMEO
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(5.0)
         try:
-            with unix_address(path) as address:
-                sock.connect(address)
+            _connect(sock, path)
         except (FileNotFoundError, ConnectionRefusedError):
             return None
         except OSError as e:
             if e.errno == errno.ENOENT:  # the state dir itself is missing
                 return None
             hint = " (run as the service user or a member of its group)" if e.errno == errno.EACCES else ""
+            if e.errno == errno.EAGAIN:
+                hint = f" (its queue of waiting connections stayed full for {CONNECT_WAIT_S:g}s)"
             raise ApplianceError(f"cannot reach the lane service at {path}: {e.strerror}{hint}") from None
         try:
             sock.sendall(json.dumps(request).encode() + b"\n")

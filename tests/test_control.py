@@ -479,3 +479,47 @@ def test_sigterm_during_a_slow_command_client_exits_4(tmp_path):
     assert json.loads(out)["state"] == "unknown"
     assert journal.recent()[0].state is State.PENDING  # resolved at the next start
     journal.close()
+
+
+def test_a_client_waits_out_a_full_connection_queue(tmp_path):
+    """A service that drains its backlog a moment later is reached, not reported unreachable (a Unix
+    socket's connect fails with EAGAIN at once while the listen backlog is full)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fillers = []
+    with control.unix_address(state / control.SOCKET_NAME) as address:
+        server.bind(address)
+        server.listen(1)
+        while True:  # fill the backlog: nobody accepts yet
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(address)
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+
+    def serve_later():
+        time.sleep(0.3)
+        server.settimeout(5)
+        for _ in range(len(fillers) + 1):
+            conn, _ = server.accept()
+            conn.settimeout(0.2)
+            try:
+                if conn.recv(4096):
+                    conn.sendall(b'{"state": "paid", "reason": "", "exit_code": 0}\n')
+            except TimeoutError:
+                pass  # a filler: it sends nothing
+            conn.close()
+
+    t = threading.Thread(target=serve_later)
+    t.start()
+    try:
+        assert control.call(state, charge_request(), reply_timeout_s=5)["state"] == "paid"
+    finally:
+        t.join(10)
+        for s in fillers:
+            s.close()
+        server.close()
