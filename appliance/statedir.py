@@ -127,32 +127,45 @@ def _create(state_dir: Path, store_id: str, terminal_id: str, init_schema, at: d
     journal_id = secrets.token_hex(16)
     key = secrets.token_bytes(32)
     stamp = at.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    lane = {"store_id": store_id, "terminal_id": terminal_id}
     # Phase 1: every file complete under its .new name.
-    _write_file(state_dir / (KEY + NEW), json.dumps({"journal_id": journal_id, "key": key.hex()}) + "\n")
-    _write_file(state_dir / (ID + NEW), json.dumps({"journal_id": journal_id, **lane, "created_at": stamp},
-                                                  indent=1) + "\n")
+    _write_identity(state_dir, journal_id, key, store_id, terminal_id, stamp)
     tmp = state_dir / f".{JOURNAL}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # SQLite's -wal/-shm copy mode and owner
     _give_to_dir_owner(fd, state_dir)
     os.close(fd)
     init_schema(tmp)
-    conn = sqlite3.connect(tmp, isolation_level=None)
-    try:
-        alphabet = string.ascii_lowercase + string.digits
-        meta = {"journal_id": journal_id, "key_check": key_check(key), "created_at": stamp,
-                "epoch": "".join(secrets.choice(alphabet) for _ in range(3)), **lane}
-        conn.execute("BEGIN")
-        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    alphabet = string.ascii_lowercase + string.digits
+    _put_meta(tmp, journal_id, key, store_id, terminal_id, created_at=stamp,
+              epoch="".join(secrets.choice(alphabet) for _ in range(3)))
     _fsync(tmp)
     os.rename(tmp, state_dir / (JOURNAL + NEW))
     _fsync(state_dir)
     # Phase 2: into place.
     _roll_forward(state_dir)
     log.info("new journal %s created in %s for lane %s/%s", journal_id, state_dir, store_id, terminal_id)
+
+
+def _write_identity(state_dir: Path, journal_id: str, key: bytes, store_id: str, terminal_id: str,
+                    created_at: str | None) -> None:
+    """Phase 1 of a creation or an upgrade: the key file and journal.id, complete, under .new names."""
+    _write_file(state_dir / (KEY + NEW), json.dumps({"journal_id": journal_id, "key": key.hex()}) + "\n")
+    _write_file(state_dir / (ID + NEW), json.dumps({"journal_id": journal_id, "store_id": store_id,
+                                                   "terminal_id": terminal_id, "created_at": created_at},
+                                                  indent=1) + "\n")
+
+
+def _put_meta(path: Path, journal_id: str, key: bytes, store_id: str, terminal_id: str, **more: str) -> None:
+    """Record the journal's identity (id, key check, lane, and `more`) in its meta table, durably."""
+    meta = {"journal_id": journal_id, "key_check": key_check(key), "store_id": store_id,
+            "terminal_id": terminal_id, **more}
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
 
 
 def _finish_interrupted_creation(state_dir: Path) -> None:
@@ -302,19 +315,8 @@ def _upgrade(state_dir: Path, store_id: str, terminal_id: str, meta: dict, key_d
         raise JournalIntegrityError(f"{state_dir / JOURNAL} is not a lane journal; {RECOVERY}")
     journal_id = secrets.token_hex(16)
     key = key_doc["key"]
-    _write_file(state_dir / (KEY + NEW), json.dumps({"journal_id": journal_id, "key": key.hex()}) + "\n")
-    _write_file(state_dir / (ID + NEW), json.dumps({"journal_id": journal_id, "store_id": store_id,
-                                                   "terminal_id": terminal_id, "created_at": None}, indent=1) + "\n")
-    conn = sqlite3.connect(state_dir / JOURNAL, isolation_level=None)
-    try:
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                         {"journal_id": journal_id, "key_check": key_check(key),
-                          "store_id": store_id, "terminal_id": terminal_id}.items())
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    _write_identity(state_dir, journal_id, key, store_id, terminal_id, None)
+    _put_meta(state_dir / JOURNAL, journal_id, key, store_id, terminal_id)
     _roll_forward(state_dir)
     log.warning("journal in %s upgraded: it is now journal %s", state_dir, journal_id)
     return Identity(journal_id, key)
