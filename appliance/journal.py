@@ -38,6 +38,7 @@ promised below the files (blocks the filesystem freed, flash wear levelling).
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import hmac
@@ -142,7 +143,8 @@ def rfc3339(t: datetime) -> str:
 
 
 #: The journal's schema version, in SQLite's `PRAGMA user_version`. 0 (never set) is the first
-#: schema; 2 added `payment.funding_source`. `_migrate` brings an older journal forward on a
+#: schema; 2 added `payment.funding_source` and the unique indexes `payment_live_order` and
+#: `payment_code_once`. `_migrate` brings an older journal forward on a
 #: writer's open.
 SCHEMA_VERSION = 2
 
@@ -238,6 +240,8 @@ def _migrate(db: pw.Database) -> None:
         if db.execute_sql("PRAGMA user_version").fetchone()[0] < 2:
             if "funding_source" not in _payment_columns(db):
                 db.execute_sql("ALTER TABLE payment ADD COLUMN funding_source VARCHAR(255)")
+            db.execute_sql(_LIVE_ORDER_INDEX)  # fails on a journal that already charged twice
+            db.execute_sql(_CODE_ONCE_INDEX)
         db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute_sql("COMMIT")
     except BaseException:
@@ -253,9 +257,7 @@ def _reading(method):
         try:
             return method(self, *args, **kwargs)
         except (pw.OperationalError, sqlite3.OperationalError) as e:
-            if _disk_full(e):
-                raise JournalFull(f"disk full: the journal in {self.state_dir} cannot be read") from None
-            raise JournalError(f"journal read failed: {e}") from None
+            raise _journal_error(e, "read", self.state_dir) from None
     return read
 
 
@@ -308,9 +310,6 @@ class Journal:
             self._Meta, self._Seq, self._Payment, self._Outbox = _models(
                 self.db, with_funding_source=not readonly or "funding_source" in _payment_columns(self.db))
             self._epoch = self._Meta.get(self._Meta.key == "epoch").value
-            if not readonly:
-                self.db.execute_sql(_LIVE_ORDER_INDEX)
-                self.db.execute_sql(_CODE_ONCE_INDEX)
             if not readonly:
                 st = os.stat(self.path)
                 self._file_id = (st.st_dev, st.st_ino)
@@ -416,10 +415,8 @@ class Journal:
                     pass
             if isinstance(e, pw.IntegrityError):  # a unique index caught what the checks above missed
                 raise Refused(f"refused by the journal's uniqueness rules: {e}") from None
-            if _disk_full(e):
-                raise JournalFull(f"disk full: the journal in {self.state_dir} cannot record this") from None
-            if isinstance(e, (pw.OperationalError, sqlite3.OperationalError)):
-                raise JournalError(f"journal write failed: {e}") from None
+            if _disk_full(e) or isinstance(e, (pw.OperationalError, sqlite3.OperationalError)):
+                raise _journal_error(e, "write", self.state_dir) from None
             raise
 
     def open_payment(self, *, order: str, amount_fen: int, payment_type: str, platform: str,
@@ -437,11 +434,7 @@ class Journal:
         digest = self.digest(code)
         P = self._Payment
         with self._writing("open"):
-            live = P.select(P.id, P.state).where(P.order == order, P.state.in_([str(s) for s in LIVE_STATES])).first()
-            if live is not None:
-                if live.state in (S.PAID, S.CANCEL_REQUESTED):
-                    raise Refused(f"order {order} is already paid (txn {live.id})")
-                raise Refused(f"order {order} has a payment being resolved (txn {live.id})")
+            self._refuse_taken_order(order)
             used = P.select(P.id).where(P.code_digest == digest).first()
             if used is not None:
                 raise Refused(f"payment code {mask(code)} was already used (txn {used.id}); "
@@ -525,6 +518,20 @@ class Journal:
                    next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source,
                    funding_source=getattr(row, "funding_source", None), auth_code=row.auth_code)
 
+    def _refuse_taken_order(self, order: str) -> None:
+        P = self._Payment
+        live = P.select(P.id, P.state).where(P.order == order, P.state.in_([str(s) for s in LIVE_STATES])).first()
+        if live is not None:
+            if live.state in (S.PAID, S.CANCEL_REQUESTED):
+                raise Refused(f"order {order} is already paid (txn {live.id})")
+            raise Refused(f"order {order} has a payment being resolved (txn {live.id})")
+
+    @_reading
+    def check_order_free(self, order: str) -> None:
+        """Raise Refused when the order has a live payment (the rule `open_payment` enforces in its
+        transaction; this early answer lets the till refuse an order ticket before any code)."""
+        self._refuse_taken_order(order)
+
     @_reading
     def journal_id(self) -> str | None:
         row = self._Meta.get_or_none(self._Meta.key == "journal_id")
@@ -579,12 +586,20 @@ class Journal:
         return [json.loads(r.payload) for r in q]
 
 
+def _journal_error(e: BaseException, doing: str, state_dir: Path) -> JournalError:
+    """A SQLite failure as the journal reports it: JournalFull when the disk is full."""
+    if _disk_full(e):
+        what = "be read" if doing == "read" else "record this"
+        return JournalFull(f"disk full: the journal in {state_dir} cannot {what}")
+    return JournalError(f"journal {doing} failed: {e}")
+
+
 def _disk_full(e: BaseException) -> bool:
     """True when an error (or what it wraps) is SQLite's SQLITE_FULL or the OS's ENOSPC."""
     for _ in range(10):  # a chain is short; never follow a cycle
         if e is None:
             return False
-        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(e, "errno", None) == 28:
+        if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or getattr(e, "errno", None) == errno.ENOSPC:
             return True
         if "database or disk is full" in str(e):
             return True

@@ -359,11 +359,7 @@ class Till:
         if amount_fen > self.max_amount_fen:
             raise Refused(f"amount {format_amount(amount_fen)} exceeds this lane's limit "
                           f"{format_amount(self.max_amount_fen)}")
-        for t in self.journal.by_order(order):
-            if t.state in (State.PAID, State.CANCEL_REQUESTED):
-                raise Refused(f"order {order} is already paid (txn {t.txn_id})")
-            if t.state in (State.PENDING, State.UNKNOWN, State.DEFERRED):
-                raise Refused(f"order {order} has a payment being resolved (txn {t.txn_id})")
+        self.journal.check_order_free(order)
 
     def charge(self, order: str, amount_fen: int, code: str, *, source: str = "command") -> Result:
         """Charge one payment code for an order. Journals the intent before calling the platform.
