@@ -43,7 +43,7 @@ import secrets
 import sqlite3
 import string
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -68,7 +68,7 @@ class Identity:
     """What a writer needs from the state dir once it is known to be whole."""
 
     journal_id: str
-    code_key: bytes
+    code_key: bytes = field(repr=False)  # the device secret behind code digests: never in a repr
 
 
 def key_check(key: bytes) -> str:

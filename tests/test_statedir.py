@@ -10,7 +10,7 @@ import pytest
 
 from appliance import statedir
 from appliance.errors import JournalError, JournalIntegrityError
-from appliance.journal import Journal
+from appliance.journal import Journal, _init_schema
 from conftest import remount_read_only, tmpfs
 
 CODE = "134567890123456789"
@@ -231,3 +231,8 @@ def test_read_only_open_works_on_a_read_only_filesystem(tmp_path):
         assert [t.order for t in j.recent()] == ["A1"]
         j.close()
         assert sorted(p.name for p in mnt.iterdir()) == ["code-digest.key", "journal.id", "journal.sqlite"]
+
+
+def test_the_identity_never_shows_its_key(tmp_path):
+    identity = statedir.settle(tmp_path, "S0001", "L01", _init_schema)
+    assert identity.code_key.hex() not in repr(identity) and str(identity.code_key) not in repr(identity)
