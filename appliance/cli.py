@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 from appliance import __version__
@@ -255,6 +257,29 @@ def cmd_demo(args) -> int:
     return run_demo(pause=args.pause)
 
 
+def cmd_simulate(args) -> int:
+    import signal
+    import tempfile
+
+    from appliance import simulators
+    from appliance.simulators.ledger import Ledger
+
+    with tempfile.TemporaryDirectory(prefix=f"appliance-sim-{args.kind}-") as tmp:
+        ledger = Ledger(reverse_window_s=args.reverse_window_s, slow_s=args.slow_s)
+        sim = simulators.simulator_class(args.kind)(Path(args.keys or tmp), ledger, port=args.port).start()
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"# {args.kind} simulator on {sim.url}; keys in {sim.keys_dir}"
+              f"{'' if args.keys else ' (deleted on exit)'}; outcomes by the code's last two digits "
+              f"(appliance/simulators/ledger.py). Ctrl-C stops it.\n[providers.{args.kind}]", flush=True)
+        for key, value in sim.provider_options().items():
+            print(f"{key} = {json.dumps(value)}", flush=True)
+        stop.wait()
+        sim.stop()
+    return EXIT_OK
+
+
 class NumberArg(NamedTuple):
     type: type
     lo: int | float
@@ -270,6 +295,9 @@ NUMBER_ARGS = {
     "txn": NumberArg(int, 1, 2**63 - 1),  # SQLite's largest integer
     "wait": NumberArg(float, 0.0, 3600.0, "seconds"),
     "pause": NumberArg(float, 0.0, 60.0, "seconds"),
+    "port": NumberArg(int, 0, 65_535, "(a TCP port; 0 picks a free one)"),
+    "slow_s": NumberArg(float, 0.0, 600.0, "seconds"),
+    "reverse_window_s": NumberArg(float, 0.0, 366 * 86_400.0, "seconds"),
 }
 
 
@@ -279,7 +307,7 @@ def out_of_range(args: argparse.Namespace) -> str | None:
         value = getattr(args, dest, None)
         if value is not None and not rule.lo <= value <= rule.hi:
             unit = f" {rule.unit}" if rule.unit else ""
-            return f"--{dest} must be between {_num(rule.lo)} and {_num(rule.hi)}{unit}, got {_num(value)}"
+            return f"--{dest.replace('_', '-')} must be between {_num(rule.lo)} and {_num(rule.hi)}{unit}, got {_num(value)}"
     return None
 
 
@@ -337,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pause", type=NUMBER_ARGS["pause"].type, default=0.6, metavar="S",
                     help="seconds between scripted scans")
     sp.set_defaults(func=cmd_demo)
+    from appliance.simulators import KINDS
+
+    help_ = "run a payment platform's simulator on 127.0.0.1 and print the [providers] table for it"
+    sp = sub.add_parser("simulate", help=help_, description=help_)
+    sp.add_argument("kind", choices=sorted(KINDS), help="the adapter kind to simulate")
+    sp.add_argument("--port", type=NUMBER_ARGS["port"].type, default=0, help="TCP port (default 0: a free one)")
+    sp.add_argument("--keys", metavar="DIR", help="keep the generated keys here (default: a temporary directory)")
+    sp.add_argument("--slow-s", dest="slow_s", type=NUMBER_ARGS["slow_s"].type, default=8.0, metavar="S",
+                    help="how late a code ending 97 is answered")
+    sp.add_argument("--reverse-window-s", dest="reverse_window_s", type=NUMBER_ARGS["reverse_window_s"].type,
+                    default=7 * 86_400.0, metavar="S", help="older paid trades cannot be reversed, only refunded")
+    sp.set_defaults(func=cmd_simulate)
     return p
 
 

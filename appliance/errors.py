@@ -43,6 +43,13 @@ class ProviderUnavailable(ProviderError):
     retryable = True
 
 
+class NoAnswer(ProviderError):
+    """A request may have reached the platform, but no usable answer came back (read timeout, reset
+    after sending, a body that is not the protocol's). The outcome is unknown: query, never resend."""
+
+    retryable = True
+
+
 class ProviderMisconfigured(ProviderError):
     """The platform refused our credentials or request shape (signature, app id). Permanent."""
 

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,7 +146,20 @@ def build(cls, raw: Any, path: str, base: Path):
             except ValueError as e:
                 raise ConfigError(key, str(e)) from None
         values[f.name] = value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except FieldError as e:  # a rule across fields, checked by the dataclass's __post_init__
+        raise ConfigError(join(path, e.field), e.reason) from None
+
+
+class FieldError(ValueError):
+    """Raised by a schema dataclass's `__post_init__` when a rule across its fields fails; names the
+    field to blame so that the ConfigError names its dotted key."""
+
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
 
 
 def _convert(tp, value: Any, key: str, base: Path):
@@ -158,6 +172,11 @@ def _convert(tp, value: Any, key: str, base: Path):
         if value not in allowed or type(value) is not type(allowed[0]):
             raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
         return value
+    if origin is tuple:  # tuple[str, ...]: a TOML array of one type, kept immutable
+        (itype, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be an array, got {tname(value)}")
+        return tuple(_convert(itype, v, f"{key}[{i}]", base) for i, v in enumerate(value))
     if origin is dict:
         _, vtype = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -216,6 +235,10 @@ def _convert(tp, value: Any, key: str, base: Path):
             raise ConfigError(key, f"secret file {str(p)[:200]}: {e.strerror}") from None
         if not os.access(p, os.R_OK):
             raise ConfigError(key, f"secret file {p} is not readable by this user")
+        mode = p.stat().st_mode
+        if mode & stat.S_IRWXO:  # group read stays allowed: root:appliance 0640 is the usual way
+            raise ConfigError(key, f"secret file {p} is open to others (mode {stat.S_IMODE(mode):04o}); "
+                                   f"chmod o-rwx (0600, or 0640 with the service's group)")
         return SecretFile(p, key)
     raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in the schema
 

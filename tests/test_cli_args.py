@@ -22,13 +22,19 @@ WHERE = [
     (["cancel", "--order", "A1"], "--wait"),
     (["test-feedback"], "--pause"),
     (["demo"], "--pause"),
+    (["simulate", "jeepay"], "--port"),
+    (["simulate", "jeepay"], "--slow-s"),
+    (["simulate", "jeepay"], "--reverse-window-s"),
 ]
 
 OUT_OF_RANGE = {
     "--limit": ["0", "-1", "1000001", str(10**30)],
     "--txn": ["0", "-5", str(2**63), str(10**30)],
     "--wait": ["nan", "inf", "-inf", "1e400", "-1", "3601", "1e30"],
-    "--pause": ["nan", "inf", "-1", "1e30"],  # 61: test-feedback only (unchecked, `demo --pause=61` runs long)
+    "--pause": ["nan", "inf", "-1", "1e30"],
+    "--port": ["-1", "65536", str(10**30)],
+    "--slow-s": ["nan", "inf", "-1", "601"],
+    "--reverse-window-s": ["nan", "inf", "-1", "1e30"],  # 61: test-feedback only (unchecked, `demo --pause=61` runs long)
 }
 
 
@@ -45,7 +51,7 @@ def _numeric_options() -> dict[tuple[str, str], type]:
 def test_every_numeric_option_has_a_range_and_the_parser_uses_its_type():
     """A new numeric option cannot escape: it must be in NUMBER_ARGS and in WHERE (tested below)."""
     found = _numeric_options()
-    assert {(argv[0], opt[2:]) for argv, opt in WHERE} == set(found)
+    assert {(argv[0], opt[2:].replace("-", "_")) for argv, opt in WHERE} == set(found)
     for (_, dest), tp in found.items():
         assert cli.NUMBER_ARGS[dest].type is tp
 

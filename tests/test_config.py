@@ -219,6 +219,7 @@ def test_fail__not_toml_and_missing_file(tmp_path):
 def test_secret_file_is_read_only_on_demand_and_never_printed(tmp_path):
     secret = tmp_path / "mqtt-password"
     secret.write_text("hunter2\n")
+    secret.chmod(0o600)
     cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
     assert isinstance(cfg.mqtt.password_file, SecretFile)
     assert cfg.mqtt.password_file.read() == "hunter2"
@@ -250,6 +251,7 @@ def test_to_toml_roundtrips(tmp_path):
 def test_cli_check_config_prints_effective_config_and_exit_2_on_error(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("hunter2")
+    secret.chmod(0o600)
     good = write_config(tmp_path / "good.toml", lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
     r = subprocess.run(appliance_cmd() + ["check-config", "--config", str(good)], capture_output=True, text=True,
                        env=subprocess_env(), timeout=60)
@@ -313,9 +315,26 @@ def test_fail__secret_file_that_is_a_directory(tmp_path):
     assert e.value.reason == f"secret file {tmp_path} is a directory, not a file"
 
 
+@pytest.mark.parametrize("mode,ok", [(0o600, True), (0o640, True), (0o400, True), (0o604, False), (0o644, False),
+                                     (0o602, False), (0o601, False)])
+def test_secret_file_must_grant_nothing_to_others(tmp_path, mode, ok):
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2\n")
+    secret.chmod(mode)
+    doc = lane_dict(tmp_path, mqtt={"password_file": str(secret)})
+    if ok:
+        assert from_dict(doc).mqtt.password_file.read() == "hunter2"
+        return
+    with pytest.raises(ConfigError) as e:
+        from_dict(doc)
+    assert e.value.key == "mqtt.password_file" and f"mode {mode:04o}" in e.value.reason
+    assert "hunter2" not in str(e.value)
+
+
 def test_fail__secret_file_that_is_not_utf8_is_named_when_read(tmp_path):
     secret = tmp_path / "pw"
     secret.write_bytes(b"\xffhunter2")
+    secret.chmod(0o600)
     cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
     with pytest.raises(ConfigError) as e:
         cfg.mqtt.password_file.read()

@@ -107,6 +107,7 @@ def _valid(state_dir: Path) -> dict:
     """Every key of the schema, as `check-config` prints them, with a real secret file."""
     secret = state_dir.parent / "mqtt.secret"
     secret.write_text("s3cret\n")
+    secret.chmod(0o600)
     doc = lane_dict(state_dir, scanner={"kind": "serial", "device": "/dev/scanner", "terminator": "CR"},
                     offline={"enabled": True}, mqtt={"enabled": False, "host": "broker"})
     doc = tomllib.loads(to_toml(from_dict(doc)))
