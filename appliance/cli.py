@@ -274,7 +274,8 @@ def cmd_simulate(args) -> int:
               f"{'' if args.keys else ' (deleted on exit)'}; outcomes by the code's last two digits "
               f"(appliance/simulators/ledger.py). Ctrl-C stops it.\n[providers.{args.kind}]", flush=True)
         for key, value in sim.provider_options().items():
-            print(f"{key} = {json.dumps(value)}", flush=True)
+            print(f"{key} = {json.dumps(value)}")
+        print(flush=True)  # an empty line ends the table
         stop.wait()
         sim.stop()
     return EXIT_OK
