@@ -22,7 +22,8 @@ import logging
 import threading
 from typing import Callable
 
-from appliance.errors import IllegalTransition, JournalError, ProviderError, ProviderUnavailable, Refused
+from appliance.errors import (IllegalTransition, JournalError, ProviderError, ProviderMisconfigured,
+                             ProviderUnavailable, Refused)
 from appliance.inflight import InFlight
 from appliance.journal import Journal, State, Txn
 from appliance.payments import Outcome, PayRequest, Provider, Router, Status
@@ -106,8 +107,10 @@ def forward(journal: Journal, provider: Provider, txn: Txn, in_flight: InFlight,
         out = provider.pay(req)
     except ProviderUnavailable as e:
         return _retry_later(journal, in_flight, txn, provider.policy.retry_every_s, f"still offline: {e}")
-    except ProviderError as e:
+    except ProviderMisconfigured as e:  # refused before the platform took it
         out = Outcome(Status.DECLINED, f"{type(e).__name__}: {e}")
+    except ProviderError as e:  # it may have arrived (NoAnswer): the query decides
+        out = Outcome(Status.UNKNOWN, f"{type(e).__name__}: {e}")
     pending = _move(journal, txn, State.PENDING, Outcome(Status.UNKNOWN, "forwarded"))
     return settle(journal, pending, out)
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from appliance.classify import Classifier
 from appliance.errors import (BadInput, IllegalTransition, JournalError, JournalFull, JournalLost,
-                              ProviderMisconfigured, ProviderUnavailable, Refused)
+                              ProviderError, ProviderMisconfigured, ProviderUnavailable, Refused)
 from appliance.indicator import Indicator, Signal
 from appliance.journal import Journal, State, Txn
 from appliance.money import format_amount
@@ -399,6 +399,8 @@ class Till:
                 log.error("txn %d: platform %s refused our configuration: %s", txn.txn_id, provider.name, e)
                 self._set_fault("platform", f"platform {provider.name} misconfigured")
                 outcome = Outcome(Status.DECLINED, f"platform configuration error: {e}")
+            except ProviderError as e:  # NoAnswer: it may have arrived; the resolver queries it
+                outcome = Outcome(Status.UNKNOWN, f"no answer: {e}")
             except Exception as e:  # an adapter bug must not lose track of a payment that may be charged
                 log.exception("txn %d: platform call failed unexpectedly", txn.txn_id)
                 outcome = Outcome(Status.UNKNOWN, f"adapter error: {type(e).__name__}")
