@@ -31,10 +31,10 @@ OUT_OF_RANGE = {
     "--limit": ["0", "-1", "1000001", str(10**30)],
     "--txn": ["0", "-5", str(2**63), str(10**30)],
     "--wait": ["nan", "inf", "-inf", "1e400", "-1", "3601", "1e30"],
-    "--pause": ["nan", "inf", "-1", "1e30"],
+    "--pause": ["nan", "inf", "-1", "1e30"],  # 61: test-feedback only (unchecked, `demo --pause=61` runs long)
     "--port": ["-1", "65536", str(10**30)],
     "--slow-s": ["nan", "inf", "-1", "601"],
-    "--reverse-window-s": ["nan", "inf", "-1", "1e30"],  # 61: test-feedback only (unchecked, `demo --pause=61` runs long)
+    "--reverse-window-s": ["nan", "inf", "-1", "1e30"],
 }
 
 
