@@ -17,6 +17,7 @@ for the code-digest key. Masks of codes must be exactly `redact.mask`'s.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import random
@@ -30,19 +31,42 @@ import typing
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from appliance.config import Config, ProviderConfig, SecretFile, load
 from appliance.demo import SCRIPT as DEMO_SCRIPT
 from appliance.journal import OPEN_STATES, Journal
 from appliance.payments import provider_options
+from appliance.payments.keys import generate_rsa, private_key_file
 from appliance.redact import mask
 from conftest import appliance_cmd, lane_dict, subprocess_env, write_config
 
 pytestmark = pytest.mark.integration
 
-#: Options a provider kind needs besides its secret files, for the config this test writes. A new
-#: adapter with a secret key and required options gets its entry here (the test says so).
-PROVIDER_REQUIRED_OPTIONS: dict[str, dict] = {}
+def _rsa_private_key() -> str:
+    """A fresh RSA private key as the bare base64 of PKCS#8 (Alipay's key tool format): the random
+    token of a secret file whose check wants a real key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return base64.b64encode(key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption())).decode()
+
+
+def _rsa_public_key_file(secret_dir: Path) -> str:
+    path = secret_dir / "platform-public-key.pem"
+    if not path.exists():
+        generate_rsa(secret_dir / "platform-private-key.pem", path)
+    return str(path)
+
+
+#: Options a provider kind needs besides its secret files, for the config this test writes; a
+#: callable value is given the secret dir. A new adapter with a secret key and required options
+#: gets its entry here (the test says so).
+PROVIDER_REQUIRED_OPTIONS: dict[str, dict] = {
+    "alipay": {"app_id": "9021000158600001", "alipay_public_key_file": _rsa_public_key_file},
+}
+#: Secret-file checks that need a real key rather than a random token, and how to make one.
+SECRET_VALUES = {private_key_file: _rsa_private_key}
 
 # --- the config: every secret key of the schema, each with its own random value -----------------
 
@@ -55,7 +79,12 @@ def _unoptional(tp):
 
 def schema_secret_keys() -> set[str]:
     """Every config key whose value is a secret file, dotted; adapter options as `providers.<kind>.key`."""
-    keys: set[str] = set()
+    return set(schema_secret_checks())
+
+
+def schema_secret_checks() -> dict:
+    """schema_secret_keys() -> the schema check of each (None where it has none)."""
+    keys: dict = {}
 
     def walk(cls, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -65,7 +94,7 @@ def schema_secret_keys() -> set[str]:
                 for kind, options in provider_options().items():
                     walk(options, f"{prefix}{f.name}.<{kind}>.")
             elif tp is SecretFile:
-                keys.add(prefix + f.name)
+                keys[prefix + f.name] = f.metadata.get("check")
             elif dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.")
 
@@ -99,8 +128,8 @@ def with_every_secret(doc: dict, secret_dir: Path) -> dict[str, tuple[Path, str]
     key -> (file, token)."""
     secret_dir.mkdir(mode=0o700)
     values = {}
-    for key in sorted(schema_secret_keys()):
-        value = f"{random.SystemRandom().getrandbits(160):040x}"
+    for key, check in sorted(schema_secret_checks().items()):
+        value = SECRET_VALUES.get(check, lambda: f"{random.SystemRandom().getrandbits(160):040x}")()
         path = secret_dir / re.sub(r"[^A-Za-z0-9_.-]", "_", key)
         path.write_text(value + "\n")
         path.chmod(0o600)
@@ -108,7 +137,9 @@ def with_every_secret(doc: dict, secret_dir: Path) -> dict[str, tuple[Path, str]
         if table[0] == "providers":
             kind = table[1].strip("<>")
             name = next((n for n, p in doc["providers"].items() if p["kind"] == kind), f"{kind}_secrets")
-            section = doc["providers"].setdefault(name, {"kind": kind, **PROVIDER_REQUIRED_OPTIONS.get(kind, {})})
+            required = {k: v(secret_dir) if callable(v) else v
+                        for k, v in PROVIDER_REQUIRED_OPTIONS.get(kind, {}).items()}
+            section = doc["providers"].setdefault(name, {"kind": kind, **required})
         else:
             section = doc
             for t in table:
