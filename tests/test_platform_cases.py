@@ -255,4 +255,5 @@ def test_appliance_simulate_serves_a_table_that_a_lane_pays_through(kind, tmp_pa
         assert json.loads(charge.stdout)["state"] == "paid"
     finally:
         sim.send_signal(signal.SIGTERM)
-        assert sim.wait(timeout=10) == 0, sim.stderr.read()
+        _, err = sim.communicate(timeout=10)  # reads and closes the pipes (an open one is a ResourceWarning)
+        assert sim.returncode == 0, err
