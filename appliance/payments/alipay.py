@@ -41,7 +41,6 @@ The auth_code is sent only in the pay form; it is scrubbed from every text an an
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -57,8 +56,6 @@ from appliance.payments.keys import (load_private_key, load_public_key, private_
                                      rsa_sign, rsa_verify)
 from appliance.redact import mask
 from appliance.schema import DAY, HOUR, SECONDS, SecretFile, between, opt
-
-log = logging.getLogger(__name__)
 
 GATEWAY = "https://openapi.alipay.com/gateway.do"
 SANDBOX_GATEWAY = "https://openapi-sandbox.dl.alipaydev.com/gateway.do"
