@@ -64,6 +64,7 @@ def _rsa_public_key_file(secret_dir: Path) -> str:
 #: gets its entry here (the test says so).
 PROVIDER_REQUIRED_OPTIONS: dict[str, dict] = {
     "alipay": {"app_id": "9021000158600001", "alipay_public_key_file": _rsa_public_key_file},
+    "jeepay": {"base_url": "https://pay.example.com", "mch_no": "M1700000001", "app_id": "66a1f0c2e4b0a1b2c3d4e5f6"},
 }
 #: Secret-file checks that need a real key rather than a random token, and how to make one.
 SECRET_VALUES = {private_key_file: _rsa_private_key}

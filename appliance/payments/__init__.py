@@ -122,7 +122,8 @@ class Provider(ABC):
 #: kind -> options and factory `(name, options, state_dir) -> Provider`; each adapter file registers
 #: itself (`@providers.register("sandbox", SandboxOptions)`), plug-ins through entry points.
 providers = Registry("provider", {"sandbox": "appliance.payments.sandbox",
-                                  "alipay": "appliance.payments.alipay"})
+                                  "alipay": "appliance.payments.alipay",
+                                  "jeepay": "appliance.payments.jeepay"})
 
 
 def provider_options() -> dict[str, type]:
