@@ -23,7 +23,7 @@ import pytest
 from appliance.config import ConfigError, from_dict, load
 from appliance.errors import ProviderMisconfigured, ProviderUnavailable
 from appliance.payments import PayRequest, Status, make_provider, providers
-from appliance.payments.jeepay import (CLOSE_INIT_AFTER_S, JeepayOptions, JeepayProvider, answer_problem,
+from appliance.payments.jeepay import (CLOSE_INIT_AFTER_S, FOLLOW_UP_SHARE, JeepayOptions, JeepayProvider, answer_problem,
                                        auto_bar_way, channel_extra, md5_sign, order_outcome, refund_outcome,
                                        sign_string, signed_request)
 from appliance.schema import build
@@ -58,13 +58,14 @@ def pay_request(code: str, amount_fen: int = 1234, no: str | None = None) -> Pay
 
 class Hostile(JeepaySimulator):
     """The simulator, except where a test makes it answer like a broken or hostile gateway:
-    `override[path](request)` answers instead of it (None: it answers), and `tamper[path]`
-    rewrites the envelope of its own answer."""
+    `override[path](request)` answers instead of it (None: it answers), `tamper[path]` rewrites
+    the envelope of its own answer, and `delay[path]` seconds hold its answer back."""
 
     def __init__(self, *args, **kwargs):
         self.seen: list[Request] = []
         self.override: dict = {}
         self.tamper: dict = {}
+        self.delay: dict = {}
         super().__init__(*args, **kwargs)
 
     def handle(self, req: Request) -> Answer:
@@ -74,6 +75,7 @@ class Hostile(JeepaySimulator):
             answer = super().handle(req)
         if req.path in self.tamper:
             answer.body = json.dumps(self.tamper[req.path](json.loads(answer.body)), ensure_ascii=False).encode()
+        answer.delay_s = self.delay.get(req.path, answer.delay_s)
         return answer
 
 
@@ -613,6 +615,39 @@ def test_reverse_is_reversed_only_once_a_query_shows_the_order_closed(sim, jeepa
     else:
         assert jeepay.reverse(req.out_trade_no).status is status
     assert sim.ledger.trades[req.out_trade_no].state == "PAYING"
+
+
+@pytest.fixture
+def patient(sim, tmp_path):
+    """An adapter whose read timeout (1 s) outlasts a third of its call limit (2.5 s / 3)."""
+    p = JeepayProvider("jp", options(sim, tmp_path, read_timeout_s=1.0))
+    yield p
+    p.close()
+
+
+def test_reverse_makes_no_further_call_once_a_third_of_a_call_limit_has_passed(sim, patient):
+    req = _paid_then(patient, "93")
+    sim.delay["/api/pay/query"] = patient.options.call_limit_s * FOLLOW_UP_SHARE + 0.1  # slow, yet answered
+    out = patient.reverse(req.out_trade_no)
+    assert out.status is Status.UNKNOWN and "too long" in out.reason and "close" not in sim.ledger.calls
+    del sim.delay["/api/pay/query"]
+    sim.delay["/api/pay/close"] = 5.0  # the close never answers in time: it may have happened
+    started = time.monotonic()
+    out = patient.reverse(req.out_trade_no)
+    took = time.monotonic() - started
+    assert out.status is Status.UNKNOWN and "no answer" in out.reason
+    assert took <= patient.options.call_limit_s * (1 + FOLLOW_UP_SHARE) + 0.3, took
+    del sim.delay["/api/pay/close"]
+    assert patient.reverse(req.out_trade_no).status is Status.REVERSED  # the next attempt finds it closed
+
+
+def test_refund_refused_after_a_slow_answer_is_left_to_the_refund_query(sim, patient):
+    req = _paid_then(patient, "00")
+    patient.refund(req.out_trade_no, 1234, 1234, req.out_trade_no + "R")
+    sim.delay["/api/refund/refundOrder"] = patient.options.call_limit_s * FOLLOW_UP_SHARE + 0.1
+    again = patient.refund(req.out_trade_no, 1234, 1234, req.out_trade_no + "R")  # refused: "订单状态不正确"
+    assert (again.status, again.code) == (Status.UNKNOWN, "9999") and "refund_query" not in sim.ledger.calls
+    assert patient.query_refund(req.out_trade_no, req.out_trade_no + "R").status is Status.REFUNDED
 
 
 # --- refunds -------------------------------------------------------------------------------------------------
