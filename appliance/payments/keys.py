@@ -49,8 +49,9 @@ def public_key_file(p: Path) -> Path:
 
 def certificate_file(p: Path) -> Path:
     """Schema check: a PEM X.509 certificate file."""
+    data = _read(p)  # a missing or unreadable file says so, not "not a certificate"
     try:
-        x509.load_pem_x509_certificate(_read(p))
+        x509.load_pem_x509_certificate(data)
     except ValueError:
         raise ValueError(f"{p} is not a PEM X.509 certificate") from None
     return p
