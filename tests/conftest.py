@@ -70,7 +70,8 @@ def journal_snapshot(journal) -> tuple:
 
 
 def write_config(path: Path, doc: dict) -> Path:
-    """Write a config document as TOML (tests only need strings, numbers, booleans, tables)."""
+    """Write a config document as TOML (tests only need strings, numbers, booleans, arrays of
+    those, tables)."""
     lines = []
 
     def value(v):
@@ -78,6 +79,8 @@ def write_config(path: Path, doc: dict) -> Path:
             return "true" if v else "false"
         if isinstance(v, (int, float)):
             return repr(v)
+        if isinstance(v, (list, tuple)):  # e.g. backup_base_urls = [] from a simulator's table
+            return "[" + ", ".join(value(x) for x in v) + "]"
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     def table(prefix, d):

@@ -38,8 +38,10 @@ from appliance.config import Config, ProviderConfig, SecretFile, load
 from appliance.demo import SCRIPT as DEMO_SCRIPT
 from appliance.journal import OPEN_STATES, Journal
 from appliance.payments import provider_options
-from appliance.payments.keys import generate_rsa, private_key_file
+from appliance.payments import wechat_v2
+from appliance.payments.keys import ALNUM, generate_rsa, private_key_file
 from appliance.redact import mask
+from appliance.simulators.wechat_v2 import new_certificate, private_pem
 from conftest import appliance_cmd, lane_dict, subprocess_env, write_config
 
 pytestmark = pytest.mark.integration
@@ -59,15 +61,33 @@ def _rsa_public_key_file(secret_dir: Path) -> str:
     return str(path)
 
 
+def _wechat_v2_certificate(section: dict) -> None:
+    """client_cert_file: a certificate issued for the key just written to client_key_file (the
+    adapter loads the two as a pair)."""
+    key_file = Path(section["client_key_file"])
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    cert = key_file.with_name(key_file.name + ".cert.pem")
+    cert.write_bytes(new_certificate("secrets test", key).public_bytes(serialization.Encoding.PEM))
+    section["client_cert_file"] = str(cert)
+
+
 #: Options a provider kind needs besides its secret files, for the config this test writes; a
 #: callable value is given the secret dir. A new adapter with a secret key and required options
 #: gets its entry here (the test says so).
 PROVIDER_REQUIRED_OPTIONS: dict[str, dict] = {
     "alipay": {"app_id": "9021000158600001", "alipay_public_key_file": _rsa_public_key_file},
     "jeepay": {"base_url": "https://pay.example.com", "mch_no": "M1700000001", "app_id": "66a1f0c2e4b0a1b2c3d4e5f6"},
+    "wechat_v2": {"mch_id": "1900000109", "appid": "wxd930ea5d5a258f4f"},
 }
+#: Options made from a kind's secrets once they are written: kind -> fn(its provider table).
+PROVIDER_DERIVED_OPTIONS = {"wechat_v2": _wechat_v2_certificate}
 #: Secret-file checks that need a real key rather than a random token, and how to make one.
-SECRET_VALUES = {private_key_file: _rsa_private_key}
+SECRET_VALUES = {
+    private_key_file: _rsa_private_key,
+    wechat_v2.API_KEY: lambda: "".join(random.SystemRandom().choice(ALNUM) for _ in range(32)),
+    wechat_v2.pem_private_key_file: lambda: private_pem(rsa.generate_private_key(public_exponent=65537,
+                                                                                 key_size=2048)).decode(),
+}
 
 # --- the config: every secret key of the schema, each with its own random value -----------------
 
@@ -147,6 +167,8 @@ def with_every_secret(doc: dict, secret_dir: Path) -> dict[str, tuple[Path, str]
                 section = section.setdefault(t, {})
         section[leaf] = str(path)
         values[key] = (path, value)
+    for section in doc["providers"].values():
+        PROVIDER_DERIVED_OPTIONS.get(section["kind"], lambda _: None)(section)
     return values
 
 

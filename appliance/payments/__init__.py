@@ -123,7 +123,8 @@ class Provider(ABC):
 #: itself (`@providers.register("sandbox", SandboxOptions)`), plug-ins through entry points.
 providers = Registry("provider", {"sandbox": "appliance.payments.sandbox",
                                   "alipay": "appliance.payments.alipay",
-                                  "jeepay": "appliance.payments.jeepay"})
+                                  "jeepay": "appliance.payments.jeepay",
+                                  "wechat_v2": "appliance.payments.wechat_v2"})
 
 
 def provider_options() -> dict[str, type]:
