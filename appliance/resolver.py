@@ -61,7 +61,8 @@ def refund_number(txn: Txn) -> str:
     return f"{txn.out_trade_no}R"
 
 
-def drive_cancel(journal: Journal, provider: Provider, txn: Txn, in_flight: InFlight) -> Txn:
+def drive_cancel(journal: Journal, provider: Provider, txn: Txn, in_flight: InFlight, *,
+                 refund_now: bool = True) -> Txn:
     """One attempt to cancel a `cancel_requested` payment: reverse, else refund.
 
     A refund may only be accepted (WeChat's always is): the payment then stays `cancel_requested`
@@ -70,7 +71,10 @@ def drive_cancel(journal: Journal, provider: Provider, txn: Txn, in_flight: InFl
     about the payment's refund (`refund_number`): succeeded -> refunded; processing or no answer ->
     wait; failed or never requested -> reverse, else refund (again, with the same number). A
     refund the platform refuses puts the payment back to `paid`. When the platform answers
-    nothing definite, the payment is due again after the platform's `retry_every_s`."""
+    nothing definite, the payment is due again after the platform's `retry_every_s`.
+
+    `refund_now=False` (the till: one platform call per event, for the watchdog) leaves a refund
+    that the reverse called for to the resolver, due at once."""
     out_refund_no = refund_number(txn)
     try:
         if txn.attempts:
@@ -84,6 +88,8 @@ def drive_cancel(journal: Journal, provider: Provider, txn: Txn, in_flight: InFl
         if out.status is Status.REVERSED:
             return _move(journal, txn, State.CANCELLED, out)
         if out.status is Status.DECLINED:  # outside the reverse window: refund instead
+            if not refund_now:
+                return _wait(journal, in_flight, txn, 0.0, f"reverse refused ({out.reason}); refunding")
             out = provider.refund(txn.out_trade_no, txn.amount_fen, txn.amount_fen, out_refund_no)
             if out.status is Status.REFUNDED:
                 return _move(journal, txn, State.REFUNDED, out)

@@ -163,6 +163,7 @@ class Till:
         self.offline = offline
         self.in_flight = in_flight or InFlight()
         self._clock = clock
+        self._heartbeat: Callable[[], None] | None = None  # the watchdog ping, while run() runs
         self._next_journal_check = 0.0
         self._events: queue.Queue = queue.Queue()
         self.lane: object = _Ready()
@@ -195,9 +196,12 @@ class Till:
         """Handle events in order until stop is set; timeouts are checked every tick.
 
         `heartbeat` (the systemd watchdog ping) is called from this loop, so it stops when the
-        loop hangs.
+        loop hangs, and again right before each platform call: one call may take its adapter's
+        whole limit (at most half the watchdog interval, appliance/payments/http.py), and the till
+        makes at most one platform call per event.
         """
         self._show_lane()
+        self._heartbeat = heartbeat
         next_beat = 0.0
         while not stop.is_set():
             if heartbeat is not None and self._clock() >= next_beat:
@@ -392,6 +396,7 @@ class Till:
         self.in_flight.claim(txn.txn_id)
         try:
             try:
+                self._beat()
                 outcome = provider.pay(req)
             except ProviderUnavailable as e:
                 return Result.of(self._unreachable(txn, code, str(e)))
@@ -472,12 +477,19 @@ class Till:
         log.info("txn %d: paid -> cancel_requested, order %s", txn.txn_id, order)
         self.in_flight.claim(txn.txn_id)
         try:
-            return Result.of(drive_cancel(self.journal, provider, txn, self.in_flight), cancel=True)
+            self._beat()  # one call here; a refund the reverse calls for is the resolver's, at once
+            return Result.of(drive_cancel(self.journal, provider, txn, self.in_flight, refund_now=False),
+                             cancel=True)
         except JournalError as e:
             self._journal_failed(e)
             return Result("unknown", f"{e}; the cancel is finished by the resolver once there is room", txn, True)
         finally:
             self.in_flight.release(txn.txn_id)
+
+    def _beat(self) -> None:
+        """Ping the watchdog now (when running under systemd): a platform call follows."""
+        if self._heartbeat is not None:
+            self._heartbeat()
 
     def _check_order_id(self, order: str) -> None:
         if not ORDER_ID.fullmatch(order):

@@ -6,6 +6,7 @@ from appliance.indicator import Signal
 from appliance.journal import OPEN_STATES, State
 from appliance.payments import Outcome, Status
 from appliance.resolver import InFlight, settle
+from appliance.till import Result
 from conftest import (WECHAT_LOST_ANSWER, WECHAT_PAID, WECHAT_PASSWORD_GIVEUP, WECHAT_PASSWORD_OK,
                       WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE)
 
@@ -206,8 +207,10 @@ def test_cancel_refused_by_reverse_and_refund_goes_back_to_paid(lane):
     sandbox.reverse = lambda no: Outcome(Status.DECLINED, "REVERSE_EXPIRE")
     sandbox.refund = lambda no, fen, total, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
     r = lane.till.cancel("A1")
-    assert r.txn.state is State.PAID and "cancel refused: TRADE_HAS_FINISHED" in r.reason
-    assert r.exit_code == 3 and r.signal is Signal.DECLINED
+    assert r.txn.state is State.CANCEL_REQUESTED  # the till reversed; the resolver refunds
+    end = _resolve(lane, r.txn.txn_id)
+    assert end.state is State.PAID and "cancel refused: TRADE_HAS_FINISHED" in end.reason
+    assert Result.of(end, cancel=True).exit_code == 3 and Result.of(end, cancel=True).signal is Signal.DECLINED
     assert [e["state"] for e in lane.journal.events(paid.txn_id)][-2:] == ["cancel_requested", "paid"]
 
 
@@ -284,8 +287,10 @@ def test_a_refund_only_accepted_stays_cancel_requested_until_the_platform_says_i
     sandbox.options = type(sandbox.options)(reverse_window_s=1e-6)
     paid = lane.till.charge("A1", 100, WECHAT_REFUND_PROCESSING).txn
     r = lane.till.cancel("A1")
-    assert r.txn.state is State.CANCEL_REQUESTED and r.exit_code == 4
-    assert "refund not finished: PROCESSING" in r.txn.retry_note and r.txn.attempts == 1
+    assert r.txn.state is State.CANCEL_REQUESTED and r.exit_code == 4 and "refunding" in r.txn.retry_note
+    lane.resolver.step(only=paid.txn_id)  # the refund the till left to the resolver: only accepted
+    t = lane.journal.get(paid.txn_id)
+    assert t.state is State.CANCEL_REQUESTED and "refund not finished: PROCESSING" in t.retry_note
     assert sandbox.trades()[paid.out_trade_no][0] == "SUCCESS"  # not refunded yet: the money is still taken
     # a restart: a new resolver with nothing in memory still knows the refund was requested
     calls = _calls(sandbox, "reverse", "refund", "query_refund")

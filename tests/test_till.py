@@ -189,7 +189,12 @@ def test_cancel_outside_reverse_window_refunds(till, lane):
     lane.router.by_name("sandbox").options = type(lane.router.by_name("sandbox").options)(reverse_window_s=1e-6)
     scan(till, "ORD:A1:1.00")
     scan(till, WECHAT_PAID)
-    assert till.cancel("A1").txn.state is State.REFUNDED
+    beats = []
+    till._heartbeat = lambda: beats.append(1)  # as while run() runs under systemd
+    r = till.cancel("A1")  # one platform call in the till's thread: the reverse, refused (too old)
+    assert r.txn.state is State.CANCEL_REQUESTED and "refunding" in r.txn.retry_note and beats == [1]
+    changed = lane.resolver.step()  # the resolver refunds at once
+    assert [t.state for t in changed] == [State.REFUNDED]
 
 
 @pytest.mark.parametrize("text", [
