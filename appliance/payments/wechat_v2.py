@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import logging
 import re
 import secrets
 import socket
@@ -60,8 +59,6 @@ from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url, gateway_urls, _loopback
 from appliance.payments.keys import ALNUM, certificate_file, load_private_key, private_key_file, secret_text
 from appliance.schema import FieldError, SecretFile, opt
-
-log = logging.getLogger(__name__)
 
 #: WeChat's rule: never reverse sooner than this after the pay call (payments.md §2.5).
 MIN_REVERSE_AFTER_S = 15.0

@@ -96,6 +96,8 @@ class WechatV2Simulator(Simulator):
     # --- the protocol -----------------------------------------------------------------------
 
     def handle(self, req: Request) -> Answer:
+        """One call, checked in the platform's order: path, client certificate (TLS mode), method,
+        XML, sign_type, merchant, sign (each refused unsigned), then appid (a signed refusal)."""
         calls = {PAY: self._pay, QUERY: self._query, REVERSE: self._reverse, REFUND: self._refund,
                  QUERY_REFUND: self._query_refund}
         call = calls.get(req.path)
@@ -121,7 +123,9 @@ class WechatV2Simulator(Simulator):
         return call(fields, sign_type)
 
     def signed_answer(self, sign_type: str, result: dict[str, str], *, forged: bool = False) -> Answer:
-        """A signed answer; `forged`: its sign damaged (one character changed)."""
+        """An answer as WeChat sends one: return_code SUCCESS, the merchant's appid and mch_id, a
+        fresh nonce_str and `result`, signed with the API key by `sign_type`. `forged`: the sign
+        damaged (one character changed), as scenario 80 has it."""
         fields = {"return_code": "SUCCESS", "return_msg": "OK", "appid": APPID, "mch_id": MCH_ID,
                   "nonce_str": secrets.token_hex(16), **result}
         signature = sign(fields, self.api_key, sign_type)
