@@ -78,6 +78,10 @@ PROVIDER_REQUIRED_OPTIONS: dict[str, dict] = {
     "alipay": {"app_id": "9021000158600001", "alipay_public_key_file": _rsa_public_key_file},
     "jeepay": {"base_url": "https://pay.example.com", "mch_no": "M1700000001", "app_id": "66a1f0c2e4b0a1b2c3d4e5f6"},
     "wechat_v2": {"mch_id": "1900000109", "appid": "wxd930ea5d5a258f4f"},
+    "wechat_v3": {"mchid": "1900000109", "appid": "wxd678efh567hg6787",
+                  "merchant_serial": "5157F09EFDC096DE15EBE81A47057A7232F1B8E1",
+                  "platform_public_key_id": "PUB_KEY_ID_0119000001092024112600000000000001",
+                  "platform_public_key_file": _rsa_public_key_file},
 }
 #: Options made from a kind's secrets once they are written: kind -> fn(its provider table).
 PROVIDER_DERIVED_OPTIONS = {"wechat_v2": _wechat_v2_certificate}

@@ -121,10 +121,13 @@ class Provider(ABC):
 
 #: kind -> options and factory `(name, options, state_dir) -> Provider`; each adapter file registers
 #: itself (`@providers.register("sandbox", SandboxOptions)`), plug-ins through entry points.
-providers = Registry("provider", {"sandbox": "appliance.payments.sandbox",
-                                  "alipay": "appliance.payments.alipay",
-                                  "jeepay": "appliance.payments.jeepay",
-                                  "wechat_v2": "appliance.payments.wechat_v2"})
+providers = Registry("provider", {
+    "sandbox": "appliance.payments.sandbox",
+    "alipay": "appliance.payments.alipay",
+    "jeepay": "appliance.payments.jeepay",
+    "wechat_v2": "appliance.payments.wechat_v2",
+    "wechat_v3": "appliance.payments.wechat_v3",
+})
 
 
 def provider_options() -> dict[str, type]:
