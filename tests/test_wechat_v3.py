@@ -263,10 +263,12 @@ def decided(to_outcome, answer: Answer, *args):
     (401, {"code": "SIGN_ERROR"}, False, Status.UNKNOWN, ""),
     (400, {"code": "MCH_NOT_EXISTS"}, False, Status.UNKNOWN, ""),
     (502, {}, False, Status.UNKNOWN, ""),
+    (403, {"code": "NOT_ENOUGH\nSECURITY: x", "message": "a\nb"}, True, Status.UNKNOWN, "NOT_ENOUGH SECURITY: x"),
 ])
 def test_pay_answer_table(http, doc, signed, expected, code):
     out = decided(pay_outcome, Answer(http, doc, signed))
     assert out == MIS if expected == MIS else (out.status, out.code) == (expected, code), out
+    assert out == MIS or out.reason.isprintable(), out  # a platform's text never breaks a log line
     if expected is Status.PAID:
         assert (out.platform_txn_id, out.funding_source) == ("4200001", "CMB_DEBIT")
 
@@ -651,13 +653,32 @@ def test_the_simulator_refuses_a_bad_request_signature(sim, tmp_path):
     assert "T1" not in sim.ledger.trades  # nothing was reversed (closed)
 
 
-def test_a_wrong_merchant_key_is_unknown_not_a_decline(sim, make, tmp_path):
+def test_a_wrong_merchant_key_is_unknown_not_a_decline_and_logged_once(sim, make, tmp_path, caplog):
     generate_rsa(tmp_path / "wrong.pem", tmp_path / "wrong_pub.pem")
     wx = make(merchant_key_file=str(tmp_path / "wrong.pem"))
-    req = pay_request("00")
-    out = wx.pay(req)
-    assert out.status is Status.UNKNOWN and "SIGN_ERROR" in out.reason
-    assert sim.ledger.trades == {} and sim.ledger.calls == {"pay": 1}
+    outs = [wx.pay(pay_request("00")) for _ in range(3)]
+    assert all(o.status is Status.UNKNOWN and "SIGN_ERROR" in o.reason for o in outs)
+    assert sim.ledger.trades == {} and sim.ledger.calls == {"pay": 3}
+    refused = [r for r in caplog.records if "refuses our request signature" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR and "merchant_key_file" in refused[0].getMessage()
+    assert security_lines(caplog) == []  # our fault, not a forged answer
+
+
+def test_a_signature_accepted_again_is_logged_once(sim, make, tmp_path, caplog):
+    """The merchant uploads the matching certificate: the same platform now knows our key."""
+    keys = tmp_path / "reissued"
+    keys.mkdir()
+    generate_rsa(keys / "apiclient_key.pem", keys / "merchant_pub.pem")
+    for name in ("wechatpay_private.pem", "pub_key.pem"):  # the platform's own keys stay
+        (keys / name).write_bytes((sim.keys_dir / name).read_bytes())
+        (keys / name).chmod(0o600)
+    wx = make(merchant_key_file=str(keys / "apiclient_key.pem"))
+    assert wx.pay(pay_request("00")).status is Status.UNKNOWN  # the platform does not know this key yet
+    sim.stop()
+    with WechatV3Simulator(keys, sim.ledger, port=sim.port):
+        assert [wx.pay(pay_request("00")).status for _ in range(2)] == [Status.PAID, Status.PAID]
+    said = [r.getMessage() for r in caplog.records if "request signature" in r.getMessage()]
+    assert len(said) == 2 and "refuses" in said[0] and "accepts our request signature again" in said[1], said
 
 
 def test_a_signed_refusal_of_our_app_id_is_a_configuration_fault(sim, make):

@@ -16,9 +16,10 @@ URL being the path with its query string exactly as sent.
 Verifying (`signature_problem`): an answer is trusted only when `Wechatpay-Serial` names our
 `platform_public_key_id`, `Wechatpay-Timestamp` lies within 5 minutes of this device's clock and
 `Wechatpay-Signature` verifies with the WeChat Pay public key over `TIMESTAMP\\nNONCE\\nBODY\\n`
-(the raw body bytes). WeChat Pay signs every answer to a request whose signature it accepted,
-error answers included; it cannot sign a 401 SIGN_ERROR (it did not accept the request), and
-its access layer may answer 5xx/429 unsigned. So:
+(the raw body bytes). WeChat Pay's guide has an answer signed once the request's signature was
+accepted; a 401 SIGN_ERROR therefore comes unsigned, and so may a 5xx/429 from its access layer.
+Whether every other error answer is signed is not documented anywhere we could find, and the
+official SDKs verify 2xx answers only. So:
 
   * a signed answer that does not verify, or a 2xx answer without a signature, is never trusted:
     UNKNOWN, one SECURITY log line per (call, out_trade_no) (`UntrustedAnswers`);
@@ -38,6 +39,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,17 +219,23 @@ class Answer:
     @property
     def code(self) -> str:
         """The error answer's `code` ("" for a success answer)."""
-        return _text(self.doc.get("code"))
+        return _shown(self.doc.get("code"), 64)
 
     def describe(self) -> str:
         """For people: the HTTP status, the code and the platform's message."""
-        message = _text(self.doc.get("message"))[:200]
+        message = _shown(self.doc.get("message"))
         return f"HTTP {self.http_status} {self.code or '(no code)'}: {message}" if message else \
             f"HTTP {self.http_status} {self.code or '(no code)'}"
 
 
 def _text(v) -> str:
     return v if isinstance(v, str) else ""
+
+
+def _shown(v, limit: int = 200) -> str:
+    """A platform text for reasons and log lines: at most `limit` characters, control characters
+    (a forged answer's line breaks) as spaces."""
+    return "".join(c if c.isprintable() else " " for c in _text(v)[:limit])
 
 
 def _unsigned(answer: Answer) -> Outcome:
@@ -238,16 +246,16 @@ def _misconfigured(answer: Answer, call: str) -> ProviderMisconfigured:
     return ProviderMisconfigured(f"WeChat Pay refused our {call} request: {answer.describe()}")
 
 
-def _trade_outcome(doc: dict, code_if_missing: str = "") -> Outcome:
+def _trade_outcome(doc: dict) -> Outcome:
     """A transaction object (query answer, pay's 2xx answer) -> outcome by its trade_state."""
-    state = _text(doc.get("trade_state")) or code_if_missing
+    state = _shown(doc.get("trade_state"), 64)
     status = TRADE_STATES.get(state, Status.UNKNOWN)
-    text = _text(doc.get("trade_state_desc"))[:200]
+    text = _shown(doc.get("trade_state_desc"))
     reason = f"{state}: {text}" if text else state or "no trade_state"
     if status is Status.PAID:
-        return Outcome(Status.PAID, reason, platform_txn_id=_text(doc.get("transaction_id")) or None, code=state,
-                       funding_source=_text(doc.get("bank_type")) or None)
-    return Outcome(status, reason, platform_txn_id=_text(doc.get("transaction_id")) or None, code=state)
+        return Outcome(Status.PAID, reason, platform_txn_id=_shown(doc.get("transaction_id"), 64) or None, code=state,
+                       funding_source=_shown(doc.get("bank_type"), 64) or None)
+    return Outcome(status, reason, platform_txn_id=_shown(doc.get("transaction_id"), 64) or None, code=state)
 
 
 def _other_trade(doc: dict, out_trade_no: str) -> Outcome | None:
@@ -312,9 +320,9 @@ def refund_outcome(answer: Answer, out_trade_no: str, call: str = "refund") -> O
         other = _other_trade(answer.doc, out_trade_no)
         if other is not None:
             return other
-        state = _text(answer.doc.get("status"))
+        state = _shown(answer.doc.get("status"), 64)
         return Outcome(REFUND_STATES.get(state, Status.UNKNOWN), f"refund {state or 'without a status'}",
-                       platform_txn_id=_text(answer.doc.get("transaction_id")) or None, code=state)
+                       platform_txn_id=_shown(answer.doc.get("transaction_id"), 64) or None, code=state)
     if call == "query_refund":
         return _error_outcome(answer, call, declined=NOT_FOUND)
     if answer.http_status >= 500 or answer.code in REFUND_RETRY:
@@ -353,6 +361,7 @@ class WechatV3Provider(Provider):
                                    f"{key}.platform_public_key_file")
         self.untrusted = UntrustedAnswers(name)
         self._gateway = Gateway(options, key=key)
+        self._signature_refused = threading.Event()  # set while WeChat answers 401 to our requests
 
     # --- the port ---
 
@@ -433,7 +442,21 @@ class WechatV3Provider(Provider):
             doc = None
         if not isinstance(doc, dict):
             return Outcome(Status.UNKNOWN, f"HTTP {reply.status}: the answer is not a JSON object")
-        return Answer(reply.status, doc, signed)
+        answer = Answer(reply.status, doc, signed)
+        self._note_signature_refusal(answer)
+        return answer
+
+    def _note_signature_refusal(self, answer: Answer) -> None:
+        """Log once when WeChat starts refusing our request signature (a 401, which it cannot sign,
+        so the call itself only ends UNKNOWN), and once when a signed answer shows it stopped."""
+        if answer.http_status == 401 and not self._signature_refused.is_set():
+            self._signature_refused.set()
+            log.error("platform %s: WeChat Pay refuses our request signature (%s): check mchid, merchant_serial, "
+                      "merchant_key_file and this device's clock; payments end unknown until it is fixed",
+                      self.name, answer.describe())
+        elif answer.signed and self._signature_refused.is_set():
+            self._signature_refused.clear()
+            log.warning("platform %s: WeChat Pay accepts our request signature again", self.name)
 
 
 def _load(loader, source, key: str):
