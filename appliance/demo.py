@@ -97,7 +97,7 @@ def run_demo(pause: float = 0.6) -> int:
         from appliance.journal import Journal
 
         journal = Journal(cfg.terminal.state_dir, "S0001", "L01", readonly=True)
-        print(f"\ncharges the simulators kept: WeChat Pay {_kept(wechat)}, Alipay {_kept(alipay)}")
+        print(f"\nthe platforms' books: WeChat Pay {_books(wechat)}; Alipay {_books(alipay)}")
         print("\njournal (appliance journal):")
         print_journal(list(reversed(journal.recent(limit=20))))
         print(f"\n{len(journal.events())} head-office events waiting in the outbox.")
@@ -105,7 +105,7 @@ def run_demo(pause: float = 0.6) -> int:
     return 0
 
 
-def _kept(sim) -> str:
+def _books(sim) -> str:
     """What a simulator's books say: each trade's out_trade_no and state."""
     return ", ".join(f"{no} {t.state}" for no, t in sim.ledger.trades.items()) or "none"
 

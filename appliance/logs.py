@@ -7,6 +7,9 @@ import sys
 #: them the full payment code of a payment accepted offline. They log at INFO at most, whatever the
 #: configured level.
 _QUIET_BELOW_INFO = ("peewee",)
+#: Libraries that log every request at INFO (httpx: each platform call's URL and status). The
+#: adapters log what changed, once; these log warnings only.
+_QUIET_BELOW_WARNING = ("httpx", "httpcore")
 
 
 def setup(level: str = "INFO") -> None:
@@ -17,4 +20,6 @@ def setup(level: str = "INFO") -> None:
     root.setLevel(level)
     for name in _QUIET_BELOW_INFO:
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+    for name in _QUIET_BELOW_WARNING:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)

@@ -218,6 +218,10 @@ def test_demo_shows_the_flow():
     assert r.returncode == 0, r.stderr
     for word in ("awaiting_code", "paid", "declined", "unknown_code", "cancelled", "journal"):
         assert word in r.stdout
+    # paid over the simulators' real protocols: Alipay's own decline code, WeChat's books
+    assert "ACQ.BUYER_BALANCE_NOT_ENOUGH" in r.stdout
+    books = next(line for line in r.stdout.splitlines() if line.startswith("the platforms' books"))
+    assert books.count("REFUND") == 1 and books.count("SUCCESS") == 1 and "PAYERROR" in books
     assert "134567890123456700" not in r.stdout + r.stderr
 
 
