@@ -695,6 +695,8 @@ def test_a_signed_refusal_of_our_app_id_is_a_configuration_fault(sim, make):
 
 def test_the_payment_code_never_reaches_a_log_line_a_repr_or_an_exception(sim, make, caplog, tmp_path):
     caplog.set_level(logging.DEBUG)
+    for chatty in ("httpx", "httpcore"):  # held back to warnings by logs.setup(): here they speak
+        caplog.set_level(logging.DEBUG, logger=chatty)
     wx = make(read_timeout_s=0.3)
     shown, reqs = [], [pay_request(s) for s in ("00", "80", "82", "90", "92", "94", "96", "97", "00", "00")]
     for req in reqs[:-2]:
