@@ -108,6 +108,21 @@ def wait_for(predicate, timeout: float = 20.0, every_s: float = 0.02) -> bool:
     return False
 
 
+def resolve(lane, txn_id: int, timeout: float = 10.0):
+    """Step `lane.resolver` until payment `txn_id` is final or `timeout` passes; return it as
+    `lane.journal` has it."""
+    from appliance.journal import OPEN_STATES
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lane.resolver.step()
+        txn = lane.journal.get(txn_id)
+        if txn.state not in OPEN_STATES:
+            return txn
+        time.sleep(0.02)
+    return lane.journal.get(txn_id)
+
+
 def appliance_cmd() -> list[str]:
     return [sys.executable, "-m", "appliance"]
 

@@ -27,7 +27,7 @@ from appliance.indicator import make_indicator
 from appliance.journal import OPEN_STATES, State
 from appliance.payments import PayRequest, Status
 from appliance.simulators.ledger import Ledger
-from conftest import ALL_TYPES, appliance_cmd, lane_dict, subprocess_env, write_config
+from conftest import ALL_TYPES, appliance_cmd, lane_dict, resolve, subprocess_env, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -67,16 +67,8 @@ class Lane:
         self.lane.close()
         self._build()
 
-    def resolve(self, txn_id: int, timeout: float = 10.0):
-        """Step the resolver until the payment is final (or the timeout); returns it as journaled."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.resolver.step()
-            txn = self.journal.get(txn_id)
-            if txn.state not in OPEN_STATES:
-                return txn
-            time.sleep(0.02)
-        return self.journal.get(txn_id)
+    def resolve(self, txn_id: int):
+        return resolve(self, txn_id)
 
     def trade(self, txn):
         return self.ledger.trades[txn.out_trade_no]

@@ -3,23 +3,12 @@ import time
 import pytest
 
 from appliance.indicator import Signal
-from appliance.journal import OPEN_STATES, State
+from appliance.journal import State
 from appliance.payments import Outcome, Status
 from appliance.resolver import InFlight, settle
 from appliance.till import Result
 from conftest import (WECHAT_LOST_ANSWER, WECHAT_PAID, WECHAT_PASSWORD_GIVEUP, WECHAT_PASSWORD_OK,
-                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE)
-
-
-def _resolve(lane, txn_id, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lane.resolver.step()
-        txn = lane.journal.get(txn_id)
-        if txn.state not in OPEN_STATES:
-            return txn
-        time.sleep(0.02)
-    return lane.journal.get(txn_id)
+                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, resolve)
 
 
 @pytest.mark.parametrize("code,end", [
@@ -31,7 +20,7 @@ def _resolve(lane, txn_id, timeout=5.0):
 def test_unknown_is_driven_to_an_end(lane, code, end):
     r = lane.till.charge("A1", 100, code)
     assert r.txn.state is State.UNKNOWN
-    assert _resolve(lane, r.txn.txn_id).state is end
+    assert resolve(lane, r.txn.txn_id).state is end
     sandbox = lane.router.by_name("sandbox")
     assert sandbox.charges(code) == (1 if end is State.PAID else 0)
 
@@ -39,7 +28,7 @@ def test_unknown_is_driven_to_an_end(lane, code, end):
 def test_reverse_only_after_the_platform_deadline(lane):
     r = lane.till.charge("A1", 100, WECHAT_SYSTEMERROR)
     t0 = time.monotonic()
-    txn = _resolve(lane, r.txn.txn_id)
+    txn = resolve(lane, r.txn.txn_id)
     assert txn.state is State.REVERSED
     assert time.monotonic() - t0 >= lane.router.by_name("sandbox").policy.reverse_after_s - 0.05
 
@@ -51,7 +40,7 @@ def test_stale_pending_after_a_crash_is_queried_not_repaid(lane):
     from appliance.payments import PayRequest
     lane.router.by_name("sandbox").pay(PayRequest(txn.out_trade_no, 100, WECHAT_PAID, "x", "S", "L"))
     assert lane.resolver.step() == []  # younger than stale_pending_s: left alone
-    end = _resolve(lane, txn.txn_id)
+    end = resolve(lane, txn.txn_id)
     assert end.state is State.PAID
     assert [e["state"] for e in lane.journal.events(txn.txn_id)] == ["pending", "unknown", "paid"]
     assert lane.router.by_name("sandbox").charges(WECHAT_PAID) == 1
@@ -60,7 +49,7 @@ def test_stale_pending_after_a_crash_is_queried_not_repaid(lane):
 def test_stale_pending_that_never_reached_the_platform_is_declined(lane):
     txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
                                     code=WECHAT_PAID)
-    assert _resolve(lane, txn.txn_id).state is State.DECLINED
+    assert resolve(lane, txn.txn_id).state is State.DECLINED
 
 
 def test_in_flight_payments_are_left_alone(lane):
@@ -89,7 +78,7 @@ def test_deferred_is_forwarded_when_the_platform_is_back(lane):
     txn = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
                                     code=WECHAT_PAID)
     lane.journal.transition(txn.txn_id, State.DEFERRED, "offline", auth_code=WECHAT_PAID)
-    end = _resolve(lane, txn.txn_id)
+    end = resolve(lane, txn.txn_id)
     assert end.state is State.PAID and end.auth_code is None
 
 
@@ -108,7 +97,7 @@ def test_deferred_expires_unforwarded(lane):
                                     code=WECHAT_PAID)
     lane.journal.transition(txn.txn_id, State.DEFERRED, "offline", auth_code=WECHAT_PAID)
     time.sleep(0.01)
-    end = _resolve(lane, txn.txn_id)
+    end = resolve(lane, txn.txn_id)
     assert end.state is State.DECLINED and end.auth_code is None
 
 
@@ -198,7 +187,7 @@ def test_query_and_reverse_errors_are_retried_not_final(lane):
     t = lane.journal.get(txn.txn_id)
     assert t.state is State.UNKNOWN and "reverse failed" in t.retry_note
     sandbox.query, sandbox.reverse = real_query, real_reverse
-    assert _resolve(lane, txn.txn_id).state is State.REVERSED
+    assert resolve(lane, txn.txn_id).state is State.REVERSED
 
 
 def test_cancel_refused_by_reverse_and_refund_goes_back_to_paid(lane):
@@ -208,7 +197,7 @@ def test_cancel_refused_by_reverse_and_refund_goes_back_to_paid(lane):
     sandbox.refund = lambda no, fen, total, rno: Outcome(Status.DECLINED, "TRADE_HAS_FINISHED")
     r = lane.till.cancel("A1")
     assert r.txn.state is State.CANCEL_REQUESTED  # the till reversed; the resolver refunds
-    end = _resolve(lane, r.txn.txn_id)
+    end = resolve(lane, r.txn.txn_id)
     assert end.state is State.PAID and "cancel refused: TRADE_HAS_FINISHED" in end.reason
     assert Result.of(end, cancel=True).exit_code == 3 and Result.of(end, cancel=True).signal is Signal.DECLINED
     assert [e["state"] for e in lane.journal.events(paid.txn_id)][-2:] == ["cancel_requested", "paid"]
@@ -228,7 +217,7 @@ def test_cancel_with_platform_down_stays_requested_then_completes(lane):
     r = lane.till.cancel("A1")
     assert r.txn.state is State.CANCEL_REQUESTED and r.exit_code == 4
     sandbox.reverse = real
-    assert _resolve(lane, r.txn.txn_id).state is State.CANCELLED
+    assert resolve(lane, r.txn.txn_id).state is State.CANCELLED
 
 
 def test_run_loop_survives_a_failing_step_and_logs_it_once(lane, caplog):
@@ -256,7 +245,7 @@ def test_funding_source_and_platform_id_reach_the_journal_and_head_office(lane, 
     from appliance.payments.sandbox import funding_source
 
     r = lane.till.charge("A1", 100, code)
-    txn = _resolve(lane, r.txn.txn_id)
+    txn = resolve(lane, r.txn.txn_id)
     assert txn.state is State.PAID
     assert txn.funding_source == funding_source(txn.out_trade_no) and txn.platform_txn_id == f"sbx{txn.out_trade_no}"
     last = lane.journal.events(txn.txn_id)[-1]
@@ -350,10 +339,10 @@ def test_no_payment_code_reaches_a_log_line_on_any_path(lane, caplog):
     codes = [f"1345678901234567{tail}" for tail in ("00", "90", "91", "92", "93", "94", "95", "96", "97", "98")]
     for n, code in enumerate(codes):
         r = lane.till.charge(f"N{n}", 100, code)
-        _resolve(lane, r.txn.txn_id)
+        resolve(lane, r.txn.txn_id)
         assert code not in repr(PayRequest(r.txn.out_trade_no, 100, code, "x", "S", "L"))
     lane.till.cancel("N9")
-    _resolve(lane, lane.journal.by_order("N9")[-1].txn_id)
+    resolve(lane, lane.journal.by_order("N9")[-1].txn_id)
     text = "\n".join(rec.getMessage() + (rec.exc_text or "") for rec in caplog.records)
     assert caplog.records and not [c for c in codes if c in text]
 
@@ -377,7 +366,7 @@ def test_a_charge_whose_answer_never_came_is_unknown_then_found_paid(lane, caplo
     r = lane.till.charge("A1", 100, WECHAT_PAID)
     assert r.txn.state is State.UNKNOWN and "read timeout" in r.reason
     assert "failed unexpectedly" not in caplog.text  # a known uncertainty, not an adapter bug
-    assert _resolve(lane, r.txn.txn_id).state is State.PAID
+    assert resolve(lane, r.txn.txn_id).state is State.PAID
 
 
 def test_a_forward_whose_answer_never_came_is_queried_not_declined(tmp_path):
@@ -392,7 +381,7 @@ def test_a_forward_whose_answer_never_came_is_queried_not_declined(tmp_path):
         r = lane.till.charge("A1", 100, WECHAT_UNREACHABLE)
         assert r.txn.state is State.DEFERRED
         _charged_without_an_answer(lane.router.by_name("sandbox"))
-        end = _resolve(lane, r.txn.txn_id)
+        end = resolve(lane, r.txn.txn_id)
         assert end.state is State.PAID
         assert [e["state"] for e in lane.journal.events(r.txn.txn_id)] == ["pending", "deferred", "pending",
                                                                              "unknown", "paid"]
