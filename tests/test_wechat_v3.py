@@ -852,3 +852,23 @@ def test_the_example_config_is_valid_with_real_key_files(tmp_path):
 
 def test_the_simulator_is_found_by_its_kind():
     assert simulator_class("wechat_v3") is WechatV3Simulator
+
+
+def test_an_unsigned_error_answer_nested_too_deep_for_json_is_unknown_not_an_exception(tmp_path):
+    """json raises RecursionError (not a ValueError) for a deeply nested document; an unsigned error
+    answer is parsed before anything is verified, so whoever answers can send one. The pay was sent:
+    the call must answer UNKNOWN, not raise."""
+    with Tampering(tmp_path / "keys") as sim:
+        def nested(call, answer):
+            answer.status, answer.body = 502, b"[" * 100_000 + b"]" * 100_000
+            return _drop_signature(answer)
+        sim.spoil = nested
+        wx = WechatV3Provider(NAME, options(sim, tmp_path), tmp_path)
+        try:
+            req = pay_request("00")
+            out = wx.pay(req)
+            assert out.status is Status.UNKNOWN and "not a JSON object" in out.reason
+            assert wx.query(req.out_trade_no).status is Status.UNKNOWN
+        finally:
+            wx.close()
+

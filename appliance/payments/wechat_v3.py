@@ -438,7 +438,7 @@ class WechatV3Provider(Provider):
             return self.untrusted.outcome(call, out_trade_no, f"HTTP {reply.status} answer without Wechatpay-Signature")
         try:
             doc = json.loads(reply.body.decode("utf-8")) if reply.body.strip() else {}
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # json: too deeply nested is a RecursionError
             doc = None
         if not isinstance(doc, dict):
             return Outcome(Status.UNKNOWN, f"HTTP {reply.status}: the answer is not a JSON object")
