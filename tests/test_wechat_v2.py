@@ -801,3 +801,25 @@ def test_the_example_config_is_valid_with_real_key_files(sim, tmp_path):
     assert isinstance(options, WechatV2Options) and options.base_url == "https://api.mch.weixin.qq.com"
     assert cfg.routing["wechat"] == "wechat"
     assert str(options.client_cert_file) == keys["client_cert_file"] and options.api_key_file.read() == sim.api_key
+
+
+class Garbling(WechatV2Simulator):
+    """Declares a Content-Encoding its (plain XML) answers do not have."""
+
+    def handle(self, req: Request) -> Answer:
+        answer = super().handle(req)
+        answer.headers["Content-Encoding"] = "gzip"
+        return answer
+
+
+def test_an_answer_that_cannot_be_decompressed_is_unknown_not_an_httpx_exception(lab, tmp_path):
+    """httpx raises DecodingError (not a TransportError) for it; the pay was sent and charged."""
+    s = Garbling(tmp_path / "keys").start()
+    try:
+        wx = lab.provider(s.provider_options(), connect_timeout_s=0.5, read_timeout_s=0.5)
+        out = wx.pay(pay_request())
+        assert out.status is Status.UNKNOWN and "DecodingError" in out.reason
+        assert CODE not in out.reason
+        assert s.ledger.charges("S0001_L01_A1") == 1
+    finally:
+        s.stop()

@@ -872,3 +872,21 @@ def test_an_unsigned_error_answer_nested_too_deep_for_json_is_unknown_not_an_exc
         finally:
             wx.close()
 
+
+def test_an_answer_that_cannot_be_decompressed_is_unknown_not_an_httpx_exception(tmp_path):
+    """An answer whose Content-Encoding does not match its body makes httpx raise DecodingError, which
+    is not a TransportError. The pay was sent (and charged): it must answer UNKNOWN, not raise."""
+    with Tampering(tmp_path / "keys") as sim:
+        def garbled(call, answer):
+            answer.headers["Content-Encoding"] = "gzip"  # the body is plain JSON
+            return answer
+        sim.spoil = garbled
+        wx = WechatV3Provider(NAME, options(sim, tmp_path), tmp_path)
+        try:
+            req = pay_request("00")
+            out = wx.pay(req)
+            assert out.status is Status.UNKNOWN and "DecodingError" in out.reason
+            assert req.auth_code not in out.reason
+            assert sim.ledger.charges(req.out_trade_no) == 1
+        finally:
+            wx.close()

@@ -7,8 +7,8 @@ Transport failures are sorted into the two kinds the Provider port needs:
   the TLS handshake failed, on every URL. For a pay, the till may treat the payment as not
   attempted.
 * `NoAnswer`: the request may have reached the platform. The read timed out, the connection was
-  reset after sending, or the answer was too large. The adapter answers UNKNOWN, and the payment
-  is resolved by query.
+  reset after sending, the answer was too large, or its Content-Encoding did not decode. The
+  adapter answers UNKNOWN, and the payment is resolved by query.
 
 `backup_base_urls` are tried in order, and only while nothing was sent. A request that may have
 arrived is never sent again to another address: for a pay, that could charge twice.
@@ -162,7 +162,8 @@ class Gateway:
                 refused.append(f"{base}: {_why(e)}")  # nothing was sent: the next address may take it
             except httpx.UnsupportedProtocol as e:
                 raise ProviderMisconfigured(f"{base}: {e}") from None
-            except httpx.TransportError as e:  # read/write timeout, reset, protocol error: maybe sent
+            except (httpx.TransportError, httpx.DecodingError) as e:  # timeout, reset, protocol or
+                # Content-Encoding error (DecodingError is no TransportError): maybe sent
                 raise NoAnswer(f"{base}{path}: {_why(e)}") from None
         raise ProviderUnavailable("; ".join(refused))
 
