@@ -623,6 +623,20 @@ def test_http_errors_are_unknown(tmp_path, connect, status):
         assert out.status is Status.UNKNOWN and f"HTTP {status}" in out.reason
 
 
+@pytest.mark.parametrize("depth", [500, 5000])
+def test_an_answer_nested_too_deeply_is_unknown(tmp_path, connect, depth):
+    """json (5000) or masking the code in the fields (500) would recurse past Python's limit: the
+    RecursionError must not leave the adapter, whose request may have been taken."""
+    class Deep(AlipaySimulator):
+        def handle(self, req):
+            nested = "[" * depth + "]" * depth
+            return Answer(200, f'{{"alipay_trade_pay_response":{{"code":"10000","x":{nested}}},"sign":"a"}}'.encode())
+
+    with Deep(tmp_path / "keys") as gw:
+        out = connect(gw).pay(pay_request("D2"))
+        assert out.status is Status.UNKNOWN and "nested too deeply" in out.reason
+
+
 def test_calls_from_two_threads_at_once(sim, connect):
     p = connect(sim)
     outs: dict[str, Status] = {}

@@ -397,9 +397,11 @@ class AlipayProvider(Provider):
             return Outcome(Status.UNKNOWN, f"HTTP {reply.status} from Alipay: the outcome is unknown")
         try:
             answer = response_text(body, method)
+            fields = _scrub(answer.fields, ask.secret)  # before any of it is cut short into a reason
         except ValueError as e:
             return Outcome(Status.UNKNOWN, f"answer not understood: {_scrub(str(e), ask.secret)}")
-        fields = _scrub(answer.fields, ask.secret)  # before any of it is cut short into a reason
+        except RecursionError:  # nested too deeply for json or for _scrub: not an Alipay answer
+            return Outcome(Status.UNKNOWN, "answer not understood: nested too deeply")
         doubt = self._doubt(answer, fields, ask)
         if doubt:
             return self.untrusted.outcome(ask.call, ask.out_trade_no, doubt)
