@@ -542,6 +542,17 @@ def test_an_answer_that_does_not_verify_is_unknown_with_one_security_line(sim, j
     assert jeepay.query(req.out_trade_no).status is Status.DECLINED
 
 
+@pytest.mark.parametrize("body", [
+    '{"code":0,"data":{"mchOrderNo":"x"},"sign":"\u00c9F29"}',  # hmac.compare_digest: non-ASCII str
+    '{"code":0,"data":{"mchOrderNo":"x","extra":{"n":1.5}},"sign":"EF29"}',  # json.dumps: a Decimal
+    '{"code":0,"data":' + "[" * 5000 + "]" * 5000 + "}",  # json.loads recurses too deep
+], ids=["non-ascii sign", "nested decimal", "deep body"])
+def test_an_answer_that_cannot_even_be_checked_is_unknown(sim, jeepay, body):
+    """The request may have been taken: whatever comes back, pay answers UNKNOWN, no exception."""
+    sim.override["/api/pay/unifiedOrder"] = lambda req: Answer(200, body.encode())
+    assert jeepay.pay(pay_request(wechat("00"))).status is Status.UNKNOWN
+
+
 def test_forged_pay_answer_scenario_80(sim, jeepay, caplog):
     req = pay_request(wechat("80"))
     with caplog.at_level(logging.WARNING):

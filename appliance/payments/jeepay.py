@@ -203,7 +203,11 @@ def answer_problem(envelope: dict, secret: str) -> str | None:
         return "a success answer without data" if data is None else "data is not an object"
     if not isinstance(sign, str) or not sign:
         return "no sign"
-    if not hmac.compare_digest(md5_sign(data, secret), sign.upper()):
+    try:
+        expected = md5_sign(data, secret)
+    except (TypeError, ValueError, RecursionError):  # a nested decimal, nesting too deep: no Jeepay data
+        return "data that cannot be signed"
+    if not hmac.compare_digest(expected.encode("ascii"), sign.upper().encode("utf-8")):  # str: ASCII only
         return "wrong sign"
     return None
 
@@ -470,7 +474,7 @@ class JeepayProvider(Provider):
             raise _Unsettled(Outcome(Status.UNKNOWN, f"HTTP {reply.status} from Jeepay"))
         try:
             envelope = parse_answer(reply.text())
-        except (NoAnswer, ValueError) as e:
+        except (NoAnswer, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
             raise _Unsettled(Outcome(Status.UNKNOWN, f"unreadable answer from Jeepay ({type(e).__name__})")) from None
         why = answer_problem(envelope, self._secret)
         if why is not None:
