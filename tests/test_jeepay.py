@@ -26,6 +26,7 @@ from appliance.payments import PayRequest, Status, make_provider, providers
 from appliance.payments.jeepay import (CLOSE_INIT_AFTER_S, FOLLOW_UP_SHARE, JeepayOptions, JeepayProvider, answer_problem,
                                        auto_bar_way, channel_extra, md5_sign, order_outcome, refund_outcome,
                                        sign_string, signed_request)
+from appliance.redact import mask
 from appliance.schema import build
 from appliance.simulators import Answer, Request
 from appliance.simulators.jeepay import APP_ID, MCH_NO, JeepaySimulator
@@ -738,6 +739,32 @@ def test_the_payment_code_appears_in_no_log_reason_repr_or_exception(sim, jeepay
     for code in [*codes, wechat("11"), wechat("12")]:
         assert code not in text
     assert sim.secret not in text
+
+
+def test_a_channel_text_quoting_the_payment_code_is_masked(sim, jeepay, caplog):
+    """Jeepay passes the channel's error text on (errMsg, or msg "系统：..."); Alipay's invalid-signature
+    text quotes the whole request, payment code included."""
+    req = pay_request(alipay("00"))
+    quoted = f'Invalid Arguments【验签出错，验签字符串为：biz_content={{"auth_code":"{req.auth_code}"}}】'
+
+    def failed_order(r):
+        data = {"mchOrderNo": req.out_trade_no, "orderState": 3, "payOrderId": "P1797000000000000009",
+                "errMsg": quoted}
+        return Answer(200, json.dumps({"code": 0, "data": data, "msg": "SUCCESS",
+                                       "sign": md5_sign(data, sim.secret)}, ensure_ascii=False).encode())
+
+    said = []
+    with caplog.at_level(logging.DEBUG):
+        sim.override["/api/pay/unifiedOrder"] = failed_order
+        out = jeepay.pay(req)
+        assert out.status is Status.DECLINED
+        said.append(repr(out))
+        sim.override["/api/pay/unifiedOrder"] = failure("系统：" + quoted)
+        out = jeepay.pay(req)
+        assert out.status is Status.UNKNOWN
+        said.append(repr(out))
+    text = caplog.text + "\n".join(said)
+    assert req.auth_code not in text and mask(req.auth_code) in text
 
 
 # --- configuration ----------------------------------------------------------------------------------------

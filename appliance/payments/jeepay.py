@@ -36,6 +36,7 @@ caller's next attempt goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import hashlib
 import hmac
@@ -52,6 +53,7 @@ from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url
 from appliance.payments.keys import secret_text
+from appliance.redact import mask
 from appliance.schema import DAY, HOUR, SECONDS, SecretFile, between, opt
 
 log = logging.getLogger(__name__)
@@ -327,7 +329,7 @@ class JeepayProvider(Provider):
                   "extParam": json.dumps({"storeId": req.store_id, "terminalId": req.terminal_id},
                                          separators=(",", ":"))}
         try:
-            answer = self._call("pay", req.out_trade_no, "/api/pay/unifiedOrder", fields)
+            answer = _scrubbed(self._call("pay", req.out_trade_no, "/api/pay/unifiedOrder", fields), req.auth_code)
         except _Unsettled as u:
             return u.outcome
         if answer.ok:
@@ -481,6 +483,15 @@ class JeepayProvider(Provider):
             raise _Unsettled(self.untrusted.outcome(call, out_trade_no, why))
         return Answer(envelope["code"], str(envelope.get("msg") or ""), envelope.get("data"),
                       _server_time(reply.headers.get("date")))
+
+
+def _scrubbed(answer: Answer, secret: str) -> Answer:
+    """A verified answer with `secret` (the payment code) masked in `msg` and in `data`'s texts: a
+    channel's error text, passed on as `msg` or `errMsg`, may quote the request it refused."""
+    def clean(v):
+        return v.replace(secret, mask(secret)) if isinstance(v, str) and secret else v
+    data = {k: clean(v) for k, v in answer.data.items()} if isinstance(answer.data, dict) else answer.data
+    return dataclasses.replace(answer, msg=clean(answer.msg), data=data)
 
 
 def _server_time(date_header: str | None) -> float:
