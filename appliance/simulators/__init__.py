@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import socket
 import ssl
+import sys
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -172,6 +173,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     simulator: Simulator
+
+    def handle_error(self, request, client_address):
+        """A client that gave up (its read timeout, during a slow answer) is routine, not a traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("simulator %s: %s hung up", self.simulator.kind, client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
