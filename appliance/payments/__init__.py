@@ -27,11 +27,14 @@ Contract for adapters (one per file, chosen by `[providers.<name>] kind`):
   * Threads: an adapter is called from the till's thread and the resolver's thread, at the same
     time (never for the same payment). It must be safe for that: no per-call state on `self`
     without a lock; an HTTP session shared across threads only if the library allows it.
-  * Time: every call returns within a stated limit, its `connect_timeout_s + read_timeout_s`
-    (per URL tried; the sandbox: its configured delays), which must stay well under the systemd
-    watchdog interval (WatchdogSec=30 in systemd/appliance.service, pinged every 15 s). A
-    call that runs out of time answers UNKNOWN (or raises ProviderUnavailable when provably
-    nothing was sent); it never blocks.
+  * Time: every call returns within a stated limit: for an HTTP adapter its options'
+    `call_limit_s`, `connect_timeout_s` x (addresses) + 2 x `read_timeout_s`, at most
+    `http.MAX_CALL_S` = 15 s, half the systemd watchdog interval (WatchdogSec=30 in
+    systemd/appliance.service); the sandbox: its configured delays. A call made of several
+    requests states its own bound (jeepay's reverse: query, close, query within 4/3 x
+    `call_limit_s`, at most 20 s), still under the watchdog interval. The till makes at most one
+    call per event and pings the watchdog right before it. A call that runs out of time answers
+    UNKNOWN (or raises ProviderUnavailable when provably nothing was sent); it never blocks.
   * `PayRequest.auth_code` is a bearer token: never in a repr, a log line or an exception text.
   * Third-party exceptions never leave an adapter. `ProviderMisconfigured` signals our own
     credentials or request shape are wrong (a fault for the technician, not a decline).
