@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import tomllib
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -195,7 +196,9 @@ def compile_order_pattern(pattern: str):
         if "too large" in reason:
             raise ValueError(f"is too large for the linear-time engine (RE2): {reason}") from None
         try:  # RE2 says only "invalid"; Python's re tells a typo from a feature RE2 lacks on purpose
-            re.compile(pattern)
+            with warnings.catch_warnings():  # its FutureWarnings ("possible set difference") are not ours
+                warnings.simplefilter("ignore")
+                re.compile(pattern)
         except (re.error, RecursionError, OverflowError) as py:
             raise ValueError(f"is not a valid regular expression: {py}") from None
         raise ValueError(f"uses a feature the linear-time engine (RE2) does not support: {reason}") from None
