@@ -58,13 +58,14 @@ def gateway_url(value: str) -> str:
         raise ValueError(f"must be an https:// address, got {value!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"must not carry a query, a fragment or credentials, got {value!r}")
-    if parts.scheme == "http" and not _loopback(host):
+    if parts.scheme == "http" and not loopback_host(host):
         raise ValueError(f"plain http:// is refused except to a loopback address (a simulator); use https://, "
                          f"got {value!r}")
     return value.rstrip("/")
 
 
-def _loopback(host: str) -> bool:
+def loopback_host(host: str) -> bool:
+    """Whether a URL's host is this machine (localhost, 127.0.0.0/8, ::1): where a simulator runs."""
     if host == "localhost":
         return True
     try:

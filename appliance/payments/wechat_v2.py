@@ -56,7 +56,7 @@ from cryptography import x509
 
 from appliance.errors import NoAnswer, ProviderMisconfigured
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
-from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url, gateway_urls, _loopback
+from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url, gateway_urls, loopback_host
 from appliance.payments.keys import ALNUM, certificate_file, load_private_key, private_key_file, secret_text
 from appliance.schema import FieldError, SecretFile, opt
 
@@ -234,7 +234,7 @@ class WechatV2Options(HttpOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.reverse_after_s < MIN_REVERSE_AFTER_S and not _loopback(urlsplit(self.base_url).hostname or ""):
+        if self.reverse_after_s < MIN_REVERSE_AFTER_S and not loopback_host(urlsplit(self.base_url).hostname or ""):
             raise FieldError("reverse_after_s", f"WeChat forbids reversing sooner than {MIN_REVERSE_AFTER_S:g} s "
                                                 f"after the pay call, got {self.reverse_after_s:g} (lower values "
                                                 "are for a loopback simulator only)")
