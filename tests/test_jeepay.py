@@ -501,7 +501,9 @@ def test_a_slow_answer_is_unknown_within_the_call_limit_then_the_query_decides(s
     assert jeepay.query(req.out_trade_no).status is Status.PAID and sim.ledger.charges(req.out_trade_no) == 1
 
 
-def test_calls_from_many_threads_at_once(jeepay, sim):
+def test_calls_from_many_threads_at_once(sim, tmp_path):
+    # time limits a loaded machine keeps (the fixture's 0.5 s read timeout failed under load)
+    jeepay = JeepayProvider("jp", options(sim, tmp_path, connect_timeout_s=2.0, read_timeout_s=5.0), tmp_path)
     reqs = [pay_request(wechat(f"{i:02d}")) for i in range(8)]
     results = {}
     threads = [threading.Thread(target=lambda r=r: results.__setitem__(r.out_trade_no, jeepay.pay(r))) for r in reqs]
@@ -509,6 +511,7 @@ def test_calls_from_many_threads_at_once(jeepay, sim):
         t.start()
     for t in threads:
         t.join(timeout=10)
+    jeepay.close()
     assert {o.status for o in results.values()} == {Status.PAID} and len(results) == 8
     assert all(sim.ledger.charges(r.out_trade_no) == 1 for r in reqs)
 
