@@ -4,6 +4,8 @@ Payment codes are bearer tokens: whoever holds one can charge the customer once.
 first 4 and last 4 characters are ever shown, and only when at least 8 stay hidden.
 """
 
+import re
+
 _MAX_SHOWN = 40
 
 
@@ -36,3 +38,13 @@ def printable(text: str, limit: int = 64) -> str:
     """A log-safe rendering of text that is *not* secret (order tickets, command cards)."""
     s = text.encode("unicode_escape").decode("ascii")
     return s if len(s) <= limit else f"{s[:limit]}…({len(text)} chars)"
+
+
+_DIGIT_RUN = re.compile(r"(?<![0-9A-Za-z])[0-9]{16,}(?![0-9A-Za-z])")
+
+
+def mask_digit_runs(text: str) -> str:
+    """Mask every run of 16 or more digits in a platform's text: payment codes are 16-24 digits,
+    and a channel's error text may quote the request it refused, code included, where the
+    adapter no longer knows the code to mask it by value (a later query)."""
+    return _DIGIT_RUN.sub(lambda m: mask(m.group()), text)

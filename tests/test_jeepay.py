@@ -885,3 +885,14 @@ def write_text(path: Path, text: str) -> Path:
 def test_signed_request_is_the_json_of_the_fields_and_their_sign():
     body = json.loads(signed_request({"a": 1, "b": "x"}, SECRET))
     assert body == {"a": 1, "b": "x", "sign": md5_sign({"a": 1, "b": "x"}, SECRET)}
+
+
+def test_a_failed_order_text_quoting_a_payment_code_is_masked_also_where_the_code_is_unknown():
+    """A query does not know the code, so a channel text quoting it is masked by its shape."""
+    text = '系统：[isv.invalid-signature] auth_code=134567890123456700&total_amount=12.34'
+    data = {"mchOrderNo": "S1_L1_Q1", "state": 3, "errCode": "", "errMsg": text, "payOrderId": "P1797000000000000001"}
+    out = order_outcome(data, "S1_L1_Q1")
+    assert out.status is Status.DECLINED
+    assert "134567890123456700" not in out.reason and "1345**********6700" in out.reason
+    refund = refund_outcome({"mchRefundNo": "R1", "state": 3, "errCode": "X", "errMsg": text}, "R1")
+    assert "134567890123456700" not in refund.reason

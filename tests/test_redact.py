@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from appliance.redact import mask, printable
+from appliance.redact import mask, mask_digit_runs, printable
 
 
 @pytest.mark.parametrize("text,masked", [
@@ -49,3 +49,15 @@ def test_objects_that_carry_a_payment_code_never_show_it_in_their_repr(tmp_path)
     for obj in (PayRequest("S_L_1", 100, code, "Order A1", "S", "L"), Scan(code, "stdin"), deferred):
         assert code not in repr(obj) and code not in str(obj), type(obj).__name__
     assert mask(code) in repr(Scan(code, "stdin"))
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("系统：auth_code=134567890123456700 invalid", "系统：auth_code=1345**********6700 invalid"),
+    ("codes 2861234567890123456789 and 6212345678901234566", "codes 2861**************6789 and 6212***********4566"),
+    ("order P1797000000000000001 failed", "order P1797000000000000001 failed"),  # an id, not a code
+    ("trade 4200001234202611290012345678", "trade 4200" + "*" * 20 + "5678"),
+    ("amount 123456789012345 fen", "amount 123456789012345 fen"),  # 15 digits: not a payment code
+    ("", ""),
+])
+def test_digit_runs_that_may_be_payment_codes_are_masked(text, shown):
+    assert mask_digit_runs(text) == shown

@@ -53,7 +53,7 @@ from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url
 from appliance.payments.keys import secret_text
-from appliance.redact import mask
+from appliance.redact import mask, mask_digit_runs
 from appliance.schema import DAY, HOUR, SECONDS, SecretFile, between, opt
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def order_outcome(data: dict, out_trade_no: str, funding: str | None = None) -> 
     if status is Status.PAID:
         return Outcome(status, f"{code}: {meaning}", txn, code, data.get("wayCode") or funding)
     if state == 3:
-        err, text = data.get("errCode") or "", data.get("errMsg") or ""
+        err, text = data.get("errCode") or "", mask_digit_runs(str(data.get("errMsg") or ""))
         if not err:  # WxBar maps unexpected channel exceptions to 3: such a 3 may hide a charge
             log.warning("Jeepay order %s failed without a channel code (%s): check it in the channel's bill",
                         out_trade_no, text or "no text")
@@ -277,7 +277,7 @@ def refund_outcome(data: dict, out_refund_no: str) -> Outcome:
     state = data.get("state")
     status, code, meaning = _REFUND_STATES.get(state, (Status.UNKNOWN, str(state), "a state this adapter "
                                                                                    "does not know"))
-    err, text = data.get("errCode") or "", data.get("errMsg") or ""
+    err, text = data.get("errCode") or "", mask_digit_runs(str(data.get("errMsg") or ""))
     if status is Status.DECLINED and err:
         return Outcome(status, f"{err}: {text or meaning}", data.get("refundOrderId"), err)
     return Outcome(status, f"{code}: {meaning}", data.get("refundOrderId") or None, code)
