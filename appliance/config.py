@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from appliance.business_day import time_zone
 from appliance.errors import ConfigError
 from appliance.money import format_amount
 # The schema machinery lives in schema.py (adapters import it from there, never from here); its
@@ -95,6 +96,9 @@ class TerminalConfig:
     store_id: str = opt(check=_ident(8), doc="store number at the payment platforms")
     terminal_id: str = opt(check=_ident(4), doc="lane number within the store")
     state_dir: Path = opt(Path("/var/lib/appliance"), doc="journal and device keys live here")
+    time_zone: str = opt("Asia/Shanghai", check=time_zone, doc="the store's IANA time zone: its business days")
+    day_cutoff_hour: int = opt(0, check=between(0, 23, "(an hour of the local day)"),
+                               doc="the business day starts at this local hour (2: 01:30 counts to the day before)")
 
 
 @dataclass(frozen=True)
