@@ -116,6 +116,11 @@ GPIO_PIN = between(0, 53, "(a BCM GPIO number)")
 TCP_PORT = between(1, 65_535, "(a TCP port)")
 #: The largest amount any platform takes in one trade; for options that only need a sane ceiling.
 ANY_AMOUNT = between(Amount(1), Amount(MAX_FEN), YUAN)
+#: The resolution policy's ranges, one per field, for every adapter that declares its own defaults.
+FIRST_QUERY_AFTER = between(0.0, HOUR, SECONDS)
+QUERY_EVERY = between(0.01, HOUR, SECONDS)
+REVERSE_AFTER = between(0.0, DAY, SECONDS)
+RETRY_EVERY = between(0.01, HOUR, SECONDS)
 
 
 # --- building --------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gate
 from appliance.payments.keys import (load_private_key, load_public_key, private_key_file, public_key_file,
                                      rsa_sign, rsa_verify)
 from appliance.redact import mask
-from appliance.schema import DAY, HOUR, SECONDS, SecretFile, between, opt
+from appliance.schema import QUERY_EVERY, RETRY_EVERY, REVERSE_AFTER, SecretFile, opt
 
 GATEWAY = "https://openapi.alipay.com/gateway.do"
 SANDBOX_GATEWAY = "https://openapi-sandbox.dl.alipaydev.com/gateway.do"
@@ -87,10 +87,10 @@ class AlipayOptions(HttpOptions):
     base_url: str = opt(GATEWAY, check=gateway_url,
                         doc=f"the full gateway address; the sandbox's is {SANDBOX_GATEWAY}")
     # first_query_after_s: HttpOptions' 5 s is the SDK's
-    query_every_s: float = opt(5.0, check=between(0.01, HOUR, SECONDS))
-    reverse_after_s: float = opt(30.0, check=between(0.0, DAY, SECONDS),
+    query_every_s: float = opt(5.0, check=QUERY_EVERY)
+    reverse_after_s: float = opt(30.0, check=REVERSE_AFTER,
                                  doc="give up querying and cancel, counted from the pay call")
-    retry_every_s: float = opt(5.0, check=between(0.01, HOUR, SECONDS), doc="between cancel/refund retries")
+    retry_every_s: float = opt(5.0, check=RETRY_EVERY, doc="between cancel/refund retries")
     app_id: str = opt(check=app_id_check, doc="the app's APPID (open.alipay.com, the app's overview)")
     app_private_key_file: SecretFile = opt(check=private_key_file,
                                            doc="the app private key (Alipay's key tool), mode 0600")

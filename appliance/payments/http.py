@@ -35,7 +35,7 @@ import httpx
 
 from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured, ProviderUnavailable
 from appliance.payments import Outcome, ResolutionPolicy, Status
-from appliance.schema import DAY, HOUR, SECONDS, FieldError, between, opt
+from appliance.schema import FIRST_QUERY_AFTER, QUERY_EVERY, RETRY_EVERY, REVERSE_AFTER, SECONDS, FieldError, between, opt
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 MAX_CALL_S = 15.0
 #: The largest answer read, in bytes. Every barcode-payment answer is a few KB.
 MAX_ANSWER_BYTES = 1 << 20
+#: The ranges of the time limits, for every adapter that declares its own defaults.
+CONNECT_TIMEOUT = between(0.1, 10.0, SECONDS)
+READ_TIMEOUT = between(0.1, 7.0, SECONDS)
 
 
 def gateway_url(value: str) -> str:
@@ -88,15 +91,15 @@ class HttpOptions:
     base_url: str = opt(check=gateway_url, doc="the gateway up to the API paths")
     backup_base_urls: tuple[str, ...] = opt((), check=gateway_urls,
                                             doc="tried in order when nothing reached base_url")
-    connect_timeout_s: float = opt(2.0, check=between(0.1, 10.0, SECONDS), doc="TCP connect + TLS handshake, per URL")
-    read_timeout_s: float = opt(5.0, check=between(0.1, 7.0, SECONDS), doc="waiting for the answer")
+    connect_timeout_s: float = opt(2.0, check=CONNECT_TIMEOUT, doc="TCP connect + TLS handshake, per URL")
+    read_timeout_s: float = opt(5.0, check=READ_TIMEOUT, doc="waiting for the answer")
     ca_file: Path | None = opt(None, doc="PEM bundle of a private CA (default: the system's)")
-    first_query_after_s: float = opt(5.0, check=between(0.0, HOUR, SECONDS),
+    first_query_after_s: float = opt(5.0, check=FIRST_QUERY_AFTER,
                                      doc="an uncertain payment: wait this long before the first query")
-    query_every_s: float = opt(10.0, check=between(0.01, HOUR, SECONDS))
-    reverse_after_s: float = opt(45.0, check=between(0.0, DAY, SECONDS),
+    query_every_s: float = opt(10.0, check=QUERY_EVERY)
+    reverse_after_s: float = opt(45.0, check=REVERSE_AFTER,
                                  doc="give up querying and reverse, counted from the pay call")
-    retry_every_s: float = opt(10.0, check=between(0.01, HOUR, SECONDS), doc="between reverse/refund retries")
+    retry_every_s: float = opt(10.0, check=RETRY_EVERY, doc="between reverse/refund retries")
 
     def __post_init__(self):
         if self.call_limit_s > MAX_CALL_S:

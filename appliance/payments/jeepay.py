@@ -51,10 +51,11 @@ from typing import Literal
 
 from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
-from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url
+from appliance.payments.http import (CONNECT_TIMEOUT, READ_TIMEOUT, Gateway, HttpOptions, UntrustedAnswers,
+                                     gateway_url)
 from appliance.payments.keys import secret_text
 from appliance.redact import mask, mask_digit_runs
-from appliance.schema import DAY, HOUR, SECONDS, SecretFile, between, opt
+from appliance.schema import FIRST_QUERY_AFTER, QUERY_EVERY, RETRY_EVERY, REVERSE_AFTER, SecretFile, opt
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +110,15 @@ class JeepayOptions(HttpOptions):
                                                                  "mode 0600")
     way_code: Literal["AUTO_BAR", "WX_BAR", "ALI_BAR", "YSF_BAR"] = opt(
         "AUTO_BAR", doc="AUTO_BAR lets Jeepay route each code by its prefix; or one fixed way")
-    connect_timeout_s: float = opt(3.0, check=between(0.1, 10.0, SECONDS), doc="TCP connect + TLS handshake, per URL")
-    read_timeout_s: float = opt(6.0, check=between(0.1, 7.0, SECONDS),
+    connect_timeout_s: float = opt(3.0, check=CONNECT_TIMEOUT, doc="TCP connect + TLS handshake, per URL")
+    read_timeout_s: float = opt(6.0, check=READ_TIMEOUT,
                                 doc="waiting for the answer (unifiedOrder asks the channel while we wait)")
-    first_query_after_s: float = opt(3.0, check=between(0.0, HOUR, SECONDS),
+    first_query_after_s: float = opt(3.0, check=FIRST_QUERY_AFTER,
                                      doc="an uncertain payment: wait this long before the first query")
-    query_every_s: float = opt(3.0, check=between(0.01, HOUR, SECONDS))
-    reverse_after_s: float = opt(60.0, check=between(0.0, DAY, SECONDS),
+    query_every_s: float = opt(3.0, check=QUERY_EVERY)
+    reverse_after_s: float = opt(60.0, check=REVERSE_AFTER,
                                  doc="give up querying and close, counted from the pay call (>= 60: see docs)")
-    retry_every_s: float = opt(15.0, check=between(0.01, HOUR, SECONDS), doc="between close/refund retries")
+    retry_every_s: float = opt(15.0, check=RETRY_EVERY, doc="between close/refund retries")
 
 
 # --- the protocol, pure -------------------------------------------------------------------------

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance import failpoints
-from appliance.schema import ANY_AMOUNT, DAY, HOUR, SECONDS, Amount, between, opt
+from appliance.schema import (ANY_AMOUNT, DAY, FIRST_QUERY_AFTER, QUERY_EVERY, REVERSE_AFTER, SECONDS, Amount,
+                              between, opt)
 from appliance.errors import ProviderUnavailable
 from appliance.payments import Outcome, PayRequest, Provider, ResolutionPolicy, Status, providers
 
@@ -55,9 +56,9 @@ class SandboxOptions:
     password_above: Amount = opt(Amount(1000_00), check=ANY_AMOUNT, doc="larger amounts need the customer's password")
     reverse_window_s: float = opt(7 * DAY, check=between(0.0, 366 * DAY, SECONDS),
                                   doc="paid trades older than this need a refund")
-    first_query_after_s: float = opt(0.5, check=between(0.0, HOUR, SECONDS))
-    query_every_s: float = opt(0.5, check=between(0.01, HOUR, SECONDS))
-    reverse_after_s: float = opt(3.0, check=between(0.0, DAY, SECONDS), doc="give up querying and reverse")
+    first_query_after_s: float = opt(0.5, check=FIRST_QUERY_AFTER)
+    query_every_s: float = opt(0.5, check=QUERY_EVERY)
+    reverse_after_s: float = opt(3.0, check=REVERSE_AFTER, doc="give up querying and reverse")
 
 
 _SCHEMA = """

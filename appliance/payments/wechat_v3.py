@@ -51,7 +51,7 @@ from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.http import Gateway, HttpOptions, Reply, UntrustedAnswers, gateway_url, gateway_urls
 from appliance.payments.keys import load_private_key, load_public_key, private_key_file, public_key_file, rsa_sign, \
     rsa_verify
-from appliance.schema import DAY, HOUR, SECONDS, SecretFile, between, opt
+from appliance.schema import FIRST_QUERY_AFTER, QUERY_EVERY, RETRY_EVERY, REVERSE_AFTER, SecretFile, opt
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ class WechatV3Options(HttpOptions):
                         doc="WeChat Pay's main domain (the nearest access point)")
     backup_base_urls: tuple[str, ...] = opt(("https://api2.mch.weixin.qq.com",), check=gateway_urls,
                                             doc="WeChat's backup domain, tried only when nothing reached base_url")
-    first_query_after_s: float = opt(5.0, check=between(0.0, HOUR, SECONDS),
+    first_query_after_s: float = opt(5.0, check=FIRST_QUERY_AFTER,
                                      doc="WeChat: query 5 s after a system error")
-    query_every_s: float = opt(10.0, check=between(0.01, HOUR, SECONDS), doc="WeChat: every 10 s while paying")
-    reverse_after_s: float = opt(45.0, check=between(0.0, DAY, SECONDS),
+    query_every_s: float = opt(10.0, check=QUERY_EVERY, doc="WeChat: every 10 s while paying")
+    reverse_after_s: float = opt(45.0, check=REVERSE_AFTER,
                                  doc="WeChat: reverse after 45 s, never sooner than 15 s")
-    retry_every_s: float = opt(10.0, check=between(0.01, HOUR, SECONDS), doc="between reverse/refund retries")
+    retry_every_s: float = opt(10.0, check=RETRY_EVERY, doc="between reverse/refund retries")
     mchid: str = opt(check=_shape(r"[0-9]{6,32}", "the merchant number (digits)"), doc="商户号, digits")
     appid: str = opt(check=_shape(r"wx[0-9A-Za-z]{16}", 'an AppID: "wx" and 16 letters or digits'),
                      doc="the AppID bound to mchid")
