@@ -25,6 +25,16 @@ class BadInput(ApplianceError, ValueError):
     """A scan, an amount or a command argument is malformed. Nothing was changed."""
 
 
+class BadMessage(ApplianceError, ValueError):
+    """An MQTT payload that is not its kind's JSON Schema (or not JSON at all). `reason` names the
+    JSON path and the problem in at most ~200 characters, digit runs that could be a payment code
+    masked; it never quotes more of the payload."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
 class Refused(ApplianceError):
     """A well-formed request that policy refuses (order already paid, no platform for a type...)."""
 
