@@ -99,6 +99,8 @@ class TerminalConfig:
     time_zone: str = opt("Asia/Shanghai", check=time_zone, doc="the store's IANA time zone: its business days")
     day_cutoff_hour: int = opt(0, check=between(0, 23, "(an hour of the local day)"),
                                doc="the business day starts at this local hour (2: 01:30 counts to the day before)")
+    min_free_mb: int = opt(64, check=between(0, 1_000_000, "MiB"),
+                           doc="below this much free room on the state dir's filesystem, new payments are refused")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,15 @@ SQLite through peewee, WAL mode, `synchronous=FULL`: a transition that returned 
 survives power loss. Each transition writes its head-office event (an outbox row) in the same
 transaction, so a state change and its event can never diverge.
 
+The outbox is head office's queue (schema 3). Every row gets the lane's next `seq` (strictly
+increasing, never reused, kept in `meta` so that pruning cannot bring an old number back) and the
+exact JSON text that goes on the wire, so a row sent twice is the same message twice and head
+office de-duplicates it by `event_id`. The uplink `claim`s queued rows in seq order and `ack`s them
+once the broker acknowledged them, each a batch in one commit; `prune` deletes rows acknowledged
+some days ago and never a queued one. Rows of no payment fit in too: lane events (`lane_event`) and
+each business day's closing totals (`close_days`). A state dir nearly full (`min_free_bytes`)
+refuses new payments instead: the queue is bounded by the disk alone, and nothing is ever dropped.
+
 States and the only legal moves (anything else raises IllegalTransition):
 
     pending ─┬─> paid ──> cancel_requested ─┬─> cancelled    (reversed/closed by the platform)
@@ -50,7 +59,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterable
@@ -59,6 +68,7 @@ from urllib.parse import quote
 import peewee as pw
 
 from appliance import failpoints, statedir
+from appliance.business_day import business_date
 from appliance.errors import (IllegalTransition, JournalError, JournalFull, JournalIntegrityError, JournalLost,
                               Refused)
 from appliance.money import format_amount
@@ -121,6 +131,7 @@ class Txn:
     retry_note: str
     source: str
     funding_source: str | None = None  # WeChat bank_type, Alipay fund channels, ... (Outcome.funding_source)
+    business_date: str | None = None  # YYYY-MM-DD, the store's day it was opened (None: a journal of schema < 3)
     auth_code: str | None = field(default=None, repr=False)  # a bearer token: never in a repr
 
     def as_dict(self) -> dict:
@@ -130,8 +141,34 @@ class Txn:
                 "payment_type": self.payment_type, "platform": self.platform,
                 "code_masked": self.code_masked, "state": str(self.state), "reason": self.reason,
                 "platform_txn_id": self.platform_txn_id, "funding_source": self.funding_source,
-                "created_at": self.created_at,
+                "business_date": self.business_date, "created_at": self.created_at,
                 "updated_at": self.updated_at, "source": self.source}
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One queued head-office event: `payload` is the exact JSON text to publish on `topic`
+    (the level under `{prefix}/{store}/{terminal}/`)."""
+
+    seq: int
+    event_id: str
+    kind: str  # txn | lane | day_close
+    topic: str  # txn | event | daily
+    payload: str
+    attempts: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class OutboxState:
+    """The outbox queue at a glance: what waits, and what the broker acknowledged last."""
+
+    backlog: int
+    oldest_queued_seq: int | None
+    oldest_queued_at: str | None
+    last_seq: int
+    last_ack_seq: int | None
+    last_ack_at: str | None
 
 
 def utc_now() -> datetime:
@@ -144,18 +181,27 @@ def rfc3339(t: datetime) -> str:
 
 #: The journal's schema version, in SQLite's `PRAGMA user_version`. 0 (never set) is the first
 #: schema; 2 added `payment.funding_source` and the unique indexes `payment_live_order` and
-#: `payment_code_once`. `_migrate` brings an older journal forward on a
-#: writer's open.
-SCHEMA_VERSION = 2
+#: `payment_code_once`; 3 made the outbox a queue (seq, topic, version, business date, send
+#: status and attempts; rows of no payment) and added `payment.business_date`. `_migrate` brings an
+#: older journal forward on a writer's open; a reader opens any of them as it is.
+SCHEMA_VERSION = 3
+
+#: Versions of the payloads the outbox holds, by kind (docs/mqtt.md; appliance/schemas/).
+PAYLOAD_VERSIONS = {"txn": 2, "lane": 1, "day_close": 1}
+#: Where each kind of outbox row is published, under `{prefix}/{store}/{terminal}/`.
+TOPICS = {"txn": "txn", "lane": "event", "day_close": "daily"}
+CURRENCY = "CNY"
 
 
-def _models(db: pw.Database, *, with_funding_source: bool = True):
+def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
+    """The peewee models of a journal of `schema` (older ones only for a read-only open)."""
     class Base(pw.Model):
         class Meta:
             database = db
 
     class Meta_(Base):
-        """Journal-wide facts: the epoch that keeps out_trade_no unique across journal re-creation."""
+        """Journal-wide facts: the epoch that keeps out_trade_no unique across journal re-creation,
+        the last outbox seq given out, the last acknowledged one, the last business day closed."""
         key = pw.CharField(primary_key=True)
         value = pw.CharField()
 
@@ -181,8 +227,10 @@ def _models(db: pw.Database, *, with_funding_source: bool = True):
         state = pw.CharField(index=True)
         reason = pw.CharField(default="")
         platform_txn_id = pw.CharField(null=True)
-        if with_funding_source:  # absent from journals of schema 1 (opened read-only, never migrated)
+        if schema >= 2:
             funding_source = pw.CharField(null=True)
+        if schema >= 3:
+            business_date = pw.CharField(index=True)  # YYYY-MM-DD in the store's zone and cut-off
         created_at = pw.CharField()
         updated_at = pw.CharField()
         attempts = pw.IntegerField(default=0)
@@ -193,16 +241,36 @@ def _models(db: pw.Database, *, with_funding_source: bool = True):
         class Meta:
             table_name = "payment"
 
-    class Outbox(Base):
-        event_id = pw.CharField(unique=True)  # idempotency key for head office
-        txn = pw.ForeignKeyField(Payment, backref="events")
-        kind = pw.CharField()
-        payload = pw.TextField()
-        created_at = pw.CharField()
-        sent_at = pw.CharField(null=True, index=True)
+    if schema >= 3:
+        class Outbox(Base):
+            """Head office's events, a queue in `seq` order: queued until the broker acknowledged
+            them, then sent, and pruned some days later."""
+            seq = pw.IntegerField(unique=True)  # per lane, strictly increasing, never reused
+            event_id = pw.CharField(unique=True)  # head office's de-duplication key
+            txn = pw.ForeignKeyField(Payment, null=True, backref="events")  # None: a lane event, a day close
+            kind = pw.CharField()  # txn | lane | day_close
+            topic = pw.CharField()  # txn | event | daily
+            version = pw.IntegerField()  # of the payload's shape
+            payload = pw.TextField()  # the JSON text published, byte for byte
+            business_date = pw.CharField()
+            created_at = pw.CharField()
+            status = pw.CharField(default="queued")  # queued | sent
+            attempts = pw.IntegerField(default=0)  # times claimed for sending
+            sent_at = pw.CharField(null=True, index=True)
 
-        class Meta:
-            table_name = "outbox"
+            class Meta:
+                table_name = "outbox"
+    else:
+        class Outbox(Base):
+            event_id = pw.CharField(unique=True)
+            txn = pw.ForeignKeyField(Payment, backref="events")
+            kind = pw.CharField()
+            payload = pw.TextField()
+            created_at = pw.CharField()
+            sent_at = pw.CharField(null=True, index=True)
+
+            class Meta:
+                table_name = "outbox"
 
     return Meta_, DaySequence, Payment, Outbox
 
@@ -212,6 +280,7 @@ LIVE_STATES = frozenset({S.PENDING, S.UNKNOWN, S.DEFERRED, S.PAID, S.CANCEL_REQU
 _LIVE_ORDER_INDEX = ('CREATE UNIQUE INDEX IF NOT EXISTS payment_live_order ON payment ("order") WHERE state IN ('
                      + ", ".join(f"'{s}'" for s in sorted(LIVE_STATES)) + ")")
 _CODE_ONCE_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS payment_code_once ON payment (code_digest)"
+_QUEUED_INDEX = "CREATE INDEX IF NOT EXISTS outbox_queued ON outbox (seq) WHERE status = 'queued'"
 
 
 def _init_schema(path: Path) -> None:
@@ -219,8 +288,8 @@ def _init_schema(path: Path) -> None:
     db = pw.SqliteDatabase(str(path))
     with db.connection_context():
         db.create_tables(_models(db))
-        db.execute_sql(_LIVE_ORDER_INDEX)
-        db.execute_sql(_CODE_ONCE_INDEX)
+        for index in (_LIVE_ORDER_INDEX, _CODE_ONCE_INDEX, _QUEUED_INDEX):
+            db.execute_sql(index)
         db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -228,26 +297,80 @@ def _payment_columns(db: pw.Database) -> set[str]:
     return {row[1] for row in db.execute_sql("PRAGMA table_info(payment)").fetchall()}
 
 
-def _migrate(db: pw.Database) -> None:
+def _schema_of(db: pw.Database) -> int:
+    """The schema a journal file holds (its `PRAGMA user_version`; 0 is schema 1)."""
+    return db.execute_sql("PRAGMA user_version").fetchone()[0]
+
+
+def _migrate(db: pw.Database, day_of: Callable[[str], str]) -> None:
     """Bring a journal written by an older version to SCHEMA_VERSION, keeping every row.
 
-    Idempotent and safe against a second process doing the same: the check and the change are
-    one BEGIN IMMEDIATE transaction, so the second one finds the work done."""
-    if db.execute_sql("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+    `day_of(created_at)` gives the business date of a journaled time, for the rows written before
+    business dates were kept. Idempotent and safe against a second process doing the same: the
+    check and the change are one BEGIN IMMEDIATE transaction, so the second one finds the work done."""
+    if _schema_of(db) >= SCHEMA_VERSION:
         return
     db.execute_sql("BEGIN IMMEDIATE")
     try:
-        if db.execute_sql("PRAGMA user_version").fetchone()[0] < 2:
+        version = _schema_of(db)
+        if version < 2:
             if "funding_source" not in _payment_columns(db):
                 db.execute_sql("ALTER TABLE payment ADD COLUMN funding_source VARCHAR(255)")
             db.execute_sql(_LIVE_ORDER_INDEX)  # fails on a journal that already charged twice
             db.execute_sql(_CODE_ONCE_INDEX)
+        if version < 3:
+            _migrate_to_outbox_queue(db, day_of)
         db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute_sql("COMMIT")
     except BaseException:
         db.execute_sql("ROLLBACK")
         raise
-    log.info("journal schema migrated to version %d", SCHEMA_VERSION)
+    log.info("journal schema migrated from version %d to %d", version, SCHEMA_VERSION)
+
+
+def _migrate_to_outbox_queue(db: pw.Database, day_of: Callable[[str], str]) -> None:
+    """Schema 3: payments get their business date; the outbox table is rebuilt as a queue. Every
+    event of schema 2 (none was ever sent: nothing sent them) is kept with its event_id, queued in
+    its commit order, its payload rewritten in today's `txn` shape from what it recorded."""
+    db.execute_sql("ALTER TABLE payment ADD COLUMN business_date VARCHAR(255)")
+    payments = {}
+    for pid, created_at in db.execute_sql("SELECT id, created_at FROM payment").fetchall():
+        payments[pid] = (created_at, day_of(created_at))
+        db.execute_sql("UPDATE payment SET business_date = ? WHERE id = ?", (payments[pid][1], pid))
+    old = db.execute_sql("SELECT id, event_id, txn_id, payload, created_at, sent_at FROM outbox ORDER BY id").fetchall()
+    db.execute_sql("ALTER TABLE outbox RENAME TO outbox_v2")
+    for index in ("outbox_event_id", "outbox_txn_id", "outbox_sent_at"):  # peewee's names, bound to the old table
+        db.execute_sql(f"DROP INDEX IF EXISTS {index}")
+    Outbox = _models(db)[3]
+    db.create_tables([Outbox])
+    db.execute_sql(_QUEUED_INDEX)
+    db.execute_sql("CREATE INDEX IF NOT EXISTS payment_business_date ON payment (business_date)")
+    for seq, (_, event_id, txn_id, payload, created_at, sent_at) in enumerate(old, start=1):
+        was = json.loads(payload)
+        created, day = payments[txn_id]
+        now = {**{k: v for k, v in was.items() if k != "type"}, "kind": "txn", "version": PAYLOAD_VERSIONS["txn"],
+               "seq": seq, "funding_source": was.get("funding_source"), "currency": CURRENCY,
+               "txn_kind": txn_kind(was["state"], was.get("previous_state")), "business_date": day,
+               "created_at": created}
+        Outbox.insert(seq=seq, event_id=event_id, txn=txn_id, kind="txn", topic=TOPICS["txn"],
+                      version=PAYLOAD_VERSIONS["txn"], payload=_json(now), business_date=day, created_at=created_at,
+                      status="sent" if sent_at else "queued", sent_at=sent_at).execute()
+    db.execute_sql("DROP TABLE outbox_v2")
+    db.execute_sql("INSERT OR REPLACE INTO meta (key, value) VALUES ('outbox_seq', ?)", (str(len(old)),))
+
+
+def txn_kind(state: str, previous_state: str | None) -> str:
+    """The operation a payment's state change belongs to, as head office counts it (docs/mqtt.md)."""
+    if state == S.REFUNDED:
+        return "refund"
+    if state in (S.CANCEL_REQUESTED, S.CANCELLED) or (state == S.PAID and previous_state == S.CANCEL_REQUESTED):
+        return "cancel"
+    return "pay"
+
+
+def _json(payload: dict) -> str:
+    """The bytes head office gets: compact, keys sorted, UTF-8 (no escapes)."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def _reading(method):
@@ -275,19 +398,27 @@ class Journal:
     journal. It skips the identity checks so that a damaged state dir can still be inspected.
 
     `clock` returns aware UTC datetimes (injectable for tests). Transitions use BEGIN IMMEDIATE
-    so that two connections serialise cleanly.
+    so that two connections serialise cleanly. `time_zone` and `day_cutoff_hour` give the store's
+    business day (`appliance.business_day`), which every payment and outbox row carries.
+    `min_free_bytes` is the room a new payment must find on the state dir's filesystem: below it
+    `open_payment` refuses (JournalFull), so that the payments already taken, their later
+    changes and head office's queue always have room.
     """
 
     FILENAME = statedir.JOURNAL
 
     def __init__(self, state_dir: Path, store_id: str, terminal_id: str,
-                 clock: Callable[[], datetime] = utc_now, *, readonly: bool = False):
+                 clock: Callable[[], datetime] = utc_now, *, readonly: bool = False,
+                 time_zone: str = "Asia/Shanghai", day_cutoff_hour: int = 0, min_free_bytes: int = 0):
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / self.FILENAME
         self.store_id = store_id
         self.terminal_id = terminal_id
         self.readonly = readonly
         self._clock = clock
+        self.time_zone = time_zone
+        self.day_cutoff_hour = day_cutoff_hour
+        self.min_free_bytes = min_free_bytes
         self._code_key: bytes | None = None
         self._file_id: tuple[int, int] | None = None
         # Scrubs due (erasures) and done, counted so that an erasure during a scrub is not lost. A
@@ -305,10 +436,12 @@ class Journal:
         try:
             self.db.connect()  # kept open: this thread's reads need no new file handles later
             if not readonly:
-                _migrate(self.db)
-            # A read-only open never migrates: it may see a journal of schema 1, without funding_source.
-            self._Meta, self._Seq, self._Payment, self._Outbox = _models(
-                self.db, with_funding_source=not readonly or "funding_source" in _payment_columns(self.db))
+                _migrate(self.db, lambda stamp: self._business_date(datetime.fromisoformat(stamp)))
+            # A read-only open never migrates: it may see a journal of any older schema.
+            self.schema = SCHEMA_VERSION if not readonly else _schema_of(self.db)
+            if self.schema < 2 and "funding_source" in _payment_columns(self.db):
+                self.schema = 2  # written by a schema-1 version that already knew the column
+            self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db, self.schema)
             self._epoch = self._Meta.get(self._Meta.key == "epoch").value
             if not readonly:
                 st = os.stat(self.path)
@@ -433,6 +566,7 @@ class Journal:
         day = now.strftime("%Y%m%d")
         digest = self.digest(code)
         P = self._Payment
+        self._check_room()
         with self._writing("open"):
             self._refuse_taken_order(order)
             used = P.select(P.id).where(P.code_digest == digest).first()
@@ -447,7 +581,7 @@ class Journal:
                 out_trade_no=f"{self.store_id}_{self.terminal_id}_{day}{self._epoch}{n:06d}",
                 order=order, amount_fen=amount_fen, payment_type=payment_type, platform=platform,
                 code_masked=mask(code), code_digest=digest,
-                state=str(S.PENDING),
+                state=str(S.PENDING), business_date=self._business_date(now),
                 created_at=stamp, updated_at=stamp, source=source)
             self._event(row, previous=None, at=stamp)
         return self._txn(row)
@@ -500,12 +634,170 @@ class Journal:
 
     def _event(self, row, previous: State | None, at: str) -> None:
         txn = self._txn(row)
-        payload = {"event_id": uuid.uuid4().hex, "type": "payment",
-                   "store_id": self.store_id, "terminal_id": self.terminal_id,
-                   **{k: v for k, v in txn.as_dict().items() if k not in ("created_at", "updated_at")},
-                   "previous_state": str(previous) if previous else None, "at": at}
-        self._Outbox.create(event_id=payload["event_id"], txn=row.id, kind="payment",
-                            payload=json.dumps(payload, sort_keys=True), created_at=at)
+        public = {k: v for k, v in txn.as_dict().items() if k != "updated_at"}
+        self._enqueue("txn", txn.business_date, at, row.id, lambda seq, event_id: {
+            **public, "kind": "txn", "version": PAYLOAD_VERSIONS["txn"], "event_id": event_id, "seq": seq,
+            "store_id": self.store_id, "terminal_id": self.terminal_id, "currency": CURRENCY,
+            "txn_kind": txn_kind(txn.state, previous), "previous_state": str(previous) if previous else None,
+            "at": at})
+
+    def _enqueue(self, kind: str, business_date: str, at: str, txn_id: int | None,
+                 payload: Callable[[int, str], dict]) -> "OutboxRow":
+        """Append one outbox row inside the caller's transaction: the next seq, a new event_id,
+        `payload(seq, event_id)` as the JSON to publish."""
+        M = self._Meta
+        last = M.get_or_none(M.key == "outbox_seq")
+        seq = int(last.value) + 1 if last else 1
+        M.insert(key="outbox_seq", value=str(seq)).on_conflict_replace().execute()
+        event_id = uuid.uuid4().hex
+        text = _json(payload(seq, event_id))
+        self._Outbox.insert(seq=seq, event_id=event_id, txn=txn_id, kind=kind, topic=TOPICS[kind],
+                            version=PAYLOAD_VERSIONS[kind], payload=text, business_date=business_date,
+                            created_at=at).execute()
+        return OutboxRow(seq, event_id, kind, TOPICS[kind], text, 0, at)
+
+    def _business_date(self, at: datetime) -> str:
+        return business_date(at, self.time_zone, self.day_cutoff_hour).isoformat()
+
+    def business_date_now(self) -> str:
+        """Today's business date of this lane ("YYYY-MM-DD"), by the journal's clock."""
+        return self._business_date(self._clock())
+
+    def _check_room(self) -> None:
+        """Raise JournalFull when the state dir's filesystem has less than min_free_bytes free."""
+        if not self.min_free_bytes:
+            return
+        try:
+            st = os.statvfs(self.state_dir)
+        except OSError as e:
+            raise JournalError(f"cannot check the room left in {self.state_dir}: {e.strerror}") from None
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes:
+            raise JournalFull(f"the state dir {self.state_dir} is nearly full ({free // 2**20} MiB free, "
+                              f"{self.min_free_bytes // 2**20} MiB kept for payments already taken and head "
+                              "office's queue); no new payment until there is room")
+
+    # --- the outbox: head office's queue ---------------------------------------------------
+
+    def claim(self, after_seq: int = 0, limit: int = 100) -> list["OutboxRow"]:
+        """The next queued rows with seq > after_seq, in seq order, at most `limit`; their
+        `attempts` go up by one, in one commit. A claimed row stays queued until `ack`."""
+        O = self._Outbox
+        with self._writing("claim"):
+            rows = list(O.select(O.seq, O.event_id, O.kind, O.topic, O.payload, O.attempts, O.created_at).where(
+                O.status == "queued", O.seq > after_seq).order_by(O.seq).limit(limit))
+            if rows:
+                O.update(attempts=O.attempts + 1).where(O.seq.in_([r.seq for r in rows])).execute()
+        return [OutboxRow(r.seq, r.event_id, r.kind, r.topic, r.payload, r.attempts + 1, r.created_at) for r in rows]
+
+    def ack(self, seqs: Iterable[int]) -> int:
+        """Mark rows sent (the broker acknowledged them), in one commit. Returns how many changed
+        (a row acknowledged twice counts once)."""
+        seqs = sorted(set(seqs))
+        if not seqs:
+            return 0
+        O, M = self._Outbox, self._Meta
+        stamp = rfc3339(self._clock())
+        changed = 0
+        with self._writing("ack"):
+            for i in range(0, len(seqs), 500):  # SQLite's limit on bound parameters
+                changed += O.update(status="sent", sent_at=stamp).where(
+                    O.status == "queued", O.seq.in_(seqs[i:i + 500])).execute()
+            last = M.get_or_none(M.key == "last_ack_seq")
+            if last is None or int(last.value) < seqs[-1]:
+                M.insert_many([("last_ack_seq", str(seqs[-1])), ("last_ack_at", stamp)],
+                              fields=[M.key, M.value]).on_conflict_replace().execute()
+        return changed
+
+    def prune(self, keep_days: float) -> int:
+        """Delete sent rows acknowledged more than `keep_days` ago; never a queued one. Returns
+        how many went."""
+        O = self._Outbox
+        cutoff = rfc3339(self._clock() - timedelta(days=keep_days))
+        with self._writing("prune"):
+            return O.delete().where(O.status == "sent", O.sent_at < cutoff).execute()
+
+    @_reading
+    def outbox_state(self) -> "OutboxState":
+        """The queue as the uplink and `appliance sync` report it."""
+        if self.schema < 3:
+            raise JournalError(f"the journal in {self.state_dir} has schema {self.schema}, older than this "
+                               "software's outbox; the service migrates it at its next start")
+        O = self._Outbox
+        with self.db.atomic():  # one snapshot
+            count = O.select().where(O.status == "queued").count()
+            oldest = O.select(O.seq, O.created_at).where(O.status == "queued").order_by(O.seq).first()
+            meta = dict(self._Meta.select(self._Meta.key, self._Meta.value).tuples())
+        last_ack = meta.get("last_ack_seq")
+        return OutboxState(backlog=count, oldest_queued_seq=oldest.seq if oldest else None,
+                           oldest_queued_at=oldest.created_at if oldest else None,
+                           last_seq=int(meta.get("outbox_seq", 0)),
+                           last_ack_seq=int(last_ack) if last_ack else None, last_ack_at=meta.get("last_ack_at"))
+
+    def lane_event(self, event: str, detail: dict) -> "OutboxRow":
+        """Queue a lane event that belongs to no payment (started, stopped, fault, fault_cleared).
+        `detail` must hold no payment code: it is published as it is."""
+        now = self._clock()
+        at = rfc3339(now)
+        day = self._business_date(now)
+        with self._writing("lane_event"):
+            return self._enqueue("lane", day, at, None, lambda seq, event_id: {
+                "kind": "lane", "version": PAYLOAD_VERSIONS["lane"], "event_id": event_id, "seq": seq,
+                "store_id": self.store_id, "terminal_id": self.terminal_id, "event": event, "detail": detail,
+                "business_date": day, "at": at})
+
+    @_reading
+    def daily(self, business_date: str, *, closed: bool = False) -> dict:
+        """The `daily` payload of a business date as the journal has it now (docs/mqtt.md):
+        totals per payment type and funding source, by each payment's current state."""
+        with self.db.atomic():  # the totals and as_of_seq from one snapshot
+            return self._daily(business_date, closed)
+
+    def _daily(self, day: str, closed: bool) -> dict:
+        P = self._Payment
+
+        def where(states):
+            return P.state.in_([str(s) for s in states])
+
+        def count(states):
+            return pw.fn.SUM(pw.Case(None, [(where(states), 1)], 0))
+
+        def amount(states):
+            return pw.fn.SUM(pw.Case(None, [(where(states), P.amount_fen)], 0))
+
+        held, ended, cancelled = (S.PAID, S.CANCEL_REQUESTED), (S.DECLINED, S.REVERSED), (S.CANCELLED, S.REFUNDED)
+        rows = (P.select(P.payment_type, P.funding_source, count(held), amount(held), count(ended), count(cancelled),
+                         amount(cancelled), count((S.PENDING, S.UNKNOWN, S.DEFERRED)))
+                .where(P.business_date == day).group_by(P.payment_type, P.funding_source).tuples())
+        totals = [{"payment_type": t, "funding_source": f, "count": n, "amount_fen": a, "amount": format_amount(a),
+                   "declined": d, "cancelled": c, "cancelled_amount_fen": ca, "cancelled_amount": format_amount(ca),
+                   "open": o} for t, f, n, a, d, c, ca, o in rows]
+        totals.sort(key=lambda r: (r["payment_type"], r["funding_source"] or ""))
+        last = self._Meta.get_or_none(self._Meta.key == "outbox_seq")
+        return {"kind": "daily", "version": 1, "store_id": self.store_id, "terminal_id": self.terminal_id,
+                "business_date": day, "closed": closed, "currency": CURRENCY,
+                "as_of_seq": int(last.value) if last else 0, "at": rfc3339(self._clock()), "totals": totals}
+
+    def close_days(self, before: str) -> list[str]:
+        """Queue a day close (the day's `daily` totals, closed) for every business date before
+        `before` ("YYYY-MM-DD") that has payments and was not closed yet, oldest first, in one
+        commit. Returns the dates closed. A day is closed once: a payment that ends after its
+        day's close changes head office's totals through its txn events only."""
+        P, M = self._Payment, self._Meta
+        with self._writing("close_days"):
+            done = M.get_or_none(M.key == "closed_through")
+            q = P.select(P.business_date).distinct().where(P.business_date < before)
+            if done is not None:
+                q = q.where(P.business_date > done.value)
+            days = sorted(r.business_date for r in q)
+            at = rfc3339(self._clock())
+            for day in days:
+                totals = self._daily(day, closed=True)
+                self._enqueue("day_close", day, at, None,
+                              lambda seq, event_id, totals=totals: {**totals, "event_id": event_id, "seq": seq})
+            if days:
+                M.insert(key="closed_through", value=days[-1]).on_conflict_replace().execute()
+        return days
 
     # --- reading --------------------------------------------------------------------------
 
@@ -516,7 +808,8 @@ class Journal:
                    platform_txn_id=row.platform_txn_id, created_at=row.created_at,
                    updated_at=row.updated_at, attempts=row.attempts,
                    next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source,
-                   funding_source=getattr(row, "funding_source", None), auth_code=row.auth_code)
+                   funding_source=getattr(row, "funding_source", None),
+                   business_date=getattr(row, "business_date", None), auth_code=row.auth_code)
 
     def _refuse_taken_order(self, order: str) -> None:
         P = self._Payment
@@ -578,9 +871,9 @@ class Journal:
 
     @_reading
     def events(self, txn_id: int | None = None) -> list[dict]:
-        """Outbox payloads in commit order (all, or one payment's)."""
+        """Outbox payloads in commit order (all, or one payment's), sent or not."""
         O = self._Outbox
-        q = O.select().order_by(O.id)
+        q = O.select(O.payload).order_by(O.seq if self.schema >= 3 else O.id)
         if txn_id is not None:
             q = q.where(O.txn == txn_id)
         return [json.loads(r.payload) for r in q]

@@ -58,7 +58,8 @@ class Lane:
 def build(cfg: Config, *, indicator: Indicator | None = None) -> Lane:
     """Wire a lane. `indicator=None` builds the configured one (claims GPIO pins)."""
     t = cfg.terminal
-    journal = Journal(t.state_dir, t.store_id, t.terminal_id)
+    journal = Journal(t.state_dir, t.store_id, t.terminal_id, time_zone=t.time_zone,
+                      day_cutoff_hour=t.day_cutoff_hour, min_free_bytes=t.min_free_mb * 2**20)
     router = Router.from_config(cfg, t.state_dir)
     indicator = indicator if indicator is not None else make_indicator(cfg.indicator)
     in_flight = InFlight()

@@ -54,7 +54,7 @@ def test_journal_command_reads_without_creating_anything(tmp_path):
 
 def test_journal_command_works_on_a_read_only_filesystem(tmp_path):
     with tmpfs(tmp_path / "ro") as mnt:
-        conf = write_config(tmp_path / "a.toml", lane_dict(mnt / "state"))
+        conf = write_config(tmp_path / "a.toml", lane_dict(mnt / "state", terminal={"min_free_mb": 0}))  # a 4 MiB disk
         assert charge(conf, "A1", WECHAT_PAID).returncode == 0
         remount_read_only(mnt)
         r = cli(conf, "journal", "--json")
@@ -64,7 +64,7 @@ def test_journal_command_works_on_a_read_only_filesystem(tmp_path):
 
 
 def test_disk_full_during_the_platform_call_answers_unknown_then_the_service_finishes_it(tmp_path, small_disk):
-    doc = lane_dict(small_disk.path / "state")
+    doc = lane_dict(small_disk.path / "state", terminal={"min_free_mb": 0})  # SQLite's own ENOSPC, not the reserve
     doc["providers"]["sandbox"]["slow_ms"] = 1500
     conf = write_config(tmp_path / "a.toml", doc)
     assert charge(conf, "A0", WECHAT_PAID).returncode == 0  # journal and ledger exist

@@ -36,7 +36,7 @@ SCENARIOS = {
 
 
 def _lane(state_dir):
-    doc = lane_dict(state_dir, till={"stale_pending_s": 0.1})
+    doc = lane_dict(state_dir, till={"stale_pending_s": 0.1}, terminal={"min_free_mb": 0})  # SQLite's own ENOSPC, not the reserve
     doc["providers"]["sandbox"].update({"query_every_s": 0.02, "reverse_after_s": 0.2})
     lane = service.build(from_dict(doc), indicator=Recorder())
     lane.resolver.journal_retry_s = 0.05

@@ -1,5 +1,7 @@
+import dataclasses
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import stat
@@ -7,11 +9,12 @@ import subprocess
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from appliance.errors import IllegalTransition, JournalLost, Refused
-from appliance.journal import OPEN_STATES, TRANSITIONS, Journal, State, Txn
+from appliance.journal import OPEN_STATES, SCHEMA_VERSION, TRANSITIONS, Journal, State, Txn
 
 CODE = "134567890123456789"
 
@@ -352,19 +355,20 @@ def test_unique_indexes_hold_even_against_a_raw_insert(journal):
 # --- schema migration: a journal written before `funding_source` (schema 1, user_version 0) ---
 
 
+V2_JOURNAL = Path(__file__).parent / "data" / "journal_v2"  # written by the released schema 2 (make_journal_v2.py)
+
+
+def _copy_of_v2(state_dir: Path) -> Path:
+    shutil.copytree(V2_JOURNAL, state_dir, dirs_exist_ok=True)
+    return state_dir
+
+
 def _schema_1_journal(state_dir) -> list[Txn]:
     """A journal as the code before schema 2 wrote it: no funding_source column, user_version 0.
-    Made by writing one with today's code and taking the column out again."""
-    j = Journal(state_dir, "S0001", "L01")
-    a = _open(j, code="134567890123450001")
-    j.transition(a.txn_id, State.PAID, "SUCCESS", platform_txn_id="4200001")
-    b = _open(j, code="134567890123450002")
-    j.transition(b.txn_id, State.DECLINED, "NOTENOUGH: balance insufficient")
-    j.close()
-    conn = sqlite3.connect(state_dir / Journal.FILENAME, isolation_level=None)
+    Made from the schema-2 journal by taking the column out again."""
+    conn = sqlite3.connect(_copy_of_v2(state_dir) / Journal.FILENAME, isolation_level=None)
     conn.execute("ALTER TABLE payment DROP COLUMN funding_source")
     conn.execute("PRAGMA user_version = 0")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     ro = Journal(state_dir, "S0001", "L01", readonly=True)
     txns = ro.recent()
@@ -382,8 +386,8 @@ def _columns(state_dir) -> tuple[int, set[str]]:
 
 
 def test_a_new_journal_has_the_current_schema(journal):
-    assert _columns(journal.state_dir) == (2, _columns(journal.state_dir)[1])
-    assert "funding_source" in _columns(journal.state_dir)[1]
+    version, columns = _columns(journal.state_dir)
+    assert version == SCHEMA_VERSION and {"funding_source", "business_date"} <= columns
 
 
 def test_a_schema_1_journal_is_read_as_it_is_and_migrated_by_a_writer_without_losing_rows(tmp_path):
@@ -391,21 +395,20 @@ def test_a_schema_1_journal_is_read_as_it_is_and_migrated_by_a_writer_without_lo
     assert _columns(tmp_path)[0] == 0 and "funding_source" not in _columns(tmp_path)[1]
     ro = Journal(tmp_path, "S0001", "L01", readonly=True)  # reads the old schema, changes nothing
     assert ro.recent() == before and all(t.funding_source is None for t in before)
-    assert ro.events()[-1]["state"] == "declined"
+    assert ro.events()[-1]["state"] == "reversed"
     ro.close()
     assert _columns(tmp_path)[0] == 0
 
     j = Journal(tmp_path, "S0001", "L01")
-    assert _columns(tmp_path)[0] == 2 and "funding_source" in _columns(tmp_path)[1]
-    assert j.recent() == before and len(j.events()) == 4
-    paid = [t for t in before if t.state is State.PAID][0]
-    assert j.get(paid.txn_id).platform_txn_id == "4200001"
+    assert _columns(tmp_path)[0] == SCHEMA_VERSION and "funding_source" in _columns(tmp_path)[1]
+    assert [dataclasses.replace(t, business_date=None) for t in j.recent()] == before and len(j.events()) == 22
+    assert j.by_order("A1")[0].platform_txn_id == "4200001"
     txn = _open(j, code="134567890123450003")
     moved = j.transition(txn.txn_id, State.PAID, "SUCCESS", platform_txn_id="4200003", funding_source="CFT")
     assert moved.funding_source == "CFT" and j.events()[-1]["funding_source"] == "CFT"
     j.close()
     again = Journal(tmp_path, "S0001", "L01")  # a second open finds nothing to do
-    assert _columns(tmp_path)[0] == 2 and len(again.recent()) == 3
+    assert _columns(tmp_path)[0] == SCHEMA_VERSION and len(again.recent()) == len(before) + 1
     again.close()
 
 
@@ -418,7 +421,7 @@ def test_writers_opening_a_schema_1_journal_at_once_migrate_it_once(tmp_path):
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
     assert {o.strip() for o, _ in outs} == {str(len(before))}
-    assert _columns(tmp_path) == (2, _columns(tmp_path)[1]) and "funding_source" in _columns(tmp_path)[1]
+    assert _columns(tmp_path)[0] == SCHEMA_VERSION and "funding_source" in _columns(tmp_path)[1]
 
 
 def test_funding_source_is_kept_by_later_moves_and_sent_to_head_office(journal):

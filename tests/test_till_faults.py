@@ -1,5 +1,6 @@
 """What the till does when its journal fails under it: lost (deleted, replaced) or the disk full."""
 
+import os
 import time
 
 import pytest
@@ -40,7 +41,7 @@ class DuringPay(Provider):
 
 
 def _lane(state_dir, hook=None):
-    lane = service.build(from_dict(lane_dict(state_dir)), indicator=Recorder())
+    lane = service.build(from_dict(lane_dict(state_dir, terminal={"min_free_mb": 0})), indicator=Recorder())  # SQLite's own ENOSPC, not the reserve
     sandbox = lane.router.providers["sandbox"]
     sandbox.charges("0")  # the platform's ledger exists before any disk is filled
     if hook is not None:
@@ -82,6 +83,18 @@ def test_disk_full_before_a_payment_refuses_it_with_a_fault(small_disk):
     assert Signal.FAULT in lane.till.indicator.shown
     small_disk.free()
     assert _pay(lane, "A2", WECHAT_PAID_2).txn.state is State.PAID  # room again: the lane takes payments
+    lane.close()
+
+
+def test_a_state_dir_near_full_refuses_new_payments_with_a_fault_and_lets_taken_ones_end(tmp_path):
+    lane, sandbox = _lane(tmp_path / "state")
+    assert _pay(lane, "A1", WECHAT_PAID).txn.state is State.PAID
+    st = os.statvfs(tmp_path)
+    lane.journal.min_free_bytes = st.f_bavail * st.f_frsize + 2**30  # as `[terminal] min_free_mb` above what is free
+    r = _pay(lane, "A2", WECHAT_PAID_2)
+    assert r.state == "refused" and "nearly full" in r.reason and sandbox.charges(WECHAT_PAID_2) == 0
+    assert lane.till.indicator.current is Signal.FAULT
+    assert lane.till.cancel("A1").txn.state is State.CANCELLED  # what was taken still ends
     lane.close()
 
 
