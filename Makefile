@@ -15,7 +15,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 # Build tools for evdev's C extension (gcc, kernel headers), the venv module, the xkb data
-# the keymap tables are checked against, and libfaketime (a service process's wall clock stepped).
+# the keymap tables are checked against, libfaketime (a service process's wall clock stepped), and
+# mosquitto with its clients (tests start their own brokers on free ports; the system broker that
+# Debian's package starts on 1883 is never used).
 apt-deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
@@ -23,6 +25,8 @@ apt-deps:
 	[ -f /usr/share/X11/xkb/symbols/fr ] || missing="$$missing xkb-data"; \
 	ldconfig -p 2>/dev/null | grep -q libxkbcommon.so.0 || missing="$$missing libxkbcommon0"; \
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
+	{ [ -x /usr/sbin/mosquitto ] && command -v mosquitto_passwd >/dev/null; } || missing="$$missing mosquitto"; \
+	command -v mosquitto_sub >/dev/null || missing="$$missing mosquitto-clients"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	[ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \

@@ -194,3 +194,29 @@ class Recorder:
 
     def close(self):
         pass
+
+
+@pytest.fixture
+def make_broker(tmp_path_factory):
+    """A factory of real mosquitto brokers (tests/broker.py), each in a directory of its own:
+    `make_broker(prefix=..., lanes=..., autosave_interval=...)` returns a started `Broker`.
+    Teardown kills every broker it made, whatever state the test left it in."""
+    from broker import Broker
+
+    made = []
+
+    def make(**options):
+        broker = Broker(tmp_path_factory.mktemp("broker"), **options)
+        made.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in made:
+        broker.kill()
+
+
+@pytest.fixture
+def broker(request, make_broker):
+    """A fresh mosquitto for this test: users `lane-S001-01`..`03` and `hq`, topic prefix "lanes".
+    Other options: `@pytest.mark.parametrize("broker", [{"prefix": "x", "lanes": [...]}], indirect=True)`."""
+    return make_broker(**getattr(request, "param", {}))
