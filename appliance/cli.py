@@ -281,6 +281,88 @@ def cmd_simulate(args) -> int:
     return EXIT_OK
 
 
+def _hq_config(args):
+    """Head office's config: its own file (--config, optional) with the flags given applied on top."""
+    from appliance.hq.config import load
+
+    flags = {"db": args.db, "host": getattr(args, "host", None), "port": getattr(args, "port", None),
+             "username": getattr(args, "username", None), "password_file": getattr(args, "password_file", None),
+             "tls": getattr(args, "tls", None), "ca_file": getattr(args, "ca_file", None),
+             "topic_prefix": getattr(args, "topic_prefix", None), "group": getattr(args, "group", None),
+             "client_id": getattr(args, "client_id", None)}
+    return load(Path(args.config) if args.config else None, {k: v for k, v in flags.items() if v is not None})
+
+
+def cmd_hq_ingest(args) -> int:
+    from appliance.hq import ingest
+    from appliance.logs import setup
+
+    file = _hq_config(args)
+    setup(file.logging.level)
+    return ingest.run(file.hq)
+
+
+def cmd_hq_report(args) -> int:
+    from appliance.business_day import business_date
+    from appliance.hq import report
+    from appliance.hq.store import Store
+    from appliance.journal import utc_now
+
+    cfg = _hq_config(args).hq
+    day = args.date or business_date(utc_now(), cfg.time_zone, cfg.day_cutoff_hour).isoformat()
+    return report.run(Store(cfg.db or None, create=False), day, args.store, args.json)
+
+
+def _date(text: str) -> str:
+    import datetime as dt
+
+    try:
+        if len(text) == 10:
+            return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"not a date YYYY-MM-DD: {text[:40]!r}")
+
+
+def _store_id(text: str) -> str:
+    if not (1 <= len(text) <= 8 and text.isascii() and text.isalnum()):
+        raise argparse.ArgumentTypeError(f"not a store id (1-8 letters or digits): {text[:40]!r}")
+    return text
+
+
+def add_hq(sub) -> None:
+    """`appliance hq ingest|report`: head office's side (appliance/hq/). Needs no lane config."""
+    help_ = "head office: store every lane's MQTT messages (ingest) and report the day's volume (report)"
+    hq = sub.add_parser("hq", help=help_, description=help_).add_subparsers(dest="hq_command", required=True,
+                                                                            metavar="HQ_COMMAND")
+
+    def add(name, func, help_):
+        sp = hq.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", metavar="PATH", help="head office's config file ([hq] section); flags override it")
+        sp.add_argument("--db", metavar="URL", help="sqlite:///path or postgresql://user@host:port/db "
+                                                    "(default: hq.sqlite in $STATE_DIRECTORY or here)")
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = add("ingest", cmd_hq_ingest, "subscribe to every lane's txn, event, daily and status topics (a shared "
+             "subscription) and store them until SIGTERM")
+    sp.add_argument("--host", help="MQTT broker host (default localhost)")
+    sp.add_argument("--port", type=NUMBER_ARGS["port"].type, help="MQTT broker port (default 1883)")
+    sp.add_argument("--username")
+    sp.add_argument("--password-file", dest="password_file", metavar="PATH", help="file holding the MQTT password")
+    sp.add_argument("--tls", action="store_true", default=None, help="connect with TLS")
+    sp.add_argument("--ca-file", dest="ca_file", metavar="PATH", help="CA certificates for --tls")
+    sp.add_argument("--topic-prefix", dest="topic_prefix", help='the lanes\' topic prefix (default "lanes")')
+    sp.add_argument("--group", help='shared subscription group (default "hq")')
+    sp.add_argument("--client-id", dest="client_id", help="MQTT client id, one per process, stable across "
+                                                          "restarts (default hq-<host name>-<group>)")
+    sp = add("report", cmd_hq_report, "one business day's volume per store, terminal, payment type and funding "
+             "source; lanes offline or with a backlog")
+    sp.add_argument("--date", type=_date, help="business date YYYY-MM-DD (default: today in [hq] time_zone)")
+    sp.add_argument("--store", type=_store_id, help="only this store")
+    sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
 class NumberArg(NamedTuple):
     type: type
     lo: int | float
@@ -378,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reverse-window-s", dest="reverse_window_s", type=NUMBER_ARGS["reverse_window_s"].type,
                     default=7 * 86_400.0, metavar="S", help="older paid trades cannot be reversed, only refunded")
     sp.set_defaults(func=cmd_simulate)
+    add_hq(sub)
     return p
 
 

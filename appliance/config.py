@@ -222,6 +222,13 @@ def load(path: Path) -> Config:
     Whatever the file holds (not UTF-8, not TOML, nested too deeply, absurd numbers), the
     answer is a ConfigError, never another exception.
     """
+    return from_dict(read_toml(path), base_dir=path.parent)
+
+
+def read_toml(path: Path) -> dict:
+    """The TOML document in the file at `path`, parsed, not validated (any config file: the lane's,
+    head office's). Raises ConfigError naming the file for anything that is not a readable TOML
+    file of at most MAX_CONFIG_BYTES."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
@@ -242,7 +249,7 @@ def load(path: Path) -> Config:
         raise ConfigError("", f"config file {path} is not valid TOML: {e}") from None
     except (ValueError, RecursionError) as e:  # tomllib: integers past 4300 digits, deep nesting
         raise ConfigError("", f"config file {path} is not usable TOML: {type(e).__name__}: {str(e)[:120]}") from None
-    return from_dict(raw, base_dir=path.parent)
+    return raw
 
 
 def from_dict(raw: dict, base_dir: Path | None = None) -> Config:

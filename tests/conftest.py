@@ -220,3 +220,44 @@ def broker(request, make_broker):
     """A fresh mosquitto for this test: users `lane-S001-01`..`03` and `hq`, topic prefix "lanes".
     Other options: `@pytest.mark.parametrize("broker", [{"prefix": "x", "lanes": [...]}], indirect=True)`."""
     return make_broker(**getattr(request, "param", {}))
+
+#: The machine's PostgreSQL (Debian's, started before the session and in CI): trust auth on loopback.
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A database of its own on this machine's PostgreSQL for this test session, dropped after:
+    `new_database()` returns the URL of another fresh database (dropped at the end too)."""
+    import secrets
+
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=5, **POSTGRES)
+    except psycopg2.OperationalError as e:
+        pytest.fail(f"PostgreSQL at {POSTGRES['host']}:{POSTGRES['port']} (user postgres, trust) is needed: {e}")
+    admin.autocommit = True
+    made = []
+
+    def new_database() -> str:
+        name = f"hq_test_{os.getpid()}_{secrets.token_hex(4)}"
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"postgresql://{POSTGRES['user']}@{POSTGRES['host']}:{POSTGRES['port']}/{name}"
+
+    yield new_database
+    with admin.cursor() as cur:
+        for name in made:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hq_db_url(request, tmp_path):
+    """A fresh, empty head-office database URL: an SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hq.sqlite'}"
+    return request.getfixturevalue("postgres_server")()
+
