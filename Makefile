@@ -48,6 +48,7 @@ kill-nightly: apt-deps $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,7 +1,9 @@
-"""Benchmarks are not tests; this only runs bench/run.py at smoke size so it cannot rot."""
+"""Benchmarks are not tests; this only runs bench/run.py and bench/ingest.py at smoke size so they cannot rot."""
 
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -11,3 +13,16 @@ def test_bench_smoke():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "| classify | classifications/s |" in r.stdout and "charge p50 ms" in r.stdout
+
+
+@pytest.mark.integration
+def test_ingest_bench_smoke():
+    """bench/ingest.py at smoke size: a real mosquitto, `appliance hq ingest` processes, SQLite and PostgreSQL."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "ingest.py"), "--smoke"], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith(("| sqlite", "| postgresql"))]
+    assert [row.split(" | ")[0] for row in rows] == ["| sqlite, 1 process", "| sqlite, 2 processes",
+                                                      "| postgresql, 1 process", "| postgresql, 2 processes"]
+    shares = [float(row.rsplit("|", 2)[1].strip(" %")) for row in rows]  # one process's largest share
+    assert shares[0] == shares[2] == 100 and shares[1] < 100 and shares[3] < 100, rows
