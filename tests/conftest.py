@@ -260,4 +260,3 @@ def hq_db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'hq.sqlite'}"
     return request.getfixturevalue("postgres_server")()
-

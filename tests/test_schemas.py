@@ -197,3 +197,54 @@ def test_schemas_ship_as_package_data():
     for kind in schemas.KINDS:
         assert (ROOT / "appliance" / "schemas" / f"{kind}.json").is_file()
         assert any(fnmatch(f"schemas/{kind}.json", g) for g in globs), globs
+
+
+def test_every_payload_a_journal_writes_is_valid(tmp_path):
+    """The journal's outbox rows (txn, lane, day_close) and its daily totals pass head office's check,
+    and head office's totals from those txn events equal the journal's own (the same definitions)."""
+    from datetime import datetime, timedelta, timezone
+
+    from appliance.hq.ingest import Message, Router
+    from appliance.hq.report import day_totals
+    from appliance.hq.store import Store
+    from appliance.journal import Journal, State
+
+    now = [datetime(2026, 12, 1, 2, 0, tzinfo=timezone.utc)]
+    j = Journal(tmp_path / "state", "S0001", "L01", clock=lambda: now[0])
+    codes = iter(f"1345678901234567{i:02d}" for i in range(50))
+
+    def pay(order, fen, *moves, ptype="wechat", funding=None):
+        t = j.open_payment(order=order, amount_fen=fen, payment_type=ptype, platform="sandbox", code=next(codes))
+        for to in moves:
+            j.transition(t.txn_id, to, "because", funding_source=funding,
+                         auth_code=next(codes) if to is State.DEFERRED else None)
+
+    S = State
+    pay("A1", 1250, S.PAID, funding="CMB_DEBIT")
+    pay("A2", 100, S.DECLINED)
+    pay("A3", 5, S.UNKNOWN, S.REVERSED)
+    pay("A4", 999, S.PAID, S.CANCEL_REQUESTED, S.REFUNDED, ptype="alipay")
+    pay("A5", 42, S.PAID, S.CANCEL_REQUESTED, S.PAID)
+    pay("A6", 7, S.DEFERRED)
+    pay("A7", 8)
+    j.lane_event("fault", {"source": "scanner", "reason": "unplugged"})
+    day = j.business_date_now()
+    now[0] += timedelta(days=1)
+    assert j.close_days(j.business_date_now()) == [day]
+    rows = j.claim(limit=1000)
+    assert {r.kind for r in rows} == {"txn", "lane", "day_close"}
+    hq = Store(f"sqlite:///{tmp_path / 'hq.sqlite'}")
+    router = Router(hq, "lanes")
+    for r in rows:
+        kind = {"txn": "txn", "event": "lane", "daily": "daily"}[r.topic]
+        assert schemas.check(kind, r.payload.encode())["seq"] == r.seq
+        events: list[dict] = []
+        assert router.write(Message(f"lanes/S0001/L01/{r.topic}", r.payload.encode(), r.seq, 1), events) == kind
+        hq.add_events(events)
+    assert hq.Reject.select().count() == 0
+    daily = j.daily(day)
+    schemas.check("daily", json.dumps(daily))
+    ours = [{k: v for k, v in t.items() if k not in ("store_id", "terminal_id")} for t in day_totals(hq, day)]
+    assert ours == daily["totals"] and len(ours) == 3
+    j.close()
+    hq.close()
