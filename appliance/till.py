@@ -7,16 +7,23 @@ Lane states (what the next scan means):
       └──cancel card──> awaiting cancel order ──order ticket──> (reverse/refund) ──> result ──> ready
                                  └── cancel_timeout_s ──> ready
 
-An uncertain payment keeps the lane in `resolving` (LED "working") while the resolver queries
-the platform; the cashier sees the definite end, or a fault after the platform's reverse deadline
-(the resolver keeps going in the background). `charge()` and `cancel()` are the same operations
-for the CLI and (later) the register: they validate, journal first, then call the platform.
+The register's ArmCommand is an order ticket without the scan. An uncertain payment keeps the
+lane in `resolving` (LED "working") while the resolver queries the platform; the cashier sees the
+definite end, or a fault after the platform's reverse deadline (the resolver keeps going in the
+background). `charge()` and `cancel()` are the same operations for the CLI and the register:
+they validate, journal first, then call the platform.
 
-Commands from outside the till's thread (the control socket, later the register and MQTT) come in
-through `post_command(ChargeCommand | CancelCommand)`, which returns a Future: the till's own
-thread runs them between scans, so one thread owns the lane. A command's result is shown on the
-LED/buzzer when the lane is idle; while the cashier is mid-order (or waiting out a payment) the
-lane and its signal are left alone.
+Commands from outside the till's thread (the control socket, the register over MQTT) come in
+through `post_command(ChargeCommand | CancelCommand | ArmCommand)`, which returns a Future: the
+till's own thread runs them between scans, so one thread owns the lane. A command's result is
+shown on the LED/buzzer when the lane is idle; while the cashier is mid-order (or waiting out a
+payment) the lane and its signal are left alone. `ArmCommand` is the register pushing an order
+instead of a ticket scan: it arms an idle lane exactly as the ticket would, and is refused on a
+busy one.
+
+Other threads may read `health()` (the lane state and its faults) at any time. Each fault source
+raised or cleared is also written to the outbox as a `lane` event (`fault` / `fault_cleared`),
+best effort: the journal may be the very thing at fault.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from appliance.indicator import Indicator, Signal
 from appliance.journal import Journal, State, Txn
 from appliance.money import format_amount
 from appliance.payments import Outcome, PayRequest, Router, Status
-from appliance.redact import printable
+from appliance.redact import mask_digit_runs, printable
 from appliance.resolver import InFlight, drive_cancel, settle
 from appliance.scan import Scan
 
@@ -57,32 +64,41 @@ SIGNALS = {State.PAID: Signal.PAID, State.DECLINED: Signal.DECLINED, State.REVER
            State.REFUNDED: Signal.CANCELLED}
 
 
+#: The state of a Result that armed the lane for an order (ArmCommand): no payment exists yet.
+AWAITING_CODE = "awaiting_code"
+
+
 @dataclass(frozen=True)
 class Result:
-    """The answer to a charge or cancel: the journaled payment, or a refusal (txn is None)."""
+    """The answer to a charge, cancel or arm: the journaled payment, a refusal (state "refused",
+    txn None), or an armed lane (state AWAITING_CODE, txn None, `order` and `amount_fen` set)."""
 
-    state: str  # a journal state, or "refused"
+    state: str  # a journal state, "refused" or AWAITING_CODE
     reason: str
     txn: Txn | None = None
     cancel: bool = False  # the answer to a cancel: "paid" then means the platform refused it
+    order: str | None = None  # the armed order, when there is no txn to tell it
+    amount_fen: int | None = None
 
     @property
     def exit_code(self) -> int:
         if self.txn is None:
-            return 5
+            return 0 if self.state == AWAITING_CODE else 5
         return 3 if self.cancel and self.txn.state is State.PAID else EXIT_CODES[self.txn.state]
 
     @property
     def signal(self) -> Signal:
         if self.txn is None:
-            return Signal.UNKNOWN_CODE
+            return Signal.AWAITING_CODE if self.state == AWAITING_CODE else Signal.UNKNOWN_CODE
         return Signal.DECLINED if self.cancel and self.txn.state is State.PAID else SIGNALS[self.txn.state]
 
     def as_dict(self) -> dict:
         t = self.txn
-        return {"txn_id": t and t.txn_id, "out_trade_no": t and t.out_trade_no, "order": t and t.order,
+        amount_fen = t.amount_fen if t else self.amount_fen
+        return {"txn_id": t and t.txn_id, "out_trade_no": t and t.out_trade_no, "order": t.order if t else self.order,
                 "payment_type": t and t.payment_type, "platform": t and t.platform,
-                "amount": t and format_amount(t.amount_fen), "state": self.state, "reason": self.reason}
+                "amount": None if amount_fen is None else format_amount(amount_fen), "state": self.state,
+                "reason": self.reason}
 
     @classmethod
     def of(cls, txn: Txn, cancel: bool = False) -> "Result":
@@ -114,7 +130,16 @@ class CancelCommand:
     order: str
 
 
-Command = ChargeCommand | CancelCommand
+@dataclass(frozen=True)
+class ArmCommand:
+    """The register pushes an order instead of a ticket scan: an idle lane then waits for the
+    customer's payment code exactly as after that order's ticket (same checks, same timeout)."""
+
+    order: str
+    amount_fen: int
+
+
+Command = ChargeCommand | CancelCommand | ArmCommand
 
 
 # Lane states
@@ -140,6 +165,17 @@ class _Resolving:
     txn_id: int
     deadline: float
     cancel: bool
+
+
+#: Each lane state by the name `health()` gives it (the `lane` of the MQTT status).
+LANE_NAMES = {_Ready: "ready", _AwaitingCode: "awaiting_code", _AwaitingCancel: "awaiting_cancel",
+              _Resolving: "resolving"}
+#: Why a busy lane refuses an ArmCommand, by its state.
+_BUSY = {_AwaitingCode: "the lane is mid order (waiting for a payment code)",
+         _AwaitingCancel: "the lane is waiting for the order ticket of a cancel",
+         _Resolving: "the lane is waiting out a payment being resolved"}
+#: The longest fault reason kept (logged, shown by health(), written to the outbox).
+FAULT_REASON_CHARS = 200
 
 
 class Till:
@@ -168,7 +204,9 @@ class Till:
         self._events: queue.Queue = queue.Queue()
         self.lane: object = _Ready()
         self._hold_until = 0.0
-        self._faults: dict[str, str] = {}  # source ("scanner", "platform", "journal", "journal-lost") -> reason
+        # source ("scanner", "platform", "journal", "journal-lost") -> reason. Replaced, never changed
+        # in place, so that health() may copy it from any thread.
+        self._faults: dict[str, str] = {}
         self._recent_codes: dict[str, float] = {}
         self._handlers = {"scan": self.handle_scan, "fault": self._set_scanner_fault, "resolved": self._on_resolved,
                           "command": self._on_command}
@@ -271,7 +309,8 @@ class Till:
             if isinstance(self.lane, _AwaitingCancel):
                 self.lane = _Ready()
                 return self._finish(self.cancel(c.order))
-            return self._take_order(c.order, c.amount_fen, now)
+            self._take_order(c.order, c.amount_fen, now, "order ticket")
+            return None
         # a payment code
         if not isinstance(self.lane, _AwaitingCode):
             why = "a cancel needs an order ticket" if isinstance(self.lane, _AwaitingCancel) else "no order pending"
@@ -292,24 +331,26 @@ class Till:
         self.lane = _Ready()
         return self._finish(result)
 
-    def _take_order(self, order: str, amount_fen: int, now: float) -> Result | None:
+    def _take_order(self, order: str, amount_fen: int, now: float, via: str) -> Result:
+        """Wait for a payment code for this order (`via`: "order ticket" or "charge command"), or
+        refuse it (bad id, over the lane's limit, taken in the journal) and go back to ready."""
         try:
             self._check_order(order, amount_fen)
         except (BadInput, Refused) as e:
-            log.warning("order ticket refused: %s", e)
+            log.warning("%s refused: %s", via, e)
             self.lane = _Ready()
             self._flash(Signal.UNKNOWN_CODE)
-            return None
+            return Result("refused", str(e), order=order, amount_fen=amount_fen)
         except JournalError as e:
-            log.error("order ticket refused: %s", e)
+            log.error("%s refused: %s", via, e)
             self._journal_failed(e)
             self.lane = _Ready()
             self._show_lane()
-            return None
+            return Result("refused", str(e), order=order, amount_fen=amount_fen)
         log.info("order %s: %s due, waiting for a payment code", order, format_amount(amount_fen))
         self.lane = _AwaitingCode(order, amount_fen, now + self.order_timeout_s)
         self._show(Signal.AWAITING_CODE)
-        return None
+        return Result(AWAITING_CODE, "", order=order, amount_fen=amount_fen)
 
     def _finish(self, result: Result) -> Result:
         if result.txn is not None and result.txn.state in AWAITING_END:
@@ -343,6 +384,8 @@ class Till:
 
     def execute(self, command: Command) -> Result:
         """Run one command now, in the till's thread. Shows its outcome only if the lane is idle."""
+        if isinstance(command, ArmCommand):
+            return self._arm(command)
         idle = isinstance(self.lane, _Ready)
         if idle:
             self._show(Signal.WORKING)
@@ -355,6 +398,21 @@ class Till:
         log.info("%s for order %s: %s; not shown, the lane is busy with the cashier",
                  "cancel" if result.cancel else "charge", printable(command.order, 40), result.state)
         return result
+
+    def _arm(self, command: ArmCommand) -> Result:
+        """An order pushed by the register: an idle lane takes it as it would the order's ticket; a
+        busy one refuses it and its LED is left alone (the cashier's order is not broken)."""
+        busy = _BUSY.get(type(self.lane))
+        if busy is not None:
+            log.warning("charge command for order %s refused: %s", printable(command.order, 40), busy)
+            return Result("refused", f"{busy}; try again when it is ready", order=command.order,
+                          amount_fen=command.amount_fen)
+        return self._take_order(command.order, command.amount_fen, self._clock(), "charge command")
+
+    def health(self) -> dict:
+        """The lane's state and its raised faults ({source: reason}, reasons free of payment
+        codes), as of now. Safe from any thread: a copy, never the till's own dict."""
+        return {"lane": LANE_NAMES[type(self.lane)], "faults": dict(self._faults)}
 
     # --- operations (also used directly by the CLI) ---------------------------------------------
 
@@ -544,13 +602,31 @@ class Till:
         self._set_fault("scanner", reason)
 
     def _set_fault(self, source: str, reason: str | None) -> None:
-        """Raise (reason) or clear (None) the fault of one source; the LED shows FAULT while any is up."""
-        if reason == self._faults.get(source):
+        """Raise (reason) or clear (None) the fault of one source; the LED shows FAULT while any is up.
+
+        A reason is kept as a printable line of at most FAULT_REASON_CHARS with every run of 16+
+        digits masked: it comes from adapters (a scanner's OSError, an SQLite message) and goes
+        to the log, to health() and to head office, where a payment code must never appear.
+        Each change is written to the outbox as a `fault` / `fault_cleared` lane event (the
+        latter with the reason that cleared), best effort."""
+        if reason:
+            reason = printable(mask_digit_runs(reason), FAULT_REASON_CHARS)
+        previous = self._faults.get(source)
+        if reason == previous or not (reason or previous):
             return
         if reason:
-            self._faults[source] = reason
+            self._faults = {**self._faults, source: reason}
             log.error("fault: %s", reason)
         else:
-            del self._faults[source]
+            self._faults = {k: v for k, v in self._faults.items() if k != source}
             log.info("fault cleared: %s", source)
+        self._lane_event("fault" if reason else "fault_cleared", {"source": source, "reason": reason or previous})
         self._show_lane()
+
+    def _lane_event(self, event: str, detail: dict) -> None:
+        """Journal a lane event for head office, best effort: a journal that cannot take it (full,
+        lost: often the fault being reported) is logged at debug and otherwise ignored."""
+        try:
+            self.journal.lane_event(event, detail)
+        except JournalError as e:
+            log.debug("lane event %s not journaled: %s", event, e)

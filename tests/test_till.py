@@ -5,7 +5,7 @@ import pytest
 from appliance.indicator import Signal
 from appliance.journal import State
 from appliance.scan import Scan
-from appliance.till import OfflinePolicy, Till
+from appliance.till import ArmCommand, OfflinePolicy, Till
 from conftest import (ALIPAY_NOTENOUGH, WECHAT_EXPIRED, WECHAT_PAID, WECHAT_PAID_2, WECHAT_PASSWORD_OK,
                       WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, Recorder, journal_snapshot)
 
@@ -336,3 +336,109 @@ def test_cancel_refused_after_resolving_shows_declined_not_paid(till, lane):
         time.sleep(0.02)
     till.drain()
     assert till.indicator.current is Signal.DECLINED
+
+
+# --- the register's charge command (ArmCommand) and health() ----------------------------------
+
+def arm(till, order="A1", amount_fen=12_34):
+    future = till.post_command(ArmCommand(order, amount_fen))
+    till.drain()
+    return future.result(timeout=0)
+
+
+def test_arm_makes_an_idle_lane_wait_for_the_code_as_an_order_ticket_does(till, lane):
+    before = journal_snapshot(lane.journal)
+    r = arm(till)
+    assert (r.state, r.txn, r.exit_code, r.signal) == ("awaiting_code", None, 0, Signal.AWAITING_CODE)
+    assert r.as_dict() == {"txn_id": None, "out_trade_no": None, "order": "A1", "payment_type": None,
+                           "platform": None, "amount": "12.34", "state": "awaiting_code", "reason": ""}
+    assert till.indicator.current is Signal.AWAITING_CODE and till.health()["lane"] == "awaiting_code"
+    assert journal_snapshot(lane.journal) == before  # nothing journaled until the code comes
+    paid = scan(till, WECHAT_PAID).txn
+    assert (paid.order, paid.amount_fen, paid.state) == ("A1", 12_34, State.PAID)
+
+
+def test_an_armed_order_times_out_like_a_ticket(till, clock, lane):
+    arm(till)
+    clock.t += 60.1
+    till.tick()
+    assert till.indicator.current is Signal.READY and till.health()["lane"] == "ready"
+    assert scan(till, WECHAT_PAID) is None and lane.journal.recent() == []
+
+
+@pytest.mark.parametrize("busy,lane_state,why", [
+    (["ORD:B1:1.00"], "awaiting_code", "mid order"),
+    (["CMD:CANCEL"], "awaiting_cancel", "order ticket of a cancel"),
+    (["ORD:B1:1.00", WECHAT_SYSTEMERROR], "resolving", "being resolved"),
+])
+def test_arm_is_refused_on_a_busy_lane_which_it_leaves_alone(till, lane, busy, lane_state, why):
+    for text in busy:
+        scan(till, text)
+    before, shown = journal_snapshot(lane.journal), list(till.indicator.shown)
+    r = arm(till)
+    assert (r.state, r.txn, r.exit_code) == ("refused", None, 5) and why in r.reason
+    assert r.as_dict()["order"] == "A1" and r.as_dict()["amount"] == "12.34"
+    assert till.health()["lane"] == lane_state and till.indicator.shown == shown
+    assert journal_snapshot(lane.journal) == before
+
+
+@pytest.mark.parametrize("order,amount_fen,why", [
+    ("A 1", 100, "must be 1-32 letters"),
+    ("A" * 33, 100, "must be 1-32 letters"),
+    ("A1", 50_000_01, "exceeds this lane's limit"),
+    ("PAID1", 100, "already paid"),
+])
+def test_arm_is_refused_when_a_ticket_check_fails(till, lane, order, amount_fen, why):
+    scan(till, "ORD:PAID1:1.00")
+    scan(till, WECHAT_PAID)
+    before = journal_snapshot(lane.journal)
+    r = arm(till, order, amount_fen)
+    assert (r.state, r.exit_code) == ("refused", 5) and why in r.reason
+    assert till.health()["lane"] == "ready" and till.indicator.current is Signal.UNKNOWN_CODE
+    assert journal_snapshot(lane.journal) == before
+
+
+def test_health_is_a_copy_of_the_lane_state_and_its_faults(till):
+    assert till.health() == {"lane": "ready", "faults": {}}
+    till.post_fault("scanner unplugged: /dev/input/event3")
+    till.drain()
+    health = till.health()
+    assert health == {"lane": "ready", "faults": {"scanner": "scanner unplugged: /dev/input/event3"}}
+    health["faults"].clear()
+    assert till.health()["faults"] == {"scanner": "scanner unplugged: /dev/input/event3"}
+    till.post_fault(None)
+    till.drain()
+    assert till.health() == {"lane": "ready", "faults": {}} and till.indicator.current is Signal.READY
+
+
+def test_a_fault_reason_never_holds_a_payment_code(till, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    till.post_fault(f"scanner read failed: /dev/ttyACM0 (bad frame {WECHAT_PAID}\x1b[2J)" + "x" * 500)
+    till.drain()
+    reason = till.health()["faults"]["scanner"]
+    assert WECHAT_PAID not in reason and "1345**********6700" in reason
+    assert reason.isprintable() and len(reason) < 260
+    assert all(WECHAT_PAID not in r.getMessage() for r in caplog.records)
+
+
+def lane_events(journal):
+    """The lane events queued in the outbox, each checked against its published schema."""
+    from appliance import schemas
+
+    rows = [r for r in journal.claim(limit=10_000) if r.kind == "lane"]
+    return [(d["event"], d["detail"]) for d in (schemas.check("lane", r.payload) for r in rows)]
+
+
+def test_each_fault_raised_or_cleared_is_one_lane_event_for_head_office(till, lane):
+    till.post_fault("scanner unplugged: /dev/input/event3")
+    till.post_fault("scanner unplugged: /dev/input/event3")  # the same fault again: no news
+    till.post_fault(f"scanner read failed: {WECHAT_PAID}")
+    till.post_fault(None)
+    till.post_fault(None)
+    till.drain()
+    assert lane_events(lane.journal) == [
+        ("fault", {"source": "scanner", "reason": "scanner unplugged: /dev/input/event3"}),
+        ("fault", {"source": "scanner", "reason": "scanner read failed: 1345**********6700"}),
+        ("fault_cleared", {"source": "scanner", "reason": "scanner read failed: 1345**********6700"})]

@@ -1,6 +1,7 @@
 """What the till does when its journal fails under it: lost (deleted, replaced) or the disk full."""
 
 import os
+import json
 import time
 
 import pytest
@@ -81,8 +82,12 @@ def test_disk_full_before_a_payment_refuses_it_with_a_fault(small_disk):
     assert r.state == "refused" and "disk full" in r.reason
     assert sandbox.charges(WECHAT_PAID) == 0
     assert Signal.FAULT in lane.till.indicator.shown
+    assert lane.till.health()["faults"] == {"journal": "disk full"}
     small_disk.free()
     assert _pay(lane, "A2", WECHAT_PAID_2).txn.state is State.PAID  # room again: the lane takes payments
+    assert lane.till.health()["faults"] == {}
+    # the fault could not be journaled (the disk was full: best effort, no error), its end was
+    assert [json.loads(r.payload)["event"] for r in lane.journal.claim() if r.kind == "lane"] == ["fault_cleared"]
     lane.close()
 
 
