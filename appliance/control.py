@@ -42,7 +42,7 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from appliance.errors import ApplianceError, BadInput, JournalIntegrityError
 from appliance.journal import OPEN_STATES, Journal
@@ -98,20 +98,19 @@ def reply_of(result: Result) -> dict:
 def validate(request: object) -> tuple[Command, float]:
     """Check a parsed request strictly. Returns the till command and its wait_s; raises BadInput
     (and nothing else, whatever the request holds) with a message that never contains the
-    payment code, nor any text of the request but a short name (see `_shown`)."""
+    payment code, nor any text of the request but a short name (see `shown`)."""
     if not isinstance(request, dict):
         raise BadInput("a request must be a JSON object")
     op = request.get("op")
     if not isinstance(op, str) or op not in _FIELDS:
-        raise BadInput(f"unknown op {_shown(op) if 'op' in request else '(none given)'}: "
+        raise BadInput(f"unknown op {shown(op) if 'op' in request else '(none given)'}: "
                        "expected 'charge' or 'cancel'")
     keys = set(request)
     required = _FIELDS[op] - {"source", "wait_s"}
     if missing := sorted(required - keys):
         raise BadInput(f"{op}: missing {', '.join(missing)}")
     if extra := keys - _FIELDS[op]:
-        shown = sorted(_shown(k) for k in extra)
-        raise BadInput(f"{op}: unknown field(s) {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''}")
+        raise BadInput(f"{op}: unknown field(s) {shown_names(extra)}")
     order = _string(request, "order", 64)
     wait_s = request.get("wait_s", 0)
     # no float(): an int too large for a float compares exactly; nan compares false
@@ -129,7 +128,13 @@ def validate(request: object) -> tuple[Command, float]:
     return ChargeCommand(order, amount, code, source), float(wait_s)
 
 
-def _shown(value: object) -> str:
+def shown_names(names: Iterable[object], at_most: int = 5) -> str:
+    """Field names of a request as a refusal lists them: sorted, `shown`, the first few."""
+    names = sorted(shown(k) for k in names)
+    return ", ".join(names[:at_most]) + (", ..." if len(names) > at_most else "")
+
+
+def shown(value: object) -> str:
     """A word of the request (an op, a field name) as a refusal may show it: a short name as it
     is, other text masked like a payment code (it may be one; masking also drops control
     characters and lone surrogates), anything else by its JSON type."""
