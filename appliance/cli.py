@@ -9,16 +9,24 @@ file does not belong to it: see docs/reliability.md). `DEBUG=1` shows tracebacks
 they hold the lane lock and run on a headless lane (`control.submit`). Either way the output is
 the same. Also exit 1: the lane stayed busy (another one-shot command held it for 15 s) or the
 service could not be reached; exit 4: the service stopped before it answered.
+
+`sync` asks the running service for its uplink's state (and wakes the uplink to send at once);
+with no service it reads the journal's outbox read-only and says the service is not running.
+Exit 0: nothing waits to be sent, or the service's uplink is connected (what waits is on its
+way); exit 1: events wait and nothing is sending them (no service, the broker not connected, or
+`[mqtt]` disabled), as well as for any other error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
@@ -132,6 +140,72 @@ def cmd_charge(args) -> int:
 def cmd_cancel(args) -> int:
     request = {"op": "cancel", "order": args.order, "wait_s": args.wait}
     return _one_shot(_config(args), args, request, lambda till: till.cancel(args.order))
+
+
+def cmd_sync(args) -> int:
+    from appliance import control
+    from appliance.journal import Journal
+
+    cfg = _config(args)
+    t = cfg.terminal
+    try:
+        reply = control.call(t.state_dir, {"op": "sync"})
+    except control.ServiceGone:  # it is stopping: what it leaves is in the journal
+        reply = None
+    if reply is not None and "error" in reply:
+        print(f"appliance: {reply['error']}", file=sys.stderr)
+        return reply["exit_code"]
+    if reply is not None:
+        running, uplink = True, reply["uplink"]
+    else:
+        journal = Journal(t.state_dir, t.store_id, t.terminal_id, readonly=True)
+        try:
+            outbox = dataclasses.asdict(journal.outbox_state())
+        finally:
+            journal.close()
+        running = False
+        uplink = {"kind": "mqtt" if cfg.mqtt.enabled else "none", "connected": False, "connected_since": None,
+                  "last_error": None, **outbox}
+    if args.json:
+        print(json.dumps({"service_running": running, **uplink}, ensure_ascii=False))
+    else:
+        print_sync(running, uplink)
+    return EXIT_OK if uplink["backlog"] == 0 or (running and uplink["connected"]) else EXIT_ERROR
+
+
+def print_sync(running: bool, u: dict, out=None, now: datetime | None = None) -> None:
+    """The outbox and the uplink as `appliance sync` shows them, times with their age."""
+    out = out or sys.stdout
+    now = now or datetime.now(timezone.utc)
+
+    def ago(at: str) -> str:
+        return f"{at} ({_age((now - datetime.fromisoformat(at)).total_seconds())} ago)"
+
+    if not running:
+        link = "not running: nothing sends the outbox until `appliance run` starts"
+    elif u["kind"] == "none":
+        link = "running, uplink none: [mqtt] is disabled, events stay queued"
+    elif u["connected"]:
+        link = f"running, uplink {u['kind']} connected since {ago(u['connected_since'])}"
+    else:
+        link = f"running, uplink {u['kind']} not connected" + (f" ({u['last_error']})" if u["last_error"] else "")
+    print(f"service:   {link}", file=out)
+    backlog = f"{u['backlog']} event(s) queued"
+    if u["oldest_queued_seq"] is not None:
+        backlog += f"; oldest seq {u['oldest_queued_seq']}, queued {ago(u['oldest_queued_at'])}"
+    print(f"backlog:   {backlog}", file=out)
+    last_ack = f"seq {u['last_ack_seq']} at {ago(u['last_ack_at'])}" if u["last_ack_seq"] is not None else "none yet"
+    print(f"last ack:  {last_ack}", file=out)
+    print(f"last seq:  {u['last_seq']}", file=out)
+
+
+def _age(seconds: float) -> str:
+    """A duration as a person reads it: 42s, 3m 5s, 2h 10m, 4d 3h (a negative one, clock skew, is 0s)."""
+    s = max(0, int(seconds))
+    for unit, size, sub, sub_size in (("d", 86_400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit} {s % size // sub_size}{sub}"
+    return f"{s}s"
 
 
 def cmd_journal(args) -> int:
@@ -423,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", type=NUMBER_ARGS["wait"].type, default=0.0, metavar="S",
                     help="if the platform's answer is uncertain, keep trying for up to S seconds")
     sp.add_argument("--json", action="store_true")
+    sp = add("sync", cmd_sync, "show the outbox backlog, the last event head office acknowledged and the uplink's "
+             "connection (exit 0: nothing waits or the uplink is connected; 1: events wait and nothing sends them)")
+    sp.add_argument("--json", action="store_true", help="one JSON object: service_running plus the uplink's state")
     sp = add("journal", cmd_journal, "list journaled transactions, newest first")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.add_argument("--limit", type=NUMBER_ARGS["limit"].type, default=50)

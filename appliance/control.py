@@ -14,6 +14,10 @@ Protocol: JSON lines, UTF-8, at most `MAX_LINE` bytes a line. One request, one r
     -> {"txn_id", "out_trade_no", "order", "payment_type", "platform", "amount", "state",
         "reason", "exit_code"}      (the till's Result.as_dict() plus the CLI's exit code)
     -> {"error": "...", "exit_code": 1}   (the command failed unexpectedly; nothing to report)
+    {"op": "sync"}
+    -> {"uplink": {"kind", "connected", "connected_since", "last_error", "backlog",
+        "oldest_queued_seq", "oldest_queued_at", "last_seq", "last_ack_seq", "last_ack_at"},
+        "exit_code": 0}             (Uplink.state(); the uplink is woken to send at once)
 
 A request that is not exactly one of these shapes gets a `refused` reply (exit code 5) naming what
 is wrong, never a crash. With `wait_s` > 0 an open result (unknown, pending, cancel requested,
@@ -23,13 +27,14 @@ connection closes without a reply (`ServiceGone` on the client: the outcome is u
 
 The payment code travels only inside the request; it is never logged, and refusals name it masked.
 
-Layers: `validate` + `CommandHandler.handle(dict) -> dict` are the transport-free part (the MQTT
-uplink calls `handle` directly); `ControlServer` is the socket transport; `call` and `submit`
+Layers: `validate` + `CommandHandler.handle(dict) -> dict` are the transport-free part (head
+office's MQTT cancel goes through `handle`, appliance/uplink/commands.py); `ControlServer` is the socket transport; `call` and `submit`
 are the client side.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -76,7 +81,14 @@ _NAME = re.compile(r"[A-Za-z_]{1,20}")  # shown as they are: no digits, so never
 _JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
                dict: "an object"}
 _FIELDS = {"charge": {"op", "order", "amount_fen", "code", "source", "wait_s"},
-           "cancel": {"op", "order", "wait_s"}}
+           "cancel": {"op", "order", "wait_s"}, "sync": {"op"}}
+
+
+class SyncQuery:
+    """The `sync` request, as `validate` gives it: no till command, a report of the uplink."""
+
+
+SYNC = SyncQuery()
 
 
 class ServiceGone(ApplianceError):
@@ -95,8 +107,8 @@ def reply_of(result: Result) -> dict:
 # --- the transport-free part ------------------------------------------------------------------
 
 
-def validate(request: object) -> tuple[Command, float]:
-    """Check a parsed request strictly. Returns the till command and its wait_s; raises BadInput
+def validate(request: object) -> tuple[Command | SyncQuery, float]:
+    """Check a parsed request strictly. Returns the till command (or SYNC) and its wait_s; raises BadInput
     (and nothing else, whatever the request holds) with a message that never contains the
     payment code, nor any text of the request but a short name (see `shown`)."""
     if not isinstance(request, dict):
@@ -104,13 +116,15 @@ def validate(request: object) -> tuple[Command, float]:
     op = request.get("op")
     if not isinstance(op, str) or op not in _FIELDS:
         raise BadInput(f"unknown op {shown(op) if 'op' in request else '(none given)'}: "
-                       "expected 'charge' or 'cancel'")
+                       "expected 'charge', 'cancel' or 'sync'")
     keys = set(request)
     required = _FIELDS[op] - {"source", "wait_s"}
     if missing := sorted(required - keys):
         raise BadInput(f"{op}: missing {', '.join(missing)}")
     if extra := keys - _FIELDS[op]:
         raise BadInput(f"{op}: unknown field(s) {shown_names(extra)}")
+    if op == "sync":
+        return SYNC, 0.0
     order = _string(request, "order", 64)
     wait_s = request.get("wait_s", 0)
     # no float(): an int too large for a float compares exactly; nan compares false
@@ -157,15 +171,22 @@ class CommandHandler:
     for its Result, then (with wait_s) polls the journal until the resolver ends the payment.
     `close()` makes waiting handlers give up: a command the till has not started is cancelled
     (refused: nothing was done); one it is running raises `Abandoned` (the caller says nothing).
+
+    `uplink_state` (Uplink.state) answers `sync`; without one (no uplink wired) the answer is the
+    journal's outbox with kind "none", never connected. `sync_now` (Uplink.sync_now), if given, is
+    called after each `sync` so that the uplink sends at once.
     """
 
     class Abandoned(Exception):
         """The service is stopping while the till runs the command: its outcome is unknown here."""
 
-    def __init__(self, till: Till, journal: Journal, *, poll_s: float = 0.1,
+    def __init__(self, till: Till, journal: Journal, *, uplink_state: Callable[[], dict] | None = None,
+                 sync_now: Callable[[], None] | None = None, poll_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic):
         self.till = till
         self.journal = journal
+        self.uplink_state = uplink_state
+        self.sync_now = sync_now
         self.poll_s = poll_s
         self._clock = clock
         self._closing = threading.Event()
@@ -180,6 +201,8 @@ class CommandHandler:
         except BadInput as e:
             log.warning("control: request refused: %s", e)
             return refused(str(e), cancel=isinstance(request, dict) and request.get("op") == "cancel")
+        if command is SYNC:
+            return self._sync()
         try:
             result = self._run(command)
         except self.Abandoned:
@@ -196,6 +219,24 @@ class CommandHandler:
         if wait_s and result.txn is not None and result.txn.state in OPEN_STATES:
             result = self._wait_for_end(result, wait_s)
         return reply_of(result)
+
+    def _sync(self) -> dict:
+        try:
+            try:
+                if self.uplink_state is not None:
+                    state = self.uplink_state()
+                else:
+                    state = {"kind": "none", "connected": False, "connected_since": None, "last_error": None,
+                             **dataclasses.asdict(self.journal.outbox_state())}
+            finally:
+                self.journal.close()  # this thread's connection, if the read opened one
+        except JournalIntegrityError as e:
+            return {"error": f"journal refused: {e}", "exit_code": EXIT_INTEGRITY}
+        except ApplianceError as e:
+            return {"error": f"the outbox cannot be read: {e}", "exit_code": EXIT_ERROR}
+        if self.sync_now is not None:
+            self.sync_now()
+        return {"uplink": state, "exit_code": 0}
 
     def _run(self, command: Command) -> Result:
         future: Future[Result] = self.till.post_command(command)
@@ -506,7 +547,7 @@ def call(state_dir: Path, request: dict, *, reply_timeout_s: float = REPLY_TIMEO
     except (UnicodeDecodeError, ValueError):
         reply = None
     if not isinstance(reply, dict) or not isinstance(reply.get("exit_code"), int) or \
-            not ("error" in reply or "state" in reply):
+            not ("error" in reply or "state" in reply or "uplink" in reply):
         raise ApplianceError("unreadable reply from the lane service")
     return reply
 

@@ -183,7 +183,7 @@ def _bad_values(max_amount_fen: int) -> dict[str, st.SearchStrategy[object]]:
     """For each field, values that make a request invalid whatever the other fields are."""
     lo, hi = CODE_DIGITS
     return {
-        "op": json_values().filter(lambda v: v not in ("charge", "cancel")),
+        "op": json_values().filter(lambda v: v not in ("charge", "cancel", "sync")),
         "order": st.one_of(_non(str), st.just(""), hostile_text(70).filter(_not(ORDER_ID)),
                            st.from_regex(r"[A-Za-z0-9_-]{33,70}", fullmatch=True)),
         "amount_fen": st.one_of(_non(int), st.integers(max_value=0),
@@ -226,7 +226,7 @@ def _broken_commands(draw, max_amount_fen: int, codes: list[str]) -> dict:
 def garbage_requests(max_amount_fen: int, codes: list[str]) -> st.SearchStrategy[object]:
     """Requests that must be refused: any JSON value (an object that does not even name an op, in
     most cases), or a charge or cancel broken for sure (see `_broken_commands`)."""
-    return st.one_of(json_values().filter(lambda v: not (isinstance(v, dict) and v.get("op") in ("charge", "cancel"))),
+    return st.one_of(json_values().filter(lambda v: not (isinstance(v, dict) and v.get("op") in ("charge", "cancel", "sync"))),
                      _broken_commands(max_amount_fen, codes))
 
 

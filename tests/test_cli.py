@@ -30,7 +30,7 @@ def charge(conf, order, amount, code, *extra):
 
 
 def test_help_for_every_subcommand():
-    for sub in ("run", "charge", "cancel", "journal", "classify", "check-config", "test-feedback", "demo",
+    for sub in ("run", "charge", "cancel", "sync", "journal", "classify", "check-config", "test-feedback", "demo",
                 "scan-test", "scanners"):
         r = subprocess.run(appliance_cmd() + [sub, "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage: appliance" in r.stdout, sub
@@ -232,3 +232,76 @@ def test_test_feedback_plays_every_pattern(conf):
     assert r.returncode == 0, r.stderr
     shown = [line.split()[0] for line in r.stdout.splitlines()]
     assert shown == [s.value for s in Signal if s is not Signal.OFF]
+
+
+# --- appliance sync ----------------------------------------------------------------------------
+
+def _sync(conf):
+    r = cli(conf, "sync", "--json")
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), r
+
+
+def test_sync_without_a_service_reads_the_journal_and_says_nothing_sends(conf, tmp_path):
+    r = cli(conf, "sync")
+    assert r.returncode == 1 and "no journal" in r.stderr  # the service never ran here
+    assert charge(conf, "A1", "1.00", WECHAT_PAID)[0] == 0
+    code, out, r = _sync(conf)
+    journal = Journal(tmp_path / "state", "S0001", "L01")
+    outbox = journal.outbox_state()
+    assert code == 1, r.stderr  # events wait and nothing sends them
+    assert out == {"service_running": False, "kind": "none", "connected": False, "connected_since": None,
+                   "last_error": None, "backlog": outbox.backlog, "oldest_queued_seq": outbox.oldest_queued_seq,
+                   "oldest_queued_at": outbox.oldest_queued_at, "last_seq": outbox.last_seq, "last_ack_seq": None,
+                   "last_ack_at": None} and outbox.backlog == 2
+    r = cli(conf, "sync")
+    assert r.returncode == 1 and "service:   not running" in r.stdout
+    assert f"backlog:   2 event(s) queued; oldest seq {outbox.oldest_queued_seq}, queued " in r.stdout
+    assert "last ack:  none yet" in r.stdout
+    journal.ack(row.seq for row in journal.claim())  # as if head office took them all
+    journal.close()
+    code, out, r = _sync(conf)
+    assert (code, out["backlog"], out["last_ack_seq"]) == (0, 0, outbox.last_seq), r.stderr
+    r = cli(conf, "sync")
+    assert r.returncode == 0 and f"last ack:  seq {outbox.last_seq} at " in r.stdout
+
+
+def test_sync_asks_the_running_service(tmp_path):
+    conf = write_config(tmp_path / "a.toml", lane_dict(tmp_path / "state", scanner={"kind": "stdin"},
+                                                       indicator={"kind": "log"}))
+    proc = _start_service(conf)
+    try:
+        assert wait_for(lambda: (tmp_path / "state" / "control.sock").exists())
+        assert charge(conf, "A1", "1.00", WECHAT_PAID)[0] == 0
+        code, out, r = _sync(conf)
+        assert out["service_running"] is True and out["kind"] == "none" and out["backlog"] >= 2, r.stderr
+        assert code == 1  # [mqtt] disabled: what waits is not being sent
+        r = cli(conf, "sync")
+        assert "service:   running, uplink none" in r.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+
+
+def test_sync_prints_times_with_their_age():
+    import io
+    from datetime import datetime, timezone
+
+    from appliance.cli import print_sync
+
+    out = io.StringIO()
+    print_sync(True, {"kind": "mqtt", "connected": True, "connected_since": "2026-11-29T08:00:00.000Z",
+                      "last_error": None, "backlog": 3, "oldest_queued_seq": 7,
+                      "oldest_queued_at": "2026-11-29T09:58:55.500Z", "last_seq": 9, "last_ack_seq": 6,
+                      "last_ack_at": "2026-11-27T07:00:00.000Z"},
+               out, now=datetime(2026, 11, 29, 10, 0, 0, tzinfo=timezone.utc))
+    assert out.getvalue().splitlines() == [
+        "service:   running, uplink mqtt connected since 2026-11-29T08:00:00.000Z (2h 0m ago)",
+        "backlog:   3 event(s) queued; oldest seq 7, queued 2026-11-29T09:58:55.500Z (1m 4s ago)",
+        "last ack:  seq 6 at 2026-11-27T07:00:00.000Z (2d 3h ago)",
+        "last seq:  9"]
+    out = io.StringIO()
+    print_sync(True, {"kind": "mqtt", "connected": False, "connected_since": None,
+                      "last_error": "connection refused", "backlog": 0, "oldest_queued_seq": None,
+                      "oldest_queued_at": None, "last_seq": 0, "last_ack_seq": None, "last_ack_at": None}, out)
+    assert out.getvalue().splitlines()[:2] == ["service:   running, uplink mqtt not connected (connection refused)",
+                                               "backlog:   0 event(s) queued"]

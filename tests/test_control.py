@@ -15,7 +15,7 @@ import pytest
 
 from appliance import control, service
 from appliance.config import from_dict
-from appliance.errors import ApplianceError, JournalLost
+from appliance.errors import ApplianceError, JournalError, JournalLost
 from appliance.indicator import Signal, make_indicator
 from appliance.journal import Journal, State
 from appliance.money import MAX_FEN
@@ -130,6 +130,9 @@ def charge_request(order="C1", code=WECHAT_PAID, **extra):
     ({"op": WECHAT_PAID, "order": "A"}, "unknown op 1345**********6700"),
     ({**charge_request(), WECHAT_PAID: 1}, "unknown field(s) 1345**********6700"),
     ({"op": "cancel", "order": "A", "x\ny": 1, "\ud800": 2, "pin": 3}, "unknown field(s) *, ***, pin"),
+    ({"op": "sync", "wait_s": 1}, "sync: unknown field(s) wait_s"),
+    ({"op": "sync", "order": "A"}, "sync: unknown field(s) order"),
+    ({"op": "Sync"}, "unknown op Sync: expected 'charge', 'cancel' or 'sync'"),
 ])
 def test_validate_refuses_every_malformed_request(request_, why):
     with pytest.raises(control.BadInput, match=None) as e:
@@ -149,6 +152,7 @@ def test_validate_accepts_the_two_shapes():
     assert WECHAT_PAID not in repr(command)  # a stray log of a command does not leak the code
     assert control.validate({"op": "cancel", "order": "C1"}) == (CancelCommand("C1"), 0.0)
     assert control.validate({"op": "charge", "order": "C1", "amount_fen": 5, "code": "x"})[0].source == "command"
+    assert control.validate({"op": "sync"}) == (control.SYNC, 0.0)
 
 
 class _FailingTill:
@@ -173,6 +177,44 @@ def test_handler_maps_failures_to_the_clis_exit_codes(tmp_path, error, exit_code
     reply = control.CommandHandler(_FailingTill(error), journal=None).handle(charge_request())
     assert set(reply) == {"error", "exit_code"} and reply["exit_code"] == exit_code
     assert text in reply["error"] and WECHAT_PAID not in reply["error"]
+
+
+# --- sync: the uplink's state -------------------------------------------------------------------
+
+UPLINK = {"kind": "mqtt", "connected": True, "connected_since": "2026-11-29T08:00:00.000Z", "last_error": None,
+          "backlog": 0, "oldest_queued_seq": None, "oldest_queued_at": None, "last_seq": 4, "last_ack_seq": 4,
+          "last_ack_at": "2026-11-29T08:00:01.000Z"}
+
+
+def test_sync_without_an_uplink_reports_the_journals_outbox(door):
+    assert door.call(**charge_request())["state"] == "paid"
+    reply = door.call(op="sync")
+    outbox = door.lane.journal.outbox_state()
+    assert outbox.backlog >= 2  # the payment's pending and paid events, nothing sends them
+    assert reply == {"uplink": {"kind": "none", "connected": False, "connected_since": None, "last_error": None,
+                                "backlog": outbox.backlog, "oldest_queued_seq": outbox.oldest_queued_seq,
+                                "oldest_queued_at": outbox.oldest_queued_at, "last_seq": outbox.last_seq,
+                                "last_ack_seq": None, "last_ack_at": None}, "exit_code": 0}
+
+
+def test_sync_asks_the_uplink_and_wakes_it(lane):
+    woken = []
+    handler = control.CommandHandler(lane.till, lane.journal, uplink_state=lambda: dict(UPLINK),
+                                     sync_now=lambda: woken.append(1))
+    assert handler.handle({"op": "sync"}) == {"uplink": UPLINK, "exit_code": 0} and woken == [1]
+    assert handler.handle({"op": "sync", "now": True})["state"] == "refused" and woken == [1]
+
+
+@pytest.mark.parametrize("error,exit_code,text", [
+    (JournalError("journal read failed: disk I/O error"), 1, "the outbox cannot be read: journal read failed"),
+    (JournalLost("the journal was deleted while in use"), 6, "journal refused: the journal was deleted"),
+])
+def test_sync_with_an_unreadable_outbox_is_an_error_reply(lane, error, exit_code, text):
+    def state():
+        raise error
+
+    reply = control.CommandHandler(lane.till, lane.journal, uplink_state=state).handle({"op": "sync"})
+    assert reply == {"error": reply["error"], "exit_code": exit_code} and text in reply["error"]
 
 
 # --- the socket with a real till thread -------------------------------------------------------
