@@ -28,7 +28,7 @@ from appliance.money import format_amount
 # The schema machinery lives in schema.py (adapters import it from there, never from here); its
 # names are re-exported for the callers of the sections.
 from appliance.schema import (ANY_AMOUNT, DAY, GPIO_PIN, HOUR, SECONDS, TCP_PORT, YUAN, Amount,  # noqa: F401
-                              NoOptions, Range, SecretFile, between, build, join, opt, tname)
+                              FieldError, NoOptions, Range, SecretFile, between, build, join, opt, tname)
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 ENV_VAR = "APPLIANCE_CONFIG"
@@ -178,15 +178,134 @@ class OfflineConfig:
     forward_within_s: float = opt(86_400.0, check=between(1.0, 30 * DAY, SECONDS))
 
 
+def _topic_prefix(v: str) -> str:
+    """Schema check: the first levels of every topic (`{prefix}/{store}/{terminal}/...`)."""
+    if not 1 <= len(v) <= 200:
+        raise ValueError("must be 1-200 characters")
+    if "+" in v or "#" in v:
+        raise ValueError("must not contain the MQTT wildcards + or #")
+    if v.startswith("$"):
+        raise ValueError("must not start with $ (brokers reserve those topics)")
+    if v.startswith("/") or v.endswith("/") or "//" in v:
+        raise ValueError("must not start or end with / nor hold an empty level (//)")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF for c in v):
+        raise ValueError("must not contain control characters")
+    return v
+
+
+def _host(v: str) -> str:
+    if not 1 <= len(v) <= 253 or any(c.isspace() or ord(c) < 0x20 for c in v):
+        raise ValueError("must be a host name or address (1-253 characters, no spaces)")
+    return v
+
+
+def _client_id(v: str) -> str:
+    if v and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", v):
+        raise ValueError("must be 1-128 of A-Z a-z 0-9 _ . : - (or empty: derived from the terminal ids)")
+    return v
+
+
+def _one_line_secret(f: SecretFile) -> SecretFile:
+    """Schema check: a secret file holding one non-empty line (the MQTT password)."""
+    try:
+        text = f.read()
+    except ConfigError as e:
+        raise ValueError(e.reason) from None
+    if not text or "\n" in text:
+        raise ValueError(f"secret file {f.path} must hold one line of text")
+    if len(text.encode("utf-8")) > 65_535:  # an MQTT string field
+        raise ValueError(f"secret file {f.path} holds more than 65535 bytes")
+    return f
+
+
+def _pem_certificates(p: Path) -> Path:
+    """Schema check: a file of PEM X.509 certificates (a CA bundle, a client certificate)."""
+    from cryptography import x509
+
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{p}: {e.strerror}") from None
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"{p} is not a PEM X.509 certificate (or bundle of them)") from None
+    return p
+
+
+def pem_private_key_file(f: SecretFile) -> SecretFile:
+    """Schema check: an unencrypted PEM private key (RSA or EC, any PKCS#1/#8/SEC1 PEM)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        serialization.load_pem_private_key(f.path.read_bytes(), password=None)
+    except OSError as e:
+        raise ValueError(f"secret file {f.path}: {e.strerror}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"{f.path} is not an unencrypted PEM private key") from None
+    return f
+
+
 @dataclass(frozen=True)
 class MqttConfig:
-    enabled: bool = opt(False)
-    host: str = opt("localhost")
-    port: int = opt(1883, check=TCP_PORT)
-    topic_prefix: str = opt("lanes")
+    """The head-office uplink (`appliance/uplink/`): broker, credentials, session, drain pacing.
+
+    Topics are `{topic_prefix}/{store_id}/{terminal_id}/...` (docs/mqtt.md)."""
+
+    enabled: bool = opt(False, doc="false: nothing is sent; the outbox keeps every event for later")
+    host: str = opt("localhost", check=_host)
+    port: int = opt(1883, check=TCP_PORT, doc="1883 plain, 8883 with tls")
+    protocol: Literal["5", "3.1.1"] = opt("5", doc="MQTT version")
+    client_id: str = opt("", check=_client_id, doc='"" = lane-{store_id}-{terminal_id}')
+    topic_prefix: str = opt("lanes", check=_topic_prefix, doc="first levels of every topic; no + # $ or empty level")
     username: str = opt("")
-    password_file: SecretFile | None = opt(None)
+    password_file: SecretFile | None = opt(None, check=_one_line_secret, doc="the broker password, one line")
+    tls: bool = opt(False, doc="TLS to the broker, server certificate checked")
+    ca_file: Path | None = opt(None, check=_pem_certificates, doc="PEM CA bundle for the broker (default: the system's)")
+    cert_file: Path | None = opt(None, check=_pem_certificates, doc="client certificate (PEM), with key_file")
+    key_file: SecretFile | None = opt(None, check=pem_private_key_file, doc="the client certificate's private key")
     keepalive_s: int = opt(30, check=between(1, 65_535, SECONDS), doc="MQTT keepalive (a 16-bit field)")
+    session_expiry_s: int = opt(7 * 86_400, check=between(0, 365 * 86_400, SECONDS),
+                                doc="the broker keeps our session (commands queued for us) this long offline; "
+                                    "MQTT 5 only")
+    reconnect_min_s: float = opt(1.0, check=between(0.1, 60.0, SECONDS), doc="first reconnect delay (jittered)")
+    reconnect_max_s: float = opt(60.0, check=between(1.0, HOUR, SECONDS), doc="longest reconnect delay (jittered)")
+    max_inflight: int = opt(100, check=between(1, 65_535, "messages"), doc="events published and not yet acked")
+    daily_every_s: float = opt(10.0, check=between(0.1, HOUR, SECONDS),
+                               doc="the running daily totals are republished at most this often")
+    status_every_s: float = opt(30.0, check=between(0.1, HOUR, SECONDS),
+                                doc="the status (backlog) is republished at most this often")
+    prune_after_days: float = opt(30.0, check=between(0.0, 3650.0, "days"),
+                                  doc="sent events are deleted from the journal after this long")
+
+    def __post_init__(self):
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise FieldError("reconnect_min_s", f"must not exceed mqtt.reconnect_max_s "
+                                                f"({self.reconnect_max_s:g} s), got {self.reconnect_min_s:g} s")
+        if self.password_file is not None and not self.username and self.protocol == "3.1.1":
+            raise FieldError("username", "is required with mqtt.password_file under MQTT 3.1.1")
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, name) is not None and not self.tls:
+                raise FieldError(name, "is set but mqtt.tls is false (set tls = true, or remove the key)")
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise FieldError(missing, "is required with mqtt." + ("cert_file" if missing == "key_file" else "key_file")
+                             + " (a client certificate and its private key go together)")
+        if self.cert_file is not None:
+            _check_key_pair(self.cert_file, self.key_file)
+
+
+def _check_key_pair(cert: Path, key: SecretFile) -> None:
+    """The client certificate and its key belong together (what the TLS handshake would find later)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(cert), str(key.path))
+    except ssl.SSLError as e:
+        raise FieldError("key_file", f"{key.path} is not the private key of {cert} ({e.reason or e})") from None
+    except OSError as e:
+        raise FieldError("key_file", f"{key.path}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)

@@ -345,12 +345,16 @@ def test_secret_file_must_grant_nothing_to_others(tmp_path, mode, ok):
 
 
 def test_fail__secret_file_that_is_not_utf8_is_named_when_read(tmp_path):
+    """mqtt.password_file is read by its check when the config is loaded (check-config finds it)."""
     secret = tmp_path / "pw"
     secret.write_bytes(b"\xffhunter2")
     secret.chmod(0o600)
-    cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
     with pytest.raises(ConfigError) as e:
-        cfg.mqtt.password_file.read()
+        from_dict(lane_dict(tmp_path, mqtt={"password_file": str(secret)}))
+    assert e.value.key == "mqtt.password_file" and "not UTF-8" in e.value.reason
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        SecretFile(secret, "mqtt.password_file").read()
     assert e.value.key == "mqtt.password_file" and "not UTF-8" in e.value.reason
 
 
@@ -476,3 +480,87 @@ def test_cli_check_config_refuses_a_read_only_state_dir_but_journal_still_reads(
     assert r.stderr == (f"appliance: config error: terminal.state_dir: {read_only_mount} is not writable by user "
                         "root (Read-only file system)\n")
     load(path)  # what `appliance journal` does first: no probe, no error
+
+
+# --- [mqtt] -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix,reason", [
+    ("", "1-200 characters"),
+    ("lanes/+", "wildcards"),
+    ("lanes/#", "wildcards"),
+    ("$SYS", "must not start with $"),
+    ("/lanes", "empty level"),
+    ("lanes/", "empty level"),
+    ("acme//lanes", "empty level"),
+    ("lanes\x00x", "control characters"),
+])
+def test_fail__mqtt_topic_prefix(tmp_path, prefix, reason):
+    with pytest.raises(ConfigError) as e:
+        from_dict(_bad(tmp_path, mqtt__topic_prefix=prefix))
+    assert e.value.key == "mqtt.topic_prefix" and reason in e.value.reason
+
+
+def test_ok__mqtt_defaults_and_a_nested_prefix(tmp_path):
+    m = from_dict(_bad(tmp_path, mqtt__topic_prefix="acme/cn/lanes")).mqtt
+    assert m.topic_prefix == "acme/cn/lanes"
+    assert (m.protocol, m.client_id, m.tls, m.session_expiry_s, m.reconnect_min_s, m.reconnect_max_s,
+            m.max_inflight, m.daily_every_s, m.status_every_s, m.prune_after_days) == (
+        "5", "", False, 7 * 86_400, 1.0, 60.0, 100, 10.0, 30.0, 30.0)
+
+
+def _secret(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return str(path)
+
+
+def _client_pair(tmp_path, name: str) -> tuple[str, str]:
+    from appliance.simulators.wechat_v2 import new_certificate
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())  # an EC key: MQTT brokers take any the TLS library does
+    cert = tmp_path / f"{name}.crt"
+    cert.write_bytes(new_certificate(name, key).public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    return str(cert), _secret(tmp_path / f"{name}.key", pem)
+
+
+def test_ok__mqtt_tls_with_a_client_certificate(tmp_path):
+    cert, key = _client_pair(tmp_path, "lane")
+    m = from_dict(_bad(tmp_path, mqtt__tls=True, mqtt__ca_file=cert, mqtt__cert_file=cert, mqtt__key_file=key)).mqtt
+    assert isinstance(m.key_file, SecretFile) and str(m.cert_file) == cert
+    assert "PRIVATE" not in to_toml(from_dict(_bad(tmp_path, mqtt__tls=True, mqtt__cert_file=cert,
+                                                   mqtt__key_file=key)))
+
+
+def test_fail__mqtt_cross_field_rules_name_the_key(tmp_path):
+    cert, key = _client_pair(tmp_path, "lane")
+    _, other_key = _client_pair(tmp_path, "other")
+    pw = _secret(tmp_path / "pw", b"s3cret\n")
+    cases = [
+        ({"mqtt__reconnect_min_s": 30, "mqtt__reconnect_max_s": 10}, "mqtt.reconnect_min_s",
+         "must not exceed mqtt.reconnect_max_s (10 s), got 30 s"),
+        ({"mqtt__ca_file": cert}, "mqtt.ca_file", "mqtt.tls is false"),
+        ({"mqtt__tls": True, "mqtt__cert_file": cert}, "mqtt.key_file", "go together"),
+        ({"mqtt__tls": True, "mqtt__key_file": key}, "mqtt.cert_file", "go together"),
+        ({"mqtt__tls": True, "mqtt__cert_file": cert, "mqtt__key_file": other_key}, "mqtt.key_file",
+         "is not the private key of"),
+        ({"mqtt__tls": True, "mqtt__ca_file": pw}, "mqtt.ca_file", "not a PEM X.509 certificate"),
+        ({"mqtt__tls": True, "mqtt__ca_file": str(tmp_path / "nope.pem")}, "mqtt.ca_file", "No such file"),
+        ({"mqtt__tls": True, "mqtt__cert_file": cert, "mqtt__key_file": pw}, "mqtt.key_file",
+         "not an unencrypted PEM private key"),
+        ({"mqtt__protocol": 5}, "mqtt.protocol", "must be one of '5', '3.1.1'"),
+        ({"mqtt__protocol": "3.1.1", "mqtt__password_file": pw}, "mqtt.username", "required"),
+        ({"mqtt__client_id": "lane/1"}, "mqtt.client_id", "1-128 of"),
+        ({"mqtt__password_file": _secret(tmp_path / "pw2", b"a\nb\n")}, "mqtt.password_file", "one line"),
+        ({"mqtt__password_file": _secret(tmp_path / "pw3", b"\n")}, "mqtt.password_file", "one line"),
+        ({"mqtt__host": ""}, "mqtt.host", "host name"),
+    ]
+    for change, key, reason in cases:
+        with pytest.raises(ConfigError) as e:
+            from_dict(_bad(tmp_path, **change))
+        assert (e.value.key, reason in e.value.reason) == (key, True), (change, str(e.value))
+        assert "s3cret" not in str(e.value) and "PRIVATE" not in str(e.value)

@@ -34,7 +34,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from appliance.config import Config, ProviderConfig, SecretFile, load
+from appliance.config import Config, ProviderConfig, SecretFile, load, pem_private_key_file
 from appliance.demo import SCRIPT as DEMO_SCRIPT
 from appliance.journal import OPEN_STATES, Journal
 from appliance.payments import provider_options
@@ -64,11 +64,7 @@ def _rsa_public_key_file(secret_dir: Path) -> str:
 def _wechat_v2_certificate(section: dict) -> None:
     """client_cert_file: a certificate issued for the key just written to client_key_file (the
     adapter loads the two as a pair)."""
-    key_file = Path(section["client_key_file"])
-    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    cert = key_file.with_name(key_file.name + ".cert.pem")
-    cert.write_bytes(new_certificate("secrets test", key).public_bytes(serialization.Encoding.PEM))
-    section["client_cert_file"] = str(cert)
+    _certificate_for(section, "client_key_file", "client_cert_file")
 
 
 #: Options a provider kind needs besides its secret files, for the config this test writes; a
@@ -83,14 +79,32 @@ PROVIDER_REQUIRED_OPTIONS: dict[str, dict] = {
                   "platform_public_key_id": "PUB_KEY_ID_0119000001092024112600000000000001",
                   "platform_public_key_file": _rsa_public_key_file},
 }
+def _mqtt_client_certificate(section: dict) -> None:
+    """cert_file: a certificate for the key just written to key_file, over TLS (the config checks the pair)."""
+    _certificate_for(section, "key_file", "cert_file")
+    section["tls"] = True
+
+
+def _certificate_for(section: dict, key_option: str, cert_option: str) -> None:
+    key_file = Path(section[key_option])
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    cert = key_file.with_name(key_file.name + ".cert.pem")
+    cert.write_bytes(new_certificate("secrets test", key).public_bytes(serialization.Encoding.PEM))
+    section[cert_option] = str(cert)
+
+
 #: Options made from a kind's secrets once they are written: kind -> fn(its provider table).
 PROVIDER_DERIVED_OPTIONS = {"wechat_v2": _wechat_v2_certificate}
+#: The same for the other sections: section name -> fn(its table).
+SECTION_DERIVED_OPTIONS = {"mqtt": _mqtt_client_certificate}
 #: Secret-file checks that need a real key rather than a random token, and how to make one.
 SECRET_VALUES = {
     private_key_file: _rsa_private_key,
     wechat_v2.API_KEY: lambda: "".join(random.SystemRandom().choice(ALNUM) for _ in range(32)),
     wechat_v2.pem_private_key_file: lambda: private_pem(rsa.generate_private_key(public_exponent=65537,
                                                                                  key_size=2048)).decode(),
+    pem_private_key_file: lambda: private_pem(rsa.generate_private_key(public_exponent=65537,
+                                                                       key_size=2048)).decode(),
 }
 
 # --- the config: every secret key of the schema, each with its own random value -----------------
@@ -173,6 +187,9 @@ def with_every_secret(doc: dict, secret_dir: Path) -> dict[str, tuple[Path, str]
         values[key] = (path, value)
     for section in doc["providers"].values():
         PROVIDER_DERIVED_OPTIONS.get(section["kind"], lambda _: None)(section)
+    for name, derive in SECTION_DERIVED_OPTIONS.items():
+        if name in doc:
+            derive(doc[name])
     return values
 
 
