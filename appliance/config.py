@@ -271,7 +271,7 @@ class MqttConfig:
                                     "MQTT 5 only")
     reconnect_min_s: float = opt(1.0, check=between(0.1, 60.0, SECONDS), doc="first reconnect delay (jittered)")
     reconnect_max_s: float = opt(60.0, check=between(1.0, HOUR, SECONDS), doc="longest reconnect delay (jittered)")
-    max_inflight: int = opt(100, check=between(1, 65_535, "messages"), doc="events published and not yet acked")
+    max_inflight: int = opt(100, check=between(1, 10_000, "messages"), doc="events published and not yet acked")
     daily_every_s: float = opt(10.0, check=between(0.1, HOUR, SECONDS),
                                doc="the running daily totals are republished at most this often")
     status_every_s: float = opt(30.0, check=between(0.1, HOUR, SECONDS),

@@ -87,3 +87,10 @@ class JournalIntegrityError(JournalError):
 
 class JournalLost(JournalIntegrityError):
     """The running service's journal file was unlinked or replaced under it."""
+
+
+class UplinkError(ApplianceError):
+    """Head office's broker cannot be reached, refused the connection, or refused an event. Nothing
+    is lost: the events stay queued in the journal's outbox. Retryable."""
+
+    retryable = True

@@ -1,4 +1,4 @@
-"""Composition root: config -> scanner -> till -> journal -> indicator, plus the resolver.
+"""Composition root: config -> scanner -> till -> journal -> indicator, plus the resolver and the uplink.
 
 The only place where adapters are chosen and wired. `run()` is `appliance run`: it stops cleanly
 on SIGTERM/SIGINT within a few seconds (scanner closed, LED off, journal closed) and, after a
@@ -12,6 +12,7 @@ the register and MQTT) to charge or cancel on this lane: the till runs those com
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -19,9 +20,11 @@ import socket
 import threading
 from dataclasses import dataclass
 
+import appliance
 from appliance.classify import Classifier, load_rules
 from appliance.config import Config
 from appliance.control import CommandHandler, ControlServer
+from appliance.errors import JournalError
 from appliance.indicator import Indicator, NullIndicator, make_indicator
 from appliance.journal import Journal
 from appliance.lanelock import LaneBusy, LaneLock
@@ -29,6 +32,7 @@ from appliance.payments import Router
 from appliance.resolver import InFlight, Resolver
 from appliance.scan import Scanner, make_scanner
 from appliance.till import OfflinePolicy, Till
+from appliance.uplink import Uplink, make_uplink
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +52,19 @@ class Lane:
     till: Till
     resolver: Resolver
     commands: CommandHandler
+    uplink: Uplink
 
     def close(self) -> None:
+        self.uplink.close(UPLINK_CLOSE_S)
         self.indicator.close()
         self.router.close()
         self.journal.close()
 
 
-def build(cfg: Config, *, indicator: Indicator | None = None) -> Lane:
-    """Wire a lane. `indicator=None` builds the configured one (claims GPIO pins)."""
+def build(cfg: Config, *, indicator: Indicator | None = None, uplink: bool = True) -> Lane:
+    """Wire a lane. `indicator=None` builds the configured one (claims GPIO pins). `uplink=False`
+    gives it the `none` uplink whatever `[mqtt]` says (one-shot commands never talk to head office).
+    Nothing opens a socket until `run()` starts the uplink."""
     t = cfg.terminal
     journal = Journal(t.state_dir, t.store_id, t.terminal_id, time_zone=t.time_zone,
                       day_cutoff_hour=t.day_cutoff_hour, min_free_bytes=t.min_free_mb * 2**20)
@@ -74,12 +82,15 @@ def build(cfg: Config, *, indicator: Indicator | None = None) -> Lane:
     resolver = Resolver(journal, router, store_id=t.store_id, terminal_id=t.terminal_id,
                         stale_pending_s=cfg.till.stale_pending_s, forward_within_s=cfg.offline.forward_within_s,
                         in_flight=in_flight, on_change=till.post_resolved)
-    return Lane(cfg, journal, router, indicator, till, resolver, CommandHandler(till, journal))
+    uplink_cfg = cfg if uplink else dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, enabled=False))
+    link = make_uplink(uplink_cfg, journal, platforms=list(cfg.providers))
+    return Lane(cfg, journal, router, indicator, till, resolver, CommandHandler(till, journal), link)
 
 
 def build_headless(cfg: Config) -> Lane:
-    """A lane for one-shot commands (charge, cancel): no scanner, no pins (the service holds them)."""
-    return build(cfg, indicator=NullIndicator())
+    """A lane for one-shot commands (charge, cancel): no scanner, no pins (the service holds them),
+    no uplink (the service sends what they journal)."""
+    return build(cfg, indicator=NullIndicator(), uplink=False)
 
 
 def sd_notify(message: str) -> None:
@@ -104,6 +115,10 @@ STOP_GRACE_S = 3.0
 #: main thread, when it wakes: the kernel may deliver a SIGTERM to any thread (one not blocking
 #: it), and an untimed wait would then never see it.
 SIGNAL_POLL_S = 0.5
+#: At a stop, how long the uplink may take to send the last events and status `stopped` (after the
+#: till stopped, so the last change goes out while the broker is up). With STOP_GRACE_S and the
+#: resolver's second this stays well inside systemd's TimeoutStopSec.
+UPLINK_CLOSE_S = 2.0
 #: How long `appliance run` waits for a lane another process holds (an old instance still
 #: stopping, a one-shot `charge`) before it exits 1 and lets systemd try again.
 RUN_LOCK_WAIT_S = 15.0
@@ -159,8 +174,9 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
     scanner = scanner or make_scanner(cfg.scanner)  # may raise ConfigError: before any pin is claimed
     lane = lane or build(cfg)
     open_count = len(lane.journal.open_txns())
-    log.info("lane %s/%s starting: scanner %s, indicator %s, %d open payment(s) to resolve",
-             cfg.terminal.store_id, cfg.terminal.terminal_id, cfg.scanner.kind, cfg.indicator.kind, open_count)
+    log.info("lane %s/%s starting: scanner %s, indicator %s, uplink %s, %d open payment(s) to resolve",
+             cfg.terminal.store_id, cfg.terminal.terminal_id, cfg.scanner.kind, cfg.indicator.kind, lane.uplink.kind,
+             open_count)
     watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
     resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
     till_thread = threading.Thread(
@@ -168,11 +184,14 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
         kwargs={"heartbeat": (lambda: sd_notify("WATCHDOG=1")) if watchdog_s else None,
                 "heartbeat_every_s": watchdog_s or 1.0})
     control = ControlServer(cfg.terminal.state_dir, lane.commands)
+    _lane_event(lane, "started", {"software_version": appliance.__version__, "open_payments": open_count,
+                                  "uplink": lane.uplink.kind})
     try:
         scanner.start(lane.till.post_scan, lane.till.post_fault)
         resolver_thread.start()
         till_thread.start()
         control.start()
+        lane.uplink.start()
         sd_notify("READY=1")
         while not stop.wait(SIGNAL_POLL_S):
             pass
@@ -189,6 +208,17 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
         if busy:
             log.warning("stopping while %s still waits on a platform call; open payments are resolved "
                         "at the next start", " and ".join(busy))
+        _lane_event(lane, "stopped", {"waiting_on_platform": bool(busy)})
+        lane.uplink.close(UPLINK_CLOSE_S)
         lane.close()
         log.info("stopped")
     return bool(busy)
+
+
+def _lane_event(lane: Lane, event: str, detail: dict) -> None:
+    """Queue a lane event for head office, best effort: a journal that cannot take it (disk full)
+    must not keep the lane from starting or stopping."""
+    try:
+        lane.journal.lane_event(event, detail)
+    except JournalError as e:
+        log.warning("lane event %s not queued for head office: %s", event, e)

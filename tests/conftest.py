@@ -66,6 +66,16 @@ def lane(cfg):
     lane.close()
 
 
+@pytest.fixture
+def lane_journal(tmp_path):
+    """A real journal of lane S0001/L01 in tmp_path/state (where lane_dict's state dir is)."""
+    from appliance.journal import Journal
+
+    journal = Journal(tmp_path / "state", "S0001", "L01")
+    yield journal
+    journal.close()
+
+
 def journal_snapshot(journal) -> tuple:
     """Everything journaled: payments with their states and every outbox event."""
     return (tuple(journal.recent(limit=10_000)), tuple(e["event_id"] for e in journal.events()))

@@ -35,7 +35,9 @@ def test_unit_runs_commands_the_cli_has(capsys):
 
 
 def test_unit_stops_within_the_service_grace():
-    from appliance.service import STOP_GRACE_S
+    from appliance.service import STOP_GRACE_S, UPLINK_CLOSE_S
 
     stop_s = int(re.search(r"^TimeoutStopSec=(\d+)", UNIT.read_text(), re.M).group(1))
-    assert STOP_GRACE_S + 2 < stop_s  # the service gives up on a hung call well before systemd kills it
+    # the service gives up on a hung call (till), the resolver (1 s) and the broker (uplink) well
+    # before systemd kills it
+    assert STOP_GRACE_S + 1 + UPLINK_CLOSE_S + 2 < stop_s

@@ -89,3 +89,22 @@ def test_serial_scanner_inside_appliance_run(tmp_path):
     assert (txn.order, txn.amount_fen) == ("S7", 350)
     assert WECHAT_PAID not in err
     journal.close()
+
+
+
+def test_the_service_queues_started_and_stopped_for_head_office(tmp_path):
+    """`appliance run` (in-process) with [mqtt] enabled = false: the lane events wait in the outbox."""
+    cfg = from_dict(lane_dict(tmp_path / "state"))
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    assert service.run(cfg, stop=stop) == 0
+    journal = Journal(tmp_path / "state", "S0001", "L01", readonly=True)
+    try:
+        events = journal.events()
+        state = journal.outbox_state()
+    finally:
+        journal.close()
+    assert [(e["kind"], e["event"]) for e in events] == [("lane", "started"), ("lane", "stopped")]
+    assert events[0]["detail"] == {"software_version": "0.1.0", "open_payments": 0, "uplink": "none"}
+    assert events[1]["detail"] == {"waiting_on_platform": False}
+    assert (state.backlog, state.last_ack_seq) == (2, None)
