@@ -67,6 +67,13 @@ def lane(cfg):
 
 
 @pytest.fixture
+def lane_broker(make_broker):
+    """A broker whose ACL knows conftest.lane_dict's lane (S0001/L01), queueing without limit.
+    (mosquitto 2.0.11 with max_queued_messages 0 drops a client whose publish its ACL denied.)"""
+    return make_broker(lanes=[("S0001", "L01")], max_queued_messages=1_000_000)
+
+
+@pytest.fixture
 def lane_journal(tmp_path):
     """A real journal of lane S0001/L01 in tmp_path/state (where lane_dict's state dir is)."""
     from appliance.journal import Journal
@@ -74,6 +81,25 @@ def lane_journal(tmp_path):
     journal = Journal(tmp_path / "state", "S0001", "L01")
     yield journal
     journal.close()
+
+
+@pytest.fixture
+def uplinks():
+    """`uplinks(cfg, journal, **kw)` makes an uplink (appliance.uplink.make_uplink) and starts it;
+    teardown closes each."""
+    from appliance.uplink import make_uplink
+
+    made = []
+
+    def make(cfg, journal, **kw):
+        uplink = make_uplink(cfg, journal, **kw)
+        made.append(uplink)
+        uplink.start()
+        return uplink
+
+    yield make
+    for uplink in made:
+        uplink.close(1.0)
 
 
 def journal_snapshot(journal) -> tuple:
