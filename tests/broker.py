@@ -38,6 +38,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -86,6 +87,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class BrokerTLS:
+    """A TLS listener's files (PEM): the CA that checks client certificates, the server's
+    certificate and its key (readable by mosquitto, which runs as this user)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+
+
 class Broker:
     """One mosquitto process in `root` (a directory of its own).
 
@@ -93,19 +105,25 @@ class Broker:
     0600) holding that password, for a lane config's `[mqtt] password_file`. `start()` picks a free
     port the first time and reuses it on every later start; `stop()` is SIGTERM (mosquitto saves its
     database), `kill()` is SIGKILL (it saves nothing). Both wait for the process to end.
+
+    `tls=BrokerTLS(...)` adds a second listener, on `tls_port`, that speaks TLS with that server
+    certificate (and, with `require_certificate`, asks each client for one its CA issued); the same
+    users and ACL apply on both listeners.
     """
 
     host = "127.0.0.1"
 
     def __init__(self, root: Path, *, prefix: str = "lanes", lanes=DEFAULT_LANES, debug_log: bool = False,
                  autosave_interval: int | None = None, autosave_on_changes: bool = False,
-                 max_queued_messages: int = 0):
+                 max_queued_messages: int = 0, tls: BrokerTLS | None = None):
         if not (os.access(MOSQUITTO, os.X_OK) and os.access(MOSQUITTO_PASSWD, os.X_OK)):
             raise BrokerError(f"{MOSQUITTO} or mosquitto_passwd is missing: run `make apt-deps`")
         self.root = Path(root)
         self.prefix = prefix
         self.lanes = tuple(lanes)
         self.port: int | None = None
+        self.tls = tls
+        self.tls_port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.users = {lane_user(s, t): secrets.token_urlsafe(12) for s, t in self.lanes}
         self.users[HQ] = secrets.token_urlsafe(12)
@@ -177,6 +195,10 @@ class Broker:
         if o["autosave_interval"] is not None:
             lines.append(f"autosave_interval {o['autosave_interval']}")
             lines.append(f"autosave_on_changes {'true' if o['autosave_on_changes'] else 'false'}")
+        if self.tls is not None:  # listener options follow their `listener` line
+            lines += [f"listener {self.tls_port} {self.host}", f"cafile {self.tls.cafile}",
+                      f"certfile {self.tls.certfile}", f"keyfile {self.tls.keyfile}",
+                      f"require_certificate {'true' if self.tls.require_certificate else 'false'}"]
         return "\n".join(lines) + "\n"
 
     # --- process ---
@@ -195,6 +217,8 @@ class Broker:
         for attempt in range(5):
             if first:
                 self.port = free_port(self.host)
+                if self.tls is not None:
+                    self.tls_port = free_port(self.host)
             conf = self.root / "mosquitto.conf"
             conf.write_text(self._config_text())
             with open(self._stderr_path, "ab") as err:
