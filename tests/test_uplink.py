@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from broker import HQ, Peer, acl_text
+from broker import HQ, BrokerTLS, Peer, acl_text
 from conftest import lane_dict, wait_for
 from uplink_kit import BASE, STORE, TERMINAL, check_all, drained, hq_peer, lane_cfg, lane_events, payments, seqs_of
 from paho.mqtt.packettypes import PacketTypes
@@ -255,3 +255,67 @@ def test_none_uplink_sends_nothing_and_reports_the_backlog(tmp_path, lane_journa
     assert state == {"kind": "none", "connected": False, "connected_since": None, "last_error": None,
                      "backlog": 3, "oldest_queued_seq": 1, "oldest_queued_at": state["oldest_queued_at"],
                      "last_seq": 3, "last_ack_seq": None, "last_ack_at": None}
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def _pem(path, data: bytes, mode: int = 0o644):
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+def tls_files(tmp_path):
+    """A CA, a server certificate for 127.0.0.1 and a lane's client certificate, all issued by it
+    (EC P-256: quick to make), and a second CA that issued nothing here."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from appliance.simulators.wechat_v2 import new_certificate
+
+    def key_pem(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    def cert_pem(cert):
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    d = tmp_path / "tls"
+    d.mkdir()
+    ca_key, other_key, server_key, lane_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    ca = new_certificate("test CA", ca_key, ca=True)
+    return {
+        "ca": _pem(d / "ca.pem", cert_pem(ca)),
+        "other_ca": _pem(d / "other-ca.pem", cert_pem(new_certificate("other CA", other_key, ca=True))),
+        "server_cert": _pem(d / "server.pem", cert_pem(new_certificate("broker", server_key, issuer=(ca, ca_key),
+                                                                       ip="127.0.0.1"))),
+        "server_key": _pem(d / "server.key", key_pem(server_key), 0o600),
+        "lane_cert": _pem(d / "lane.pem", cert_pem(new_certificate("lane", lane_key, issuer=(ca, ca_key)))),
+        "lane_key": _pem(d / "lane.key", key_pem(lane_key), 0o600),
+    }
+
+
+@pytest.mark.integration
+def test_tls_with_a_client_certificate_and_a_refused_broker_certificate(tmp_path, make_broker, lane_journal, uplinks,
+                                                                        tls_files, caplog):
+    f = tls_files
+    broker = make_broker(lanes=[(STORE, TERMINAL)], tls=BrokerTLS(f["ca"], f["server_cert"], f["server_key"],
+                                                                  require_certificate=True))
+    hq = hq_peer(broker)  # on the plain listener
+    lane_events(lane_journal, 3)
+    tls = {"port": broker.tls_port, "tls": True, "cert_file": str(f["lane_cert"]), "key_file": str(f["lane_key"])}
+
+    with caplog.at_level(logging.INFO, "appliance.uplink"):  # a broker whose certificate the lane does not trust
+        u = uplinks(lane_cfg(tmp_path, broker, ca_file=str(f["other_ca"]), **tls), lane_journal)
+        assert wait_for(lambda: "not trusted" in (u.state()["last_error"] or ""), 10), u.state()
+        u.close(1.0)
+    assert lane_journal.outbox_state().backlog == 3 and not hq.messages[1:]
+    assert [r.levelname for r in caplog.records if "down:" in r.getMessage()] == ["WARNING"]
+
+    u = uplinks(lane_cfg(tmp_path, broker, ca_file=str(f["ca"]), **tls), lane_journal)
+    assert drained(lane_journal)
+    assert seqs_of(hq.received(3, f"{BASE}/event"), "event") == [1, 2, 3]
+    assert u.state()["connected"]
+    hq.close()

@@ -317,6 +317,7 @@ class MqttUplink(Uplink):
                 client.connect(self._m.host, self._m.port, self._m.keepalive_s,
                                clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
             except (OSError, ValueError) as e:  # ssl.SSLError, timeouts and refusals are OSErrors
+                _close_sockets_of(e)
                 raise _connect_error(e, self._m.host, self._m.port) from None
         except UplinkError as e:
             sock = client.socket()
@@ -680,6 +681,18 @@ class MqttUplink(Uplink):
 def _platform_fault(name: str, faults: dict[str, str]) -> bool:
     """A platform's fault: the till's source `platform:<name>`, or its `platform` source naming it."""
     return f"platform:{name}" in faults or name in faults.get("platform", "").split()
+
+
+def _close_sockets_of(e: BaseException) -> None:
+    """Close the sockets a failed connect left open in the frames it unwound: paho-mqtt 2.2 does not
+    close its TLS socket when the handshake fails (`_ssl_wrap_socket`), and that socket, left to
+    the garbage collector, would stay open until then and warn (ResourceWarning)."""
+    tb = e.__traceback__
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, socket.socket):
+                value.close()
+        tb = tb.tb_next
 
 
 def _connect_error(e: Exception, host: str, port: int) -> UplinkError:
