@@ -17,9 +17,10 @@ own resend of in-flight messages (which needs the old client) never happens and 
 twice or forgotten; the rows in flight at the loss simply go out again (duplicates on the wire are
 allowed: head office de-duplicates by event_id; loss is not).
 
-The drain: rows are claimed in seq order and published (QoS 1) while at most `max_inflight` (and
-the broker's Receive Maximum) are unacknowledged. PUBACKs arrive on paho's thread and are queued;
-the uplink thread acks them in batches, one journal commit per batch. A row is marked sent only
+The drain: rows are claimed in seq order and handed to paho, which keeps at most `max_inflight`
+publishes (QoS 1; and never more than the broker's Receive Maximum) unacknowledged on the wire and
+sends the next as each PUBACK comes. PUBACKs are queued by paho's thread; the uplink thread acks
+them in batches, one journal commit per batch. A row is marked sent only
 after its PUBACK. A v5 PUBACK with a failure reason code (135, not authorised) is no success: the
 row stays queued, the outage is logged once, and the drain pauses (backoff) and starts again from
 the oldest queued row. MQTT 3.1.1 has no such code: a 3.1.1 broker that drops a publish its ACL
@@ -67,7 +68,8 @@ HEALTH_EVERY_S = 0.25
 DAY_CHECK_EVERY_S = 1.0
 #: How often sent rows older than `prune_after_days` are deleted.
 PRUNE_EVERY_S = 3600.0
-#: Rows claimed from the journal at a time (at least): one commit per batch.
+#: Rows handed to paho and not yet acknowledged, at least (twice the window if that is more);
+#: claimed from the journal half of it at a time, one commit each.
 CLAIM_BATCH = 500
 #: While rows flow, acknowledged rows are marked sent in one commit per this many, or per
 #: ACK_EVERY_S, whichever comes first; at once when nothing else is to be done.
@@ -77,8 +79,6 @@ ACK_EVERY_S = 0.05
 COMMAND_QUEUE = 32
 #: After a journal failure, the uplink thread waits this long before trying again.
 JOURNAL_RETRY_S = 1.0
-#: Room kept under the broker's Receive Maximum for the status, daily and reply publishes.
-OTHER_PUBLISHES = 4
 
 
 def dumps(doc: dict) -> str:
@@ -97,11 +97,12 @@ class _Connection:
         self.ready = False  # CONNACK with success
         self.announced = False
         self.lost: str | None = None  # why it ended
-        self.receive_maximum = 65_535
+        self.wake_every = 1  # PUBACKs that wake the uplink thread at once (a quarter of the depth)
+        self.resize: int | None = None  # the broker's Receive Maximum, when below the window
         self.acks: collections.deque = collections.deque()  # (mid, ReasonCode), appended by paho's thread
-        self.inflight: dict[int, object] = {}  # mid -> OutboxRow published, PUBACK awaited
-        self.pending: collections.deque = collections.deque()  # OutboxRows claimed, not yet published
-        self.cursor = 0  # the last seq claimed on this connection
+        self.inflight: dict[int, object] = {}  # mid -> OutboxRow handed to paho, PUBACK awaited
+        self.cursor = 0  # the last seq handed to paho on this connection
+        self.depth = CLAIM_BATCH  # rows handed to paho and not yet acknowledged, at most
         self.drained = False  # the last claim found nothing and nothing is in flight
         self.others: dict[int, str] = {}  # mid -> what (status, daily totals) for the log
         self.shown: dict | None = None  # the health view the last status showed
@@ -161,6 +162,7 @@ class MqttUplink(Uplink):
         self._today: str | None = None
         self._next_day_check = self._next_prune = self._next_daily = 0.0
         self._ever_connected = False
+        self._window = m.max_inflight  # lowered to the broker's Receive Maximum if it sets a smaller one
 
     # --- the port --------------------------------------------------------------------------
 
@@ -236,7 +238,8 @@ class MqttUplink(Uplink):
             if not self._to_ack:
                 self._journal_trouble.end()
             if not busy:
-                self._wake.wait(ACK_EVERY_S if self._to_ack else IDLE_POLL_S)
+                conn = self._conn
+                self._wake.wait(ACK_EVERY_S if self._to_ack or (conn is not None and conn.inflight) else IDLE_POLL_S)
         self._finish()
 
     def _ack_due(self, now: float) -> bool:
@@ -286,6 +289,15 @@ class MqttUplink(Uplink):
                 self._drop(conn, f"no CONNACK within {CONNACK_TIMEOUT_S:g} s", now)
                 return True
             return False
+        if conn.resize:
+            # The broker takes fewer unacknowledged publishes (its Receive Maximum, 20 for mosquitto by
+            # default) than the window, and paho's window is fixed once connected: disconnect cleanly
+            # (no Last Will) and connect again at once with the broker's number. Once per process.
+            log.info("the broker takes at most %d unacknowledged publishes (mqtt.max_inflight is %d): "
+                     "reconnecting with that window", conn.resize, self._m.max_inflight)
+            self._window, self._conn, self._next_attempt = conn.resize, None, now
+            self._abandon(conn, 1.0)
+            return True
         if not conn.announced:
             conn.announced = True
             self._ever_connected, first = True, not self._ever_connected
@@ -306,6 +318,8 @@ class MqttUplink(Uplink):
         at = rfc3339(self._clock())
         client = self._new_client(at)
         conn = _Connection(client, now, at)
+        conn.depth = max(2 * self._window, CLAIM_BATCH)
+        conn.wake_every = max(1, conn.depth // 4)
         self._bind(conn)
         v5 = self._m.protocol == "5"
         props = None
@@ -334,7 +348,9 @@ class MqttUplink(Uplink):
                              clean_session=None if v5 else False,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=False)
         client.connect_timeout = CONNECT_TIMEOUT_S
-        client.max_inflight_messages_set(self._m.max_inflight + OTHER_PUBLISHES)
+        # At most this many publishes unacknowledged on the wire (rows, status, daily totals and
+        # replies together); paho sends the next as each PUBACK comes.
+        client.max_inflight_messages_set(self._window)
         client.will_set(f"{self.base}/status", dumps({"kind": "status", "version": 1, **self._ids,
                                                      "state": "offline", "at": at}), qos=1, retain=True)
         if self._m.username or self._password is not None:
@@ -365,9 +381,14 @@ class MqttUplink(Uplink):
                 if reason_code.is_failure:
                     conn.lost = conn.lost or f"the broker refused the connection: {reason_code}"
                     return
-                conn.receive_maximum = getattr(properties, "ReceiveMaximum", None) or 65_535
-                client.subscribe(f"{self.base}/cmd/+", qos=1)
+                receive_maximum = getattr(properties, "ReceiveMaximum", None)
+                if receive_maximum is not None and receive_maximum < self._window:
+                    conn.resize = receive_maximum  # the uplink thread connects again with that window
+                else:
+                    client.subscribe(f"{self.base}/cmd/+", qos=1)
                 conn.ready = True
+            except Exception as e:  # never out of a paho callback: it would end paho's thread
+                conn.lost = conn.lost or f"connection set-up failed: {type(e).__name__}: {e}"
             finally:
                 self._wake.set()
 
@@ -377,7 +398,10 @@ class MqttUplink(Uplink):
 
         def on_publish(client, userdata, mid, reason_code, properties):
             conn.acks.append((mid, reason_code))
-            self._wake.set()
+            # Wake the uplink thread for a quarter of the window at once (it publishes as many in one
+            # pass), or when nothing else is in flight, or for a failure; else it comes within ACK_EVERY_S.
+            if reason_code.is_failure or len(conn.acks) >= min(conn.wake_every, len(conn.inflight)):
+                self._wake.set()
 
         def on_subscribe(client, userdata, mid, reason_codes, properties):
             if any(rc.is_failure for rc in reason_codes):
@@ -408,10 +432,11 @@ class MqttUplink(Uplink):
         self._abandon(conn, 0.0)
         self._failed(reason, now)
 
-    def _abandon(self, conn: _Connection, wait_s: float) -> None:
-        """End a connection and its paho thread. A live one is sent a DISCONNECT (no Last Will) and
-        given `wait_s` to write it; after that the socket is shut, so this never hangs."""
-        if conn.lost is None:
+    def _abandon(self, conn: _Connection, wait_s: float, clean: bool = True) -> None:
+        """End a connection and its paho thread. A live one is sent a DISCONNECT (no Last Will) when
+        `clean`, and given `wait_s` to write it; after that the socket is shut, so this never hangs.
+        Shut without a DISCONNECT, the broker publishes the Last Will."""
+        if conn.lost is None and clean:
             conn.client.disconnect()
             deadline = self._mono() + wait_s
             while conn.lost is None and self._mono() < deadline:
@@ -482,33 +507,32 @@ class MqttUplink(Uplink):
             self._paused_until = now + self._backoff.next()
 
     def _publish_rows(self, conn: _Connection, now: float) -> bool:
-        """Fill the in-flight window with queued rows, in seq order. True if it published any."""
+        """Hand queued rows to paho in seq order, up to `conn.depth` unacknowledged. paho keeps at
+        most the window of them on the wire and sends the next one as each PUBACK comes, on its own
+        thread, as a bare publisher does; this thread refills it half a depth at a time (one claim
+        commit). True if it handed any."""
         if now < self._paused_until:
             return False
         if self._rewind:  # after a refusal: once nothing is in flight, from the oldest queued row again
             if conn.inflight:
                 return False
             conn.cursor, self._rewind = 0, False
-            conn.pending.clear()
-        window = max(1, min(self._m.max_inflight, conn.receive_maximum - OTHER_PUBLISHES))
-        sent, empty = 0, False
-        while len(conn.inflight) < window:
-            if not conn.pending:
-                rows = self._journal.claim(conn.cursor, max(window, CLAIM_BATCH))
-                if not rows:
-                    empty = True
-                    break
-                conn.pending.extend(rows)
-                conn.cursor = rows[-1].seq
-            row = conn.pending[0]
+        # Stopping, paho gets no more than its window, so that status `stopped` is not queued behind
+        # hundreds of rows.
+        depth = self._window if self._stop.is_set() else conn.depth
+        if len(conn.inflight) > depth // 2:
+            return False
+        rows = self._journal.claim(conn.cursor, depth - len(conn.inflight))
+        handed = 0
+        for row in rows:
             info = conn.client.publish(f"{self.base}/{row.topic}", row.payload, qos=1, retain=row.topic == "daily")
             if info.rc != mqtt.MQTT_ERR_SUCCESS:  # the connection is going: its loss is reported apart
                 break
             conn.inflight[info.mid] = row
-            conn.pending.popleft()
-            sent += 1
-        conn.drained = empty and not conn.inflight
-        return sent > 0
+            conn.cursor = row.seq
+            handed += 1
+        conn.drained = not rows and not conn.inflight
+        return handed > 0
 
     # --- status and daily totals ---------------------------------------------------------------
 
@@ -576,10 +600,13 @@ class MqttUplink(Uplink):
     # --- stopping ----------------------------------------------------------------------------
 
     def _finish(self) -> None:
-        """After the drain: status `stopped` (retained) and its PUBACK, then a clean DISCONNECT."""
+        """After the drain: status `stopped` (retained) and its PUBACK, then a clean DISCONNECT. If
+        the broker did not acknowledge `stopped` in time, the connection is dropped instead, so the
+        broker publishes the Last Will (`offline`): the retained status never stays `online`."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        stopped = False
         if conn.up:
             try:
                 self._take_acks(conn, self._mono())
@@ -599,8 +626,9 @@ class MqttUplink(Uplink):
             except JournalError:
                 pass
             if not stopped:
-                log.warning("uplink stopping: the broker did not acknowledge status stopped in time")
-        self._abandon(conn, max(0.2, self._close_deadline - self._mono()))
+                log.warning("uplink stopping: the broker did not acknowledge status stopped in time; "
+                            "dropping the connection so that its Last Will says offline")
+        self._abandon(conn, max(0.2, self._close_deadline - self._mono()) if stopped else 0.0, clean=stopped)
         log.info("uplink stopped (%s)", self._backlog_text())
 
     def _await_ack(self, conn: _Connection, mid: int) -> bool:
