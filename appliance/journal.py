@@ -685,10 +685,12 @@ class Journal:
         O = self._Outbox
         with self._writing("claim"):
             rows = list(O.select(O.seq, O.event_id, O.kind, O.topic, O.payload, O.attempts, O.created_at).where(
-                O.status == "queued", O.seq > after_seq).order_by(O.seq).limit(limit))
-            if rows:
-                O.update(attempts=O.attempts + 1).where(O.seq.in_([r.seq for r in rows])).execute()
-        return [OutboxRow(r.seq, r.event_id, r.kind, r.topic, r.payload, r.attempts + 1, r.created_at) for r in rows]
+                O.status == "queued", O.seq > after_seq).order_by(O.seq).limit(limit).tuples())
+            if rows:  # the queued rows between the first and the last claimed are exactly those claimed
+                O.update(attempts=O.attempts + 1).where(
+                    O.status == "queued", O.seq.between(rows[0][0], rows[-1][0])).execute()
+        return [OutboxRow(seq, event_id, kind, topic, payload, attempts + 1, created_at)
+                for seq, event_id, kind, topic, payload, attempts, created_at in rows]
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Mark rows sent (the broker acknowledged them), in one commit. Returns how many changed
@@ -700,9 +702,9 @@ class Journal:
         stamp = rfc3339(self._clock())
         changed = 0
         with self._writing("ack"):
-            for i in range(0, len(seqs), 500):  # SQLite's limit on bound parameters
+            for first, last in _runs(seqs):  # acknowledgements come in runs of consecutive seqs
                 changed += O.update(status="sent", sent_at=stamp).where(
-                    O.status == "queued", O.seq.in_(seqs[i:i + 500])).execute()
+                    O.status == "queued", O.seq.between(first, last)).execute()
             last = M.get_or_none(M.key == "last_ack_seq")
             if last is None or int(last.value) < seqs[-1]:
                 M.insert_many([("last_ack_seq", str(seqs[-1])), ("last_ack_at", stamp)],
@@ -877,6 +879,17 @@ class Journal:
         if txn_id is not None:
             q = q.where(O.txn == txn_id)
         return [json.loads(r.payload) for r in q]
+
+
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ints as (first, last) runs of consecutive values: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for seq in seqs:
+        if runs and seq == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
 
 
 def _journal_error(e: BaseException, doing: str, state_dir: Path) -> JournalError:
