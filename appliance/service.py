@@ -33,6 +33,7 @@ from appliance.resolver import InFlight, Resolver
 from appliance.scan import Scanner, make_scanner
 from appliance.till import OfflinePolicy, Till
 from appliance.uplink import Uplink, make_uplink
+from appliance.uplink.commands import Commands
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,13 @@ def build(cfg: Config, *, indicator: Indicator | None = None, uplink: bool = Tru
                         stale_pending_s=cfg.till.stale_pending_s, forward_within_s=cfg.offline.forward_within_s,
                         in_flight=in_flight, on_change=till.post_resolved)
     uplink_cfg = cfg if uplink else dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, enabled=False))
-    link = make_uplink(uplink_cfg, journal, platforms=list(cfg.providers))
-    return Lane(cfg, journal, router, indicator, till, resolver, CommandHandler(till, journal), link)
+    # Head office's commands and the uplink know each other: the uplink runs the commands, `sync`
+    # reports the uplink's state. The lambda reaches `commands` once both exist (before any start).
+    link = make_uplink(uplink_cfg, journal, commands=lambda name, payload: commands(name, payload),
+                       health=till.health, platforms=list(cfg.providers))
+    handler = CommandHandler(till, journal, uplink_state=link.state, sync_now=link.sync_now)
+    commands = Commands(handler, till, link.state, link.sync_now, t.store_id, t.terminal_id)
+    return Lane(cfg, journal, router, indicator, till, resolver, handler, link)
 
 
 def build_headless(cfg: Config) -> Lane:

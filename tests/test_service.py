@@ -1,5 +1,6 @@
 """The composition root: both real scanner adapters inside the running service."""
 
+import json
 import os
 import signal
 import subprocess
@@ -108,3 +109,37 @@ def test_the_service_queues_started_and_stopped_for_head_office(tmp_path):
     assert events[0]["detail"] == {"software_version": "0.1.0", "open_payments": 0, "uplink": "none"}
     assert events[1]["detail"] == {"waiting_on_platform": False}
     assert (state.backlog, state.last_ack_seq) == (2, None)
+
+
+def test_the_service_answers_head_office_over_mqtt_and_reports_its_lane(tmp_path, lane_broker):
+    """`appliance run` (in-process) with [mqtt] enabled: commands reach the service's own till (a
+    charge arms it, the status shows it), sync reports the uplink, the events go out."""
+    from broker import HQ, Peer
+    from uplink_kit import BASE, check_all, lane_mqtt
+
+    cfg = from_dict(lane_dict(tmp_path / "state", mqtt=lane_mqtt(lane_broker, status_every_s=0.1)))
+    hq = Peer(lane_broker, HQ)
+    hq.connect()
+    hq.subscribe(f"{BASE}/#")
+    lane, stop, t, done = _run_in_thread(cfg, None)
+    try:
+        _wait(lambda: lane.uplink.state()["connected"])
+        hq.publish(f"{BASE}/cmd/sync", b'{"request_id":"s1"}')
+        hq.publish(f"{BASE}/cmd/charge", b'{"request_id":"c1","order":"A1","amount_fen":1250}')
+        _wait(lambda: len([m for m in hq.messages if m.topic.endswith("/reply")]) == 2)
+        replies = {json.loads(m.payload)["command"]: json.loads(m.payload) for m in hq.messages
+                   if m.topic.endswith("/reply")}
+        assert replies["sync"]["ok"] and replies["sync"]["result"]["connected"] is True
+        assert replies["charge"]["ok"] and replies["charge"]["result"]["state"] == "awaiting_code"
+        _wait(lambda: any(json.loads(m.payload).get("lane") == "awaiting_code" for m in hq.messages
+                          if m.topic == f"{BASE}/status"))
+    finally:
+        stop.set()
+        t.join(timeout=15)
+    assert done["rc"] == 0
+    events = [json.loads(m.payload) for m in hq.messages if m.topic == f"{BASE}/event"]
+    assert [e["event"] for e in events] == ["started", "stopped"]
+    statuses = [json.loads(m.payload)["state"] for m in hq.messages if m.topic == f"{BASE}/status"]
+    assert statuses[0] == "online" and statuses[-1] == "stopped"
+    check_all(hq.messages)
+    hq.close()

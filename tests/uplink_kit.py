@@ -69,5 +69,12 @@ def check_all(messages) -> list[dict]:
     head office's ingest would accept. Raises BadMessage naming what is wrong."""
     from appliance.schemas import TOPIC_KINDS, check
 
-    return [check("reply" if m.topic.endswith("/reply") else TOPIC_KINDS[m.topic.rsplit("/", 1)[-1]], m.payload)
-            for m in messages]
+    def checked(m) -> dict:
+        *_, level, name = m.topic.split("/")
+        if name == "reply":
+            return check("reply", m.payload)
+        if level == "cmd":  # head office's own request, seen by a subscriber to the lane's `#`
+            return check("command", m.payload, command=name)
+        return check(TOPIC_KINDS[name], m.payload)
+
+    return [checked(m) for m in messages]
