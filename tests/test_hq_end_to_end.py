@@ -1,0 +1,156 @@
+"""End to end, all real: three `appliance run` lanes (stdin scanners, the sandbox platform) → a real
+mosquitto with one user per lane → `appliance hq ingest` on SQLite → `appliance hq report`, whose
+totals must equal what each lane's own journal says for the day."""
+
+import json
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from appliance.errors import JournalError
+from appliance.journal import Journal
+from conftest import appliance_cmd, lane_dict, subprocess_env, write_config
+
+pytestmark = pytest.mark.integration
+
+LANES = (("S001", "01"), ("S001", "02"), ("S001", "03"))
+
+
+def _scans(n: int) -> list[tuple[str, str]]:
+    """One lane's day, as cashier actions: paid, declined, paid after the password, paid then
+    cancelled, on both payment types (the sandbox's outcomes by the code's last two digits)."""
+    return [(f"ORD:E{n}a:12.50", f"1300000000{n:06d}07"),
+            (f"ORD:E{n}b:3.00", f"2800000000{n:06d}90"),
+            (f"ORD:E{n}c:88.80", f"2800000000{n:06d}92"),
+            (f"ORD:E{n}d:7.00", f"1300000001{n:06d}08"),
+            ("CMD:CANCEL", f"ORD:E{n}d:7.00")]
+
+
+def _journal(state_dir, store, terminal):
+    return Journal(state_dir, store, terminal, readonly=True)
+
+
+def _settled(state_dir, store, terminal, actions: int) -> bool:
+    """The lane finished its `actions`-th cashier action (a payment or a cancel) and the outbox is
+    drained: the lane is ready for the next one, and head office has been sent everything."""
+    try:
+        j = _journal(state_dir, store, terminal)
+    except JournalError:  # the service has not made it yet
+        return False
+    try:
+        cancels = sum(1 for e in j.events() if e.get("state") == "cancel_requested")
+        return (len(j.recent()) + cancels >= actions and not j.open_txns()
+                and j.outbox_state().backlog == 0)
+    finally:
+        j.close()
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_payments_on_three_lanes_reach_head_office_once_and_the_report_matches_the_journals(tmp_path, broker):
+    from appliance.hq.store import Store
+
+    db = f"sqlite:///{tmp_path / 'hq.sqlite'}"
+    hq = subprocess.Popen(appliance_cmd() + ["hq", "ingest", "--db", db, "--host", broker.host, "--port",
+                                            str(broker.port), "--username", "hq", "--password-file",
+                                            str(broker.password_file("hq"))],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env())
+    log = []
+    threading.Thread(target=lambda: log.extend(iter(hq.stderr.readline, b"")), daemon=True).start()
+    lanes = []
+    try:
+        # Head office's session must exist before lanes send: a share group without one drops messages.
+        _wait(lambda: any(b"subscribed:" in line for line in log), 30, "head office to subscribe")
+        for n, (store, terminal) in enumerate(LANES):
+            state = tmp_path / f"lane{n}" / "state"
+            doc = lane_dict(state, terminal={"store_id": store, "terminal_id": terminal},
+                            scanner={"kind": "stdin"}, indicator={"kind": "log"},
+                            mqtt={**broker.mqtt_config(store, terminal), "daily_every_s": 0.2,
+                                                                            "status_every_s": 0.2})
+            conf = write_config(tmp_path / f"lane{n}.toml", doc)
+            with open(tmp_path / f"lane{n}.log", "wb") as err:
+                proc = subprocess.Popen(appliance_cmd() + ["run", "--config", str(conf)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=err, env=subprocess_env())
+            lanes.append((store, terminal, state, proc))
+        for n, (store, terminal, state, proc) in enumerate(lanes):
+            for k, action in enumerate(_scans(n), start=1):  # the till takes the next order once it is ready
+                proc.stdin.write("".join(t + "\n" for t in action).encode())
+                proc.stdin.flush()
+                _wait(lambda: _settled(state, store, terminal, k), 30,  # noqa: B023 (called at once)
+                      f"action {k} on lane {store}/{terminal}")
+
+        day = _journal(lanes[0][2], *LANES[0]).business_date_now()
+        expected, last_seqs = {}, {}
+        for store, terminal, state, _ in lanes:
+            j = _journal(state, store, terminal)
+            assert sorted(t.state for t in j.recent()) == ["cancelled", "declined", "paid", "paid"]
+            expected[(store, terminal)] = j.daily(day)["totals"]
+            last_seqs[(store, terminal)] = j.outbox_state().last_seq
+            j.close()
+
+        def report():
+            r = subprocess.run(appliance_cmd() + ["hq", "report", "--db", db, "--date", day, "--json"],
+                               capture_output=True, text=True, env=subprocess_env(), timeout=60)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        def by_lane(rep):
+            got = {}
+            for row in rep["totals"]:
+                key = (row["store_id"], row["terminal_id"])
+                got.setdefault(key, []).append({k: v for k, v in row.items() if k not in ("store_id", "terminal_id")})
+            return got
+
+        def stored_seqs():
+            store = Store(db, create=False)
+            try:
+                E = store.Event
+                return {(s, t): [e.seq for e in E.select(E.seq).where(E.store_id == s, E.terminal_id == t)
+                                 .order_by(E.seq)] for s, t in LANES}
+            finally:
+                store.close()
+
+        # every event of every lane, stored exactly once (a duplicate event_id is a no-op there)
+        _wait(lambda: stored_seqs() == {k: list(range(1, n + 1)) for k, n in last_seqs.items()}, 30,
+              "every event at head office")
+        rep = report()
+        assert by_lane(rep) == expected  # per store, terminal, payment type and funding source
+        [s001] = rep["stores"]  # per lane: two paid, one declined, one cancelled
+        assert (s001["count"], s001["declined"], s001["cancelled"]) == (6, 3, 3)
+        assert rep["mismatches"] == []
+        _wait(lambda: report()["attention"] == [], 30, "every lane online with no backlog at head office")
+
+        for *_, proc in lanes:  # a clean stop shows `stopped` at head office (the retained status)
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(15) for *_, proc in lanes] == [0, 0, 0]
+        _wait(lambda: _lane_states(db) == {lane: "stopped" for lane in LANES}, 30, "every lane stopped")
+        assert {a["state"] for a in report()["attention"]} == {"stopped"}
+    finally:
+        for *_, proc in lanes:
+            proc.kill()
+            proc.stdin.close()
+            proc.wait(15)
+        hq.send_signal(signal.SIGTERM)
+        hq.wait(15)
+        hq.stderr.close()
+    assert hq.returncode == 0, b"".join(log)[-2000:]
+
+
+def _lane_states(db) -> dict:
+    from appliance.hq.store import Store
+
+    store = Store(db, create=False)
+    try:
+        return {(r.store_id, r.terminal_id): r.state for r in store.Lane.select()}
+    finally:
+        store.close()
