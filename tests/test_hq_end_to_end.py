@@ -154,3 +154,91 @@ def _lane_states(db) -> dict:
         return {(r.store_id, r.terminal_id): r.state for r in store.Lane.select()}
     finally:
         store.close()
+
+
+def _payments(state_dir, store, terminal, count: int) -> None:
+    """`count` paid payments journaled while no service ran (their events wait in the outbox)."""
+    from appliance.journal import State
+
+    j = Journal(state_dir, store, terminal)
+    try:
+        for n in range(count):
+            t = j.open_payment(order=f"K{n}", amount_fen=100 + n, payment_type="wechat", platform="sandbox",
+                               code=f"13{n:016d}")
+            j.transition(t.txn_id, State.PAID, "SUCCESS", platform_txn_id=f"sbx{n}")
+    finally:
+        j.close()
+
+
+def test_the_lane_head_office_and_the_broker_stopped_mid_drain_store_every_event_exactly_once(tmp_path, broker):
+    """A lane drains 1,200 queued events: its service is SIGKILLed mid-drain (at a crash point of
+    its outbox commits), the broker restarts (a clean stop: mosquitto saves its sessions then; a
+    SIGKILLed mosquitto loses what it had acknowledged and not delivered, tests/broker.py), and head
+    office's ingest is SIGKILLed while the restarted lane drains: head office ends with every seq
+    exactly once."""
+    from appliance.hq.store import Store
+
+    store_id, terminal_id = LANES[0]
+    state = tmp_path / "state"
+    _payments(state, store_id, terminal_id, 600)  # 1,200 events (pending, paid), then the lane's own
+    doc = lane_dict(state, terminal={"store_id": store_id, "terminal_id": terminal_id},
+                    mqtt={**broker.mqtt_config(store_id, terminal_id), "max_inflight": 5, "reconnect_max_s": 1.0})
+    conf = write_config(tmp_path / "lane.toml", doc)
+    db = f"sqlite:///{tmp_path / 'hq.sqlite'}"
+    hq_cmd = appliance_cmd() + ["hq", "ingest", "--db", db, "--host", broker.host, "--port", str(broker.port),
+                                "--username", "hq", "--password-file", str(broker.password_file("hq"))]
+    lane_cmd = appliance_cmd() + ["run", "--config", str(conf)]
+    procs = []
+
+    def start(cmd, name, **env):
+        with open(tmp_path / f"{name}.log", "ab") as err:
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                          env=subprocess_env(**env)))
+        return procs[-1]
+
+    def stored() -> list[int]:
+        s = Store(db, create=False)
+        try:
+            return [e.seq for e in s.Event.select(s.Event.seq).order_by(s.Event.seq)]
+        finally:
+            s.close()
+
+    try:
+        hq = start(hq_cmd, "hq")
+        _wait(lambda: b"subscribed:" in (tmp_path / "hq.log").read_bytes(), 30, "head office to subscribe")
+        lane = start(lane_cmd, "lane", APPLIANCE_CRASH_AT="12")  # the 12th commit: mid-drain
+        assert lane.wait(60) == -signal.SIGKILL
+        assert 0 < _backlog(state, store_id, terminal_id) < 1200, "the lane died outside its drain"
+        broker.stop()  # a clean restart on the same port, with the sessions it saved
+        broker.start()
+        lane = start(lane_cmd, "lane")
+        before = len(stored())
+        _wait(lambda: len(stored()) > before + 50, 60, "the restarted lane's events at head office")
+        hq.kill()  # mid-drain: what it had not committed it had not acknowledged, and comes again
+        hq.wait()
+        hq = start(hq_cmd, "hq")
+        _wait(lambda: _backlog(state, store_id, terminal_id) == 0, 60, "the lane to drain")
+        last_seq = _last_seq(state, store_id, terminal_id)
+        _wait(lambda: stored()[:last_seq] == list(range(1, last_seq + 1)), 60, "every event at head office")
+        assert len(stored()) == len(set(stored()))  # exactly once: the unique event_id
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(15)
+
+
+def _backlog(state_dir, store, terminal) -> int:
+    j = _journal(state_dir, store, terminal)
+    try:
+        return j.outbox_state().backlog
+    finally:
+        j.close()
+
+
+def _last_seq(state_dir, store, terminal) -> int:
+    j = _journal(state_dir, store, terminal)
+    try:
+        return j.outbox_state().last_seq
+    finally:
+        j.close()
