@@ -242,3 +242,76 @@ def _last_seq(state_dir, store, terminal) -> int:
         return j.outbox_state().last_seq
     finally:
         j.close()
+
+
+def test_head_office_commands_reach_the_running_lane_through_the_broker(tmp_path, broker):
+    """`charge` (the register pushes the order), then the customer's code on the scanner; `cancel`,
+    `ping`, `sync` over the real broker with head office's credentials; malformed, oversized and
+    unknown commands get error replies and change nothing."""
+    from broker import Peer
+
+    store_id, terminal_id = LANES[0]
+    base = f"lanes/{store_id}/{terminal_id}"
+    state = tmp_path / "state"
+    doc = lane_dict(state, terminal={"store_id": store_id, "terminal_id": terminal_id},
+                    scanner={"kind": "stdin"}, indicator={"kind": "log"}, mqtt=broker.mqtt_config(store_id, terminal_id))
+    conf = write_config(tmp_path / "lane.toml", doc)
+    hq = Peer(broker, "hq")
+    hq.connect()
+    hq.subscribe(f"{base}/cmd/+/reply")
+    with open(tmp_path / "lane.log", "wb") as err:
+        lane = subprocess.Popen(appliance_cmd() + ["run", "--config", str(conf)], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=err, env=subprocess_env())
+    replies = 0
+
+    def ask(name: str, payload) -> dict:
+        nonlocal replies
+        hq.publish(f"{base}/cmd/{name}", payload if isinstance(payload, bytes) else json.dumps(payload))
+        replies += 1
+        got = json.loads(hq.received(replies)[-1].payload)
+        assert got["command"] == name and got["kind"] == "reply"
+        return got
+
+    try:
+        _wait(lambda: b"uplink connected" in (tmp_path / "lane.log").read_bytes(), 30, "the lane's uplink")
+        hq.timeout = 20
+        assert ask("ping", {"request_id": "p1"})["result"] == {"pong": True}
+
+        bad = [("charge", b"not json"), ("charge", b"{" + b" " * 5000 + b"}"), ("reboot", {"request_id": "x1"}),
+               ("charge", {"request_id": "c/1", "order": "R1", "amount_fen": 100}),
+               ("charge", {"request_id": "c1", "order": "R#1", "amount_fen": 100}),
+               ("charge", {"request_id": "c1", "order": "R1", "amount_fen": 100, "code": "134567890123456789"}),
+               ("cancel", {"request_id": "c1"})]
+        for name, payload in bad:
+            reply = ask(name, payload)
+            assert reply["ok"] is False and reply["error"], (name, payload, reply)
+            assert "134567890123456789" not in json.dumps(reply)
+        assert _payments_of(state) == []  # nothing journaled
+
+        armed = ask("charge", {"request_id": "c2", "order": "R1", "amount_fen": 1250})
+        assert armed["ok"] is True and armed["result"]["state"] == "awaiting_code", armed
+        lane.stdin.write(b"134567890123450107\n")  # the customer's code, on the lane's scanner
+        lane.stdin.flush()
+        _wait(lambda: _payments_of(state) == [("R1", 1250, "paid")], 30, "the register's order to be paid")
+
+        cancelled = ask("cancel", {"request_id": "k1", "order": "R1"})
+        assert cancelled["ok"] is True and cancelled["result"]["state"] == "cancelled", cancelled
+        synced = ask("sync", {"request_id": "s1"})
+        assert synced["ok"] is True and synced["result"]["connected"] is True and "backlog" in synced["result"]
+    finally:
+        lane.send_signal(signal.SIGTERM)
+        lane.stdin.close()
+        lane.wait(15)
+        hq.close()
+    assert lane.returncode == 0
+
+
+def _payments_of(state_dir) -> list[tuple]:
+    try:
+        j = _journal(state_dir, *LANES[0])
+    except JournalError:  # none yet
+        return []
+    try:
+        return [(t.order, t.amount_fen, str(t.state)) for t in j.recent()]
+    finally:
+        j.close()
