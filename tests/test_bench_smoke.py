@@ -13,6 +13,7 @@ def test_bench_smoke():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert "| classify | classifications/s |" in r.stdout and "charge p50 ms" in r.stdout
+    assert "uplink drain of 200 queued events" in r.stdout and "| uplink / bare |" in r.stdout
 
 
 @pytest.mark.integration

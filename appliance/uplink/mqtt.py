@@ -70,11 +70,11 @@ DAY_CHECK_EVERY_S = 1.0
 PRUNE_EVERY_S = 3600.0
 #: Rows handed to paho and not yet acknowledged, at least (twice the window if that is more);
 #: claimed from the journal half of it at a time, one commit each.
-CLAIM_BATCH = 500
+CLAIM_BATCH = 1000
 #: While rows flow, acknowledged rows are marked sent in one commit per this many, or per
 #: ACK_EVERY_S, whichever comes first; at once when nothing else is to be done.
-ACK_BATCH = 500
-ACK_EVERY_S = 0.05
+ACK_BATCH = 1000
+ACK_EVERY_S = 0.1
 #: Commands waiting for the lane; more are answered "busy" at once.
 COMMAND_QUEUE = 32
 #: After a journal failure, the uplink thread waits this long before trying again.
