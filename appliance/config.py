@@ -275,7 +275,8 @@ class MqttConfig:
     daily_every_s: float = opt(10.0, check=between(0.1, HOUR, SECONDS),
                                doc="the running daily totals are republished at most this often")
     status_every_s: float = opt(30.0, check=between(0.1, HOUR, SECONDS),
-                                doc="the status (backlog) is republished at most this often")
+                                doc="status online (backlog, last ack) is republished this often: head "
+                                    "office's sign of life")
     prune_after_days: float = opt(30.0, check=between(0.0, 3650.0, "days"),
                                   doc="sent events are deleted from the journal after this long")
 

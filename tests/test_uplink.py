@@ -141,6 +141,9 @@ def test_status_online_with_the_lane_then_stopped_both_retained(tmp_path, lane_b
     assert status["scanner"] == "ok" and status["platforms"] == {"sandbox": "ok", "alipay": "ok"}
     assert status["connected_since"] == u.state()["connected_since"]
     assert wait_for(lambda: json.loads(late.messages[-1].payload).get("backlog") == 0)
+    seen = len(late.messages)  # nothing changes now, and still the status comes every status_every_s
+    assert wait_for(lambda: len(late.messages) >= seen + 3, 5)
+    assert {json.loads(m.payload)["state"] for m in late.messages[seen:]} == {"online"}
 
     health.update(lane="awaiting_code", faults={"scanner": "scanner unplugged", "platform": "platform alipay misconfigured"})
     assert wait_for(lambda: json.loads(late.messages[-1].payload)["lane"] == "awaiting_code", 5)

@@ -106,7 +106,6 @@ class _Connection:
         self.drained = False  # the last claim found nothing and nothing is in flight
         self.others: dict[int, str] = {}  # mid -> what (status, daily totals) for the log
         self.shown: dict | None = None  # the health view the last status showed
-        self.status_key: tuple | None = None
         self.status_due = 0.0
         self.health_due = 0.0
         self.daily_key: tuple | None = None
@@ -562,24 +561,21 @@ class MqttUplink(Uplink):
         return doc
 
     def _maybe_status(self, conn: _Connection, now: float) -> None:
-        """Publish `online` at connect, at once when the lane's state or faults change or on
-        sync_now, and when the backlog or last ack changed, at most every status_every_s."""
+        """Publish `online` at connect, then every status_every_s whatever changed (head office
+        tells a live lane by a recent `at`, docs/mqtt.md), and at once when the lane's state or
+        faults change or on sync_now. The backlog and last ack it shows are as of then."""
         if now >= conn.health_due or conn.shown is None:
             view = self._health_view()
             conn.health_due = now + HEALTH_EVERY_S
         else:
             view = conn.shown
-        prompt = self._sync or conn.shown is None or view != conn.shown
-        if not prompt and now < conn.status_due:
+        if not (self._sync or conn.shown is None or view != conn.shown or now >= conn.status_due):
             return
         self._sync = False
-        doc = self._status("online", view, conn)
-        key = (doc.get("backlog"), doc.get("last_ack_seq"))
-        conn.status_due = now + self._m.status_every_s
-        if prompt or key != conn.status_key:
-            info = conn.client.publish(f"{self.base}/status", dumps(doc), qos=1, retain=True)
-            conn.others[info.mid] = "the status"
-            conn.shown, conn.status_key = view, key
+        info = conn.client.publish(f"{self.base}/status", dumps(self._status("online", view, conn)), qos=1,
+                                   retain=True)
+        conn.others[info.mid] = "the status"
+        conn.shown, conn.status_due = view, now + self._m.status_every_s
 
     def _maybe_daily(self, conn: _Connection, now: float) -> None:
         """With the backlog empty (head office has every txn the totals count), publish the running
