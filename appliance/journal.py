@@ -255,7 +255,7 @@ def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
             business_date = pw.CharField()
             created_at = pw.CharField()
             status = pw.CharField(default="queued")  # queued | sent
-            attempts = pw.IntegerField(default=0)  # times claimed for sending
+            attempts = pw.IntegerField(default=0)  # times claimed again after the first (re-sends)
             sent_at = pw.CharField(null=True, index=True)
 
             class Meta:
@@ -680,16 +680,28 @@ class Journal:
     # --- the outbox: head office's queue ---------------------------------------------------
 
     def claim(self, after_seq: int = 0, limit: int = 100) -> list["OutboxRow"]:
-        """The next queued rows with seq > after_seq, in seq order, at most `limit`; their
-        `attempts` go up by one, in one commit. A claimed row stays queued until `ack`."""
-        O = self._Outbox
+        """The next queued rows with seq > after_seq, in seq order, at most `limit`, each with the
+        number of times it has now been claimed (`attempts`). A claimed row stays queued until `ack`.
+
+        One commit. A first claim writes no row: the journal keeps the highest seq ever claimed
+        (`claimed_through` in meta), and only a row claimed again (after a reconnect, a restart, a
+        refusal) has its stored count of re-sends raised, so a drain does not rewrite every row's
+        page twice."""
+        O, M = self._Outbox, self._Meta
+        through = 0
         with self._writing("claim"):
             rows = list(O.select(O.seq, O.event_id, O.kind, O.topic, O.payload, O.attempts, O.created_at).where(
                 O.status == "queued", O.seq > after_seq).order_by(O.seq).limit(limit).tuples())
-            if rows:  # the queued rows between the first and the last claimed are exactly those claimed
-                O.update(attempts=O.attempts + 1).where(
-                    O.status == "queued", O.seq.between(rows[0][0], rows[-1][0])).execute()
-        return [OutboxRow(seq, event_id, kind, topic, payload, attempts + 1, created_at)
+            if rows:
+                done = M.get_or_none(M.key == "claimed_through")
+                through = int(done.value) if done else 0
+                first, last = rows[0][0], rows[-1][0]
+                if first <= through:  # the queued rows in a seq range are exactly those claimed
+                    O.update(attempts=O.attempts + 1).where(
+                        O.status == "queued", O.seq.between(first, min(last, through))).execute()
+                if last > through:
+                    M.insert(key="claimed_through", value=str(last)).on_conflict_replace().execute()
+        return [OutboxRow(seq, event_id, kind, topic, payload, attempts + (2 if seq <= through else 1), created_at)
                 for seq, event_id, kind, topic, payload, attempts, created_at in rows]
 
     def ack(self, seqs: Iterable[int]) -> int:

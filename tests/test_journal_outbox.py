@@ -106,6 +106,21 @@ def test_claim_counts_attempts_and_ack_marks_sent_once(journal, clock):
     assert journal.outbox_state().last_ack_seq == 3
 
 
+def test_a_first_claim_rewrites_no_row_and_only_claims_again_count(journal):
+    for n in range(4):
+        pay(journal, n, (State.PAID, {}))
+    journal.claim(limit=8)
+
+    def stored():
+        return dict(journal.db.execute_sql("SELECT seq, attempts FROM outbox").fetchall())
+
+    assert stored() == {seq: 0 for seq in range(1, 9)}  # no page written twice by a plain drain
+    assert [r.attempts for r in journal.claim(after_seq=6)] == [2, 2]
+    pay(journal, 9, (State.PAID, {}))  # seqs 9, 10: never claimed
+    assert [(r.seq, r.attempts) for r in journal.claim(after_seq=6)] == [(7, 3), (8, 3), (9, 1), (10, 1)]
+    assert stored() == {**{seq: 0 for seq in range(1, 7)}, 7: 2, 8: 2, 9: 0, 10: 0}
+
+
 def test_prune_takes_only_rows_acknowledged_long_enough_ago_and_seq_is_never_reused(journal, clock):
     for n in range(4):
         pay(journal, n)
