@@ -209,7 +209,7 @@ def test_the_lane_head_office_and_the_broker_stopped_mid_drain_store_every_event
         _wait(lambda: b"subscribed:" in (tmp_path / "hq.log").read_bytes(), 30, "head office to subscribe")
         lane = start(lane_cmd, "lane", APPLIANCE_CRASH_AT="12")  # the 12th commit: mid-drain
         assert lane.wait(60) == -signal.SIGKILL
-        assert 0 < _backlog(state, store_id, terminal_id) < 1200, "the lane died outside its drain"
+        assert 0 < _outbox(state, store_id, terminal_id).backlog < 1200, "the lane died outside its drain"
         broker.stop()  # a clean restart on the same port, with the sessions it saved
         broker.start()
         # mosquitto 2.0 forgets shared subscriptions at a restart (docs/mqtt.md, Broker settings):
@@ -222,8 +222,8 @@ def test_the_lane_head_office_and_the_broker_stopped_mid_drain_store_every_event
         hq.kill()  # mid-drain: what it had not committed it had not acknowledged, and comes again
         hq.wait()
         hq = start(hq_cmd, "hq")
-        _wait(lambda: _backlog(state, store_id, terminal_id) == 0, 60, "the lane to drain")
-        last_seq = _last_seq(state, store_id, terminal_id)
+        _wait(lambda: _outbox(state, store_id, terminal_id).backlog == 0, 60, "the lane to drain")
+        last_seq = _outbox(state, store_id, terminal_id).last_seq
         _wait(lambda: stored()[:last_seq] == list(range(1, last_seq + 1)), 60, "every event at head office",
               lambda: (last_seq, sorted(set(range(1, last_seq + 1)) - set(stored()))))
         assert len(stored()) == len(set(stored()))  # exactly once: the unique event_id
@@ -234,18 +234,10 @@ def test_the_lane_head_office_and_the_broker_stopped_mid_drain_store_every_event
                 p.wait(15)
 
 
-def _backlog(state_dir, store, terminal) -> int:
+def _outbox(state_dir, store, terminal):
     j = _journal(state_dir, store, terminal)
     try:
-        return j.outbox_state().backlog
-    finally:
-        j.close()
-
-
-def _last_seq(state_dir, store, terminal) -> int:
-    j = _journal(state_dir, store, terminal)
-    try:
-        return j.outbox_state().last_seq
+        return j.outbox_state()
     finally:
         j.close()
 
