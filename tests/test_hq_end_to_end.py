@@ -207,7 +207,7 @@ def test_the_lane_head_office_and_the_broker_stopped_mid_drain_store_every_event
     try:
         hq = start(hq_cmd, "hq")
         _wait(lambda: b"subscribed:" in (tmp_path / "hq.log").read_bytes(), 30, "head office to subscribe")
-        lane = start(lane_cmd, "lane", APPLIANCE_CRASH_AT="12")  # the 12th commit: mid-drain
+        lane = start(lane_cmd, "lane", APPLIANCE_CRASH_AT="journal.ack.after_commit:1")  # mid-drain
         assert lane.wait(60) == -signal.SIGKILL
         assert 0 < _outbox(state, store_id, terminal_id).backlog < 1200, "the lane died outside its drain"
         broker.stop()  # a clean restart on the same port, with the sessions it saved
