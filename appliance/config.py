@@ -527,6 +527,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, SecretFile):
+        if v.ref:
+            return f'"{v.ref}"  # secret, read from {v.path}, content not shown'
         return f'"{v.path}"  # secret, content not shown'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"

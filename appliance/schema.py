@@ -32,10 +32,19 @@ from appliance.money import MAX_FEN, format_amount, parse_amount
 
 @dataclass(frozen=True)
 class SecretFile:
-    """A secret kept in a file (mode 0600, owned by the service user). Its text never enters the config."""
+    """A secret kept in a file. Its text never enters the config.
+
+    The config names it by path (`"/etc/appliance/secrets/mqtt-password"`, mode 0600, or 0640
+    root:appliance) or as a systemd credential, `"credential:NAME"`: inside the service that is
+    `$CREDENTIALS_DIRECTORY/NAME` (or `.../secrets_NAME`, the name systemd gives each file of the
+    unit's `LoadCredential=secrets:/etc/appliance/secrets`), so the secret files stay root's and
+    the service user never reads them; outside a service (`$CREDENTIALS_DIRECTORY` unset: a
+    technician's `check-config` as root) it is `SECRETS_DIR/NAME`. `path` is where it was found.
+    """
 
     path: Path
     key: str = ""  # the dotted config key that named it, for error messages
+    ref: str = ""  # what the config wrote when it was not the path: "credential:NAME"
 
     def read(self) -> str:
         """The secret with surrounding whitespace stripped. Raises ConfigError if unreadable."""
@@ -48,6 +57,18 @@ class SecretFile:
 
     def __str__(self) -> str:
         return f"<secret in {self.path}>"
+
+
+#: `credential:NAME` in a `*_file` secret key: NAME is a systemd credential (see SecretFile).
+CREDENTIAL_PREFIX = "credential:"
+#: Where `credential:NAME` is read outside a service: the directory the unit loads as credentials.
+SECRETS_DIR = Path("/etc/appliance/secrets")
+#: Overrides SECRETS_DIR (tests; a lane whose secrets live elsewhere).
+SECRETS_DIR_ENV = "APPLIANCE_SECRETS_DIR"
+#: The credential ID of the unit's `LoadCredential=secrets:/etc/appliance/secrets`: systemd names
+#: the credential of each file in it `secrets_<file name>`.
+SECRETS_CREDENTIAL = "secrets"
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,199}")
 
 
 class Amount(int):
@@ -229,23 +250,53 @@ def _convert(tp, value: Any, key: str, base: Path):
         except RuntimeError:  # ~name of a user this machine does not know
             raise ConfigError(key, f"{value}: cannot expand ~ (no such user or no home directory)") from None
     if tp is SecretFile:
-        p = _convert(Path, value, key, base)
-        try:
-            if p.is_dir():
-                raise ConfigError(key, f"secret file {p} is a directory, not a file")
-            if not p.is_file():
-                raise ConfigError(key, f"secret file {p} does not exist" if not p.exists()
-                                  else f"secret file {p} is not a regular file")
-        except OSError as e:  # a name too long for the system, a loop of links ...
-            raise ConfigError(key, f"secret file {str(p)[:200]}: {e.strerror}") from None
-        if not os.access(p, os.R_OK):
-            raise ConfigError(key, f"secret file {p} is not readable by this user")
-        mode = p.stat().st_mode
-        if mode & stat.S_IRWXO:  # group read stays allowed: root:appliance 0640 is the usual way
-            raise ConfigError(key, f"secret file {p} is open to others (mode {stat.S_IMODE(mode):04o}); "
-                                   f"chmod o-rwx (0600, or 0640 with the service's group)")
-        return SecretFile(p, key)
+        return _secret_file(value, key, base)
     raise TypeError(f"schema type {tp!r} at {key} is not supported")  # a bug in the schema
+
+
+def _secret_file(value: Any, key: str, base: Path) -> SecretFile:
+    """A `*_file` secret: a path, or `credential:NAME` found where SecretFile says. The file must be
+    a readable regular file granting nothing to others; errors name the key and the place tried."""
+    ref = ""
+    if isinstance(value, str) and value.startswith(CREDENTIAL_PREFIX):
+        ref = value
+        p, what = _credential(value[len(CREDENTIAL_PREFIX):], key)
+    else:
+        p = _convert(Path, value, key, base)
+        what = f"secret file {p}"
+    try:
+        if p.is_dir():
+            raise ConfigError(key, f"{what} is a directory, not a file")
+        if not p.is_file():
+            raise ConfigError(key, f"{what} does not exist" if not p.exists() else f"{what} is not a regular file")
+    except OSError as e:  # a name too long for the system, a loop of links ...
+        raise ConfigError(key, f"{what[:300]}: {e.strerror}") from None
+    if not os.access(p, os.R_OK):
+        hint = " (the secrets are root's: run as root, or let systemd pass them as credentials)" if ref else ""
+        raise ConfigError(key, f"{what} is not readable by this user{hint}")
+    mode = p.stat().st_mode
+    if mode & stat.S_IRWXO:  # group read stays allowed: root:appliance 0640 is the usual way
+        raise ConfigError(key, f"{what} is open to others (mode {stat.S_IMODE(mode):04o}); "
+                               f"chmod o-rwx (0600, or 0640 with the service's group)")
+    return SecretFile(p, key, ref)
+
+
+def _credential(name: str, key: str) -> tuple[Path, str]:
+    """Where `credential:NAME` is: (the path, how to name it in an error)."""
+    if not _CREDENTIAL_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(key, f"credential name {name[:80]!r} must be 1-200 of A-Z a-z 0-9 _ . @ - starting "
+                               f"with a letter or digit, without '..' (a file name in {SECRETS_DIR})")
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        tried = [Path(creds) / name, Path(creds) / f"{SECRETS_CREDENTIAL}_{name}"]
+        found = next((p for p in tried if os.path.lexists(p)), None)
+        if found is None:
+            raise ConfigError(key, f"credential {name}: the service has no such credential (neither {tried[0]} nor "
+                                   f"{tried[1]}); put the file {name} in {SECRETS_DIR} and restart the service")
+        return found, f"credential {name} ({found})"
+    secrets_dir = Path(os.environ.get(SECRETS_DIR_ENV) or SECRETS_DIR)
+    path = secrets_dir / name
+    return path, f"credential {name} ({path}: outside a service, $CREDENTIALS_DIRECTORY is not set)"
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")

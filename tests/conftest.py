@@ -166,7 +166,7 @@ def appliance_cmd() -> list[str]:
 
 
 def subprocess_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_CONFIG", "NOTIFY_SOCKET")}
+    env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_CONFIG", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")}
     env.update(extra)
     return env
 

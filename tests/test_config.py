@@ -15,6 +15,7 @@ from appliance.config import (Amount, Config, ConfigError, Range, SecretFile, ch
                               load, to_toml)
 from appliance.money import format_amount
 from appliance.payments import provider_options, providers
+from appliance.schema import SECRETS_DIR_ENV
 from conftest import ROOT, appliance_cmd, lane_dict, remount_read_only, subprocess_env, tmpfs, write_config
 
 
@@ -359,6 +360,124 @@ def test_fail__secret_file_that_is_not_utf8_is_named_when_read(tmp_path):
 
 
 @pytest.mark.integration
+def _credential_dirs(tmp_path: Path, monkeypatch, *, in_service: bool) -> tuple[Path, Path]:
+    """(the secrets dir read outside a service, the service's $CREDENTIALS_DIRECTORY), both empty;
+    the environment says whether this process is inside the service."""
+    secrets_dir, creds = tmp_path / "secrets", tmp_path / "credentials"
+    for d in (secrets_dir, creds):
+        d.mkdir(mode=0o700)
+    monkeypatch.setenv(SECRETS_DIR_ENV, str(secrets_dir))
+    if in_service:
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    else:
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    return secrets_dir, creds
+
+
+def _put(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_credential_outside_a_service_is_read_from_the_secrets_dir(tmp_path, monkeypatch):
+    secrets_dir, creds = _credential_dirs(tmp_path, monkeypatch, in_service=False)
+    _put(secrets_dir / "mqtt-password", "hunter2\n")
+    _put(creds / "mqtt-password", "not-this-one\n")  # a stale credentials dir is not looked at
+    cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": "credential:mqtt-password"}))
+    assert cfg.mqtt.password_file.read() == "hunter2"
+    shown = to_toml(cfg)
+    assert f'password_file = "credential:mqtt-password"  # secret, read from {secrets_dir}/mqtt-password' in shown
+    assert "hunter2" not in shown
+
+
+@pytest.mark.parametrize("file_name", ["mqtt-password", "secrets_mqtt-password"])
+def test_credential_inside_the_service_is_read_from_credentials_directory(tmp_path, monkeypatch, file_name):
+    """`NAME` from a LoadCredential=NAME:... line, `secrets_NAME` from the unit's directory line."""
+    secrets_dir, creds = _credential_dirs(tmp_path, monkeypatch, in_service=True)
+    _put(secrets_dir / "mqtt-password", "not-this-one\n")  # root's file: the service never reads it
+    _put(creds / file_name, "hunter2\n", 0o400)  # as systemd copies it
+    cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": "credential:mqtt-password"}))
+    assert cfg.mqtt.password_file.read() == "hunter2" and cfg.mqtt.password_file.path == creds / file_name
+
+
+def test_credential_of_its_own_line_wins_over_the_directorys(tmp_path, monkeypatch):
+    _, creds = _credential_dirs(tmp_path, monkeypatch, in_service=True)
+    _put(creds / "secrets_mqtt-password", "from-the-dir\n", 0o400)
+    _put(creds / "mqtt-password", "from-its-own-line\n", 0o400)
+    cfg = from_dict(lane_dict(tmp_path, mqtt={"password_file": "credential:mqtt-password"}))
+    assert cfg.mqtt.password_file.read() == "from-its-own-line"
+
+
+def test_credential_in_an_adapters_secret_key(tmp_path, monkeypatch):
+    """Any SecretFile key takes a credential, the adapters' own options included."""
+    secrets_dir, _ = _credential_dirs(tmp_path, monkeypatch, in_service=False)
+    _put(secrets_dir / "jeepay-app-secret", "x" * 32 + "\n")
+    jeepay = {"kind": "jeepay", "base_url": "https://pay.example.com", "mch_no": "M1700000001",
+              "app_id": "66a1f0c2e4b0a1b2c3d4e5f6", "app_secret_file": "credential:jeepay-app-secret"}
+    cfg = from_dict(lane_dict(tmp_path, providers={"jeepay": jeepay}))
+    assert cfg.providers["jeepay"].options.app_secret_file.read() == "x" * 32
+
+
+@pytest.mark.parametrize("in_service", [False, True])
+def test_fail__missing_credential_names_the_key_and_where_it_looked(tmp_path, monkeypatch, in_service):
+    secrets_dir, creds = _credential_dirs(tmp_path, monkeypatch, in_service=in_service)
+    if in_service:
+        _put(secrets_dir / "mqtt-password", "hunter2\n")  # there, but not handed to the service
+    with pytest.raises(ConfigError) as e:
+        from_dict(lane_dict(tmp_path, mqtt={"password_file": "credential:mqtt-password"}))
+    assert e.value.key == "mqtt.password_file"
+    if in_service:
+        assert e.value.reason == (f"credential mqtt-password: the service has no such credential (neither "
+                                  f"{creds}/mqtt-password nor {creds}/secrets_mqtt-password); put the file "
+                                  f"mqtt-password in /etc/appliance/secrets and restart the service")
+    else:
+        assert e.value.reason == (f"credential mqtt-password ({secrets_dir}/mqtt-password: outside a service, "
+                                  f"$CREDENTIALS_DIRECTORY is not set) does not exist")
+
+
+@pytest.mark.parametrize("mode", [0o604, 0o644])
+def test_fail__credential_open_to_others(tmp_path, monkeypatch, mode):
+    secrets_dir, _ = _credential_dirs(tmp_path, monkeypatch, in_service=False)
+    _put(secrets_dir / "pw", "hunter2\n", mode)
+    with pytest.raises(ConfigError) as e:
+        from_dict(lane_dict(tmp_path, mqtt={"password_file": "credential:pw"}))
+    assert e.value.key == "mqtt.password_file" and f"credential pw ({secrets_dir}/pw" in e.value.reason
+    assert f"is open to others (mode {mode:04o})" in e.value.reason and "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["", "../pw", "a/b", "..", ".pw", "a..b", "pw\0", "pw\n", "x" * 201])
+def test_fail__credential_name_that_is_not_a_file_name(tmp_path, monkeypatch, name):
+    secrets_dir, _ = _credential_dirs(tmp_path, monkeypatch, in_service=False)
+    _put(tmp_path / "pw", "hunter2\n")  # what ../pw would reach
+    with pytest.raises(ConfigError) as e:
+        from_dict(lane_dict(tmp_path, mqtt={"password_file": f"credential:{name}"}))
+    assert e.value.key == "mqtt.password_file" and e.value.reason.startswith("credential name ")
+
+
+def test_cli_check_config_reads_credentials_in_and_outside_the_service(tmp_path):
+    """The real CLI: as systemd's ExecStartPre (credentials given), as a root technician (none:
+    the secrets dir), and with the secret nowhere (exit 2, the key named)."""
+    secrets_dir, creds = tmp_path / "secrets", tmp_path / "credentials"
+    secrets_dir.mkdir()
+    creds.mkdir()
+    conf = write_config(tmp_path / "appliance.toml", lane_dict(tmp_path / "state",
+                                                               mqtt={"password_file": "credential:pw"}))
+
+    def check_config(**env) -> subprocess.CompletedProcess:
+        return subprocess.run(appliance_cmd() + ["check-config", "--config", str(conf)], capture_output=True,
+                              text=True, env=subprocess_env(**env), timeout=60)
+
+    r = check_config(**{SECRETS_DIR_ENV: str(secrets_dir)})
+    assert r.returncode == 2 and f"mqtt.password_file: credential pw ({secrets_dir}/pw" in r.stderr, r.stderr
+    _put(creds / "secrets_pw", "hunter2\n", 0o400)
+    r = check_config(CREDENTIALS_DIRECTORY=str(creds), **{SECRETS_DIR_ENV: str(secrets_dir)})
+    assert r.returncode == 0 and f"read from {creds}/secrets_pw" in r.stdout and "hunter2" not in r.stdout, r.stderr
+    _put(secrets_dir / "pw", "hunter2\n")
+    r = check_config(**{SECRETS_DIR_ENV: str(secrets_dir)})
+    assert r.returncode == 0 and f"read from {secrets_dir}/pw" in r.stdout, r.stderr
+
+
 def test_cli_hostile_configs_exit_2_naming_the_key_without_traceback(tmp_path):
     """What systemd's ExecStartPre sees: exit 2 and one line naming the key or the file."""
     not_utf8 = tmp_path / "latin1.toml"
