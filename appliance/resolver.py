@@ -22,6 +22,7 @@ import logging
 import threading
 from typing import Callable
 
+from appliance import logs
 from appliance.errors import (IllegalTransition, JournalError, ProviderError, ProviderMisconfigured,
                              ProviderUnavailable, Refused)
 from appliance.inflight import InFlight
@@ -131,7 +132,8 @@ def _move(journal: Journal, txn: Txn, to: State, out: Outcome) -> Txn:
         current = journal.get(txn.txn_id)
         if current.state == txn.state:
             raise  # a real programming error, not a race
-        log.info("txn %d: already %s (moved by another process)", txn.txn_id, current.state)
+        log.info("txn %d: already %s (moved by another process)", txn.txn_id, current.state,
+                 extra=logs.state_of(current))
         return current
     _log_change(new, txn.state)
     return new
@@ -154,7 +156,7 @@ def _wait(journal: Journal, in_flight: InFlight, txn: Txn, after_s: float, why: 
 def _log_change(txn: Txn, previous: State) -> None:
     level = logging.INFO if txn.state in (State.PAID, State.CANCELLED, State.REFUNDED) else logging.WARNING
     log.log(level, "txn %d: %s -> %s (%s) order %s %s code %s", txn.txn_id, previous, txn.state,
-            txn.reason, txn.order, txn.out_trade_no, txn.code_masked)
+            txn.reason, txn.order, txn.out_trade_no, txn.code_masked, extra=logs.state_of(txn))
 
 
 #: Seconds before a payment that could not be driven at all (no platform, adapter bug) is tried again.
@@ -199,6 +201,7 @@ class Resolver:
                 continue
             if not self.in_flight.due(txn) or not self.in_flight.claim(txn.txn_id):
                 continue
+            scope = logs.enter(txn)  # the platform calls and their lines carry its fields
             try:
                 new = self._drive(txn)
             except JournalError as e:  # disk full (or the journal lost): nothing could be recorded;
@@ -216,6 +219,7 @@ class Resolver:
                 continue
             finally:
                 self.in_flight.release(txn.txn_id)
+                logs.leave(scope)
             self._journal_error = ""
             if new.state != txn.state:
                 changed.append(new)

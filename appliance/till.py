@@ -37,6 +37,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from appliance import logs
 from appliance.classify import Classifier
 from appliance.errors import (BadInput, IllegalTransition, JournalError, JournalFull, JournalLost,
                               ProviderError, ProviderMisconfigured, ProviderUnavailable, Refused)
@@ -297,7 +298,8 @@ class Till:
                 log.info("scan %s repeated within %gs of its charge: ignored", c.masked, self.duplicate_window_s)
                 return None
         if isinstance(self.lane, _Resolving):
-            log.warning("scan %s ignored: txn %d is still being resolved", c.masked, self.lane.txn_id)
+            log.warning("scan %s ignored: txn %d is still being resolved", c.masked, self.lane.txn_id,
+                        extra=logs.txn_id(self.lane.txn_id))
             self._flash(Signal.UNKNOWN_CODE)
             return None
         if c.kind == "command" and c.command == "cancel":
@@ -347,7 +349,8 @@ class Till:
             self.lane = _Ready()
             self._show_lane()
             return Result("refused", str(e), order=order, amount_fen=amount_fen)
-        log.info("order %s: %s due, waiting for a payment code", order, format_amount(amount_fen))
+        log.info("order %s: %s due, waiting for a payment code", order, format_amount(amount_fen),
+                 extra=logs.order(order))
         self.lane = _AwaitingCode(order, amount_fen, now + self.order_timeout_s)
         self._show(Signal.AWAITING_CODE)
         return Result(AWAITING_CODE, "", order=order, amount_fen=amount_fen)
@@ -396,7 +399,8 @@ class Till:
         if idle:
             return self._finish(result)
         log.info("%s for order %s: %s; not shown, the lane is busy with the cashier",
-                 "cancel" if result.cancel else "charge", printable(command.order, 40), result.state)
+                 "cancel" if result.cancel else "charge", printable(command.order, 40), result.state,
+                 extra=logs.state_of(result.txn) if result.txn is not None else None)
         return result
 
     def _arm(self, command: ArmCommand) -> Result:
@@ -448,10 +452,12 @@ class Till:
             return Result("refused", str(e))
         self._set_fault("journal", None)
         log.info("txn %d: pending, order %s %s %s via %s, code %s, %s", txn.txn_id, order,
-                 format_amount(amount_fen), c.payment_type, provider.name, c.masked, txn.out_trade_no)
+                 format_amount(amount_fen), c.payment_type, provider.name, c.masked, txn.out_trade_no,
+                 extra=logs.state_of(txn))
         req = PayRequest(txn.out_trade_no, amount_fen, code, f"Order {order}", self.store_id, self.terminal_id)
         self.in_flight.opened(txn.txn_id)  # its timeouts count from now, on the monotonic clock
         self.in_flight.claim(txn.txn_id)
+        scope = logs.enter(txn)  # the lines until the payment is answered (adapters' too) carry its fields
         try:
             try:
                 self._beat()
@@ -475,6 +481,7 @@ class Till:
             return Result("unknown", f"{e}; the payment is resolved by the resolver once there is room", txn)
         finally:
             self.in_flight.release(txn.txn_id)
+            logs.leave(scope)
 
     def _journal_failed(self, e: JournalError) -> None:
         """Show the fault a journal failure calls for. A lost journal's fault never clears (only a
@@ -500,7 +507,7 @@ class Till:
         else:
             new = self.journal.transition(txn.txn_id, State.DEFERRED, f"platform unreachable ({why}); "
                                           "accepted offline, will be forwarded", auth_code=code)
-        log.warning("txn %d: pending -> %s (%s)", txn.txn_id, new.state, new.reason)
+        log.warning("txn %d: pending -> %s (%s)", txn.txn_id, new.state, new.reason, extra=logs.state_of(new))
         return new
 
     def cancel(self, order: str) -> Result:
@@ -515,7 +522,7 @@ class Till:
             deferred = [t for t in txns if t.state is State.DEFERRED]
             if deferred:
                 txn = self.journal.transition(deferred[-1].txn_id, State.CANCELLED, "cancelled before forwarding")
-                log.info("txn %d: deferred -> cancelled, order %s", txn.txn_id, order)
+                log.info("txn %d: deferred -> cancelled, order %s", txn.txn_id, order, extra=logs.state_of(txn))
                 return Result.of(txn, cancel=True)
             if not paid:
                 if any(t.state in (State.PENDING, State.UNKNOWN, State.CANCEL_REQUESTED) for t in txns):
@@ -532,8 +539,9 @@ class Till:
             self._journal_failed(e)
             log.error("cancel of order %s refused: %s", printable(order, 40), e)
             return Result("refused", str(e), cancel=True)
-        log.info("txn %d: paid -> cancel_requested, order %s", txn.txn_id, order)
+        log.info("txn %d: paid -> cancel_requested, order %s", txn.txn_id, order, extra=logs.state_of(txn))
         self.in_flight.claim(txn.txn_id)
+        scope = logs.enter(txn)
         try:
             self._beat()  # one call here; a refund the reverse calls for is the resolver's, at once
             return Result.of(drive_cancel(self.journal, provider, txn, self.in_flight, refund_now=False),
@@ -543,6 +551,7 @@ class Till:
             return Result("unknown", f"{e}; the cancel is finished by the resolver once there is room", txn, True)
         finally:
             self.in_flight.release(txn.txn_id)
+            logs.leave(scope)
 
     def _beat(self) -> None:
         """Ping the watchdog now (when running under systemd): a platform call follows."""
@@ -565,7 +574,8 @@ class Till:
                 self._journal_failed(e)
         lane = self.lane
         if isinstance(lane, _AwaitingCode) and now >= lane.deadline:
-            log.info("order %s: no payment code within %gs; back to ready", lane.order, self.order_timeout_s)
+            log.info("order %s: no payment code within %gs; back to ready", lane.order, self.order_timeout_s,
+                     extra=logs.order(lane.order))
             self.lane = _Ready()
             self._show_lane()
         elif isinstance(lane, _AwaitingCancel) and now >= lane.deadline:
@@ -573,7 +583,8 @@ class Till:
             self.lane = _Ready()
             self._show_lane()
         elif isinstance(lane, _Resolving) and now >= lane.deadline:
-            log.error("txn %d: still unresolved; lane freed, the resolver keeps going", lane.txn_id)
+            log.error("txn %d: still unresolved; lane freed, the resolver keeps going", lane.txn_id,
+                      extra=logs.txn_id(lane.txn_id))
             self.lane = _Ready()
             self._flash(Signal.FAULT)
         if self._hold_until and now >= self._hold_until:

@@ -102,6 +102,16 @@ def uplinks():
         uplink.close(1.0)
 
 
+@pytest.fixture
+def journal_socket(tmp_path):
+    """A stand-in for journald's native socket (tests/journald_kit.py), bound in tmp_path."""
+    from journald_kit import JournalSocket
+
+    sock = JournalSocket(tmp_path / "journal.sock")
+    yield sock
+    sock.sock.close()
+
+
 def journal_snapshot(journal) -> tuple:
     """Everything journaled: payments with their states and every outbox event."""
     return (tuple(journal.recent(limit=10_000)), tuple(e["event_id"] for e in journal.events()))
@@ -166,7 +176,9 @@ def appliance_cmd() -> list[str]:
 
 
 def subprocess_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("APPLIANCE_CONFIG", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("APPLIANCE_CONFIG", "NOTIFY_SOCKET", "CREDENTIALS_DIRECTORY", "JOURNAL_STREAM",
+                        "APPLIANCE_JOURNAL_SOCKET")}
     env.update(extra)
     return env
 

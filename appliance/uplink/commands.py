@@ -41,7 +41,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime
 from typing import Callable
 
-from appliance import schemas
+from appliance import logs, schemas
 from appliance.control import CommandHandler, shown, shown_names
 from appliance.errors import ApplianceError, BadInput, BadMessage
 from appliance.journal import rfc3339, utc_now
@@ -117,7 +117,8 @@ class Commands:
         except Exception as e:  # a bug: the reply still goes, without the text (it might quote a request)
             log.exception("mqtt command %s (request %s) failed", command, request_id)
             return self.reply(command, request_id, error=f"unexpected error in the lane service: {type(e).__name__}")
-        log.info("mqtt command %s (request %s): %s", command, request_id, _summary(name, result))
+        log.info("mqtt command %s (request %s): %s", command, request_id, _summary(name, result),
+                 extra=_about(result))
         return self.reply(command, request_id, result=result)
 
     def reply(self, command: str, request_id: str | None, *, error: str | None = None,
@@ -216,6 +217,14 @@ def check_fields(name: str, request: dict) -> None:
         amount = request["amount_fen"]
         if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_FEN:
             raise BadInput(f"amount_fen must be a whole number of fen from 1 to {MAX_FEN}")
+
+
+def _about(result: dict) -> dict | None:
+    """`extra=` with the journal fields of the order (and payment) a command's result is about."""
+    if result.get("txn_id") is not None:
+        return {"journal_fields": {"TXN_ID": str(result["txn_id"]), "ORDER": result["order"],
+                                   "STATE": result["state"], "OUT_TRADE_NO": result["out_trade_no"]}}
+    return logs.order(result["order"]) if result.get("order") else None
 
 
 def _summary(name: str, result: dict) -> str:
