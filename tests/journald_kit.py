@@ -113,3 +113,91 @@ class Collector:
         self._thread.join()
         self.entries += self.journal.entries()
         return self.entries
+
+
+# --- a real systemd-journald, for the one test that asks it what it filed ---------------------------
+
+JOURNALD = "/lib/systemd/systemd-journald"
+#: What the test asks journalctl, by name: its arguments (the journal's files are in /run/log/journal).
+QUERIES = {
+    "native": ["-t", "appliance"],
+    "native -p warning": ["-t", "appliance", "-p", "warning"],
+    "native TXN_ID=1": ["-t", "appliance", "TXN_ID=1"],
+    "native ORDER=A1": ["-t", "appliance", "ORDER=A1"],
+    "stream": ["-t", "appliance-stream"],
+    "stream -p warning": ["-t", "appliance-stream", "-p", "warning"],
+}
+
+
+def real_journald_missing() -> str | None:
+    """Why a real journald cannot be run here (it needs root for its mount namespace), or None."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "a private systemd-journald needs root (mount namespace, tmpfs on /run)"
+    for tool in ("unshare", "systemd-cat", "journalctl", JOURNALD):
+        if not shutil.which(tool):
+            return f"{tool} is not installed"
+    return None
+
+
+def _under_real_journald(work: Path, code: str) -> None:
+    """Run in a private mount namespace (`unshare -m`): a real systemd-journald on a tmpfs /run,
+    `appliance run` under it twice (identifier `appliance`: entries to the native socket;
+    `appliance-stream`: no native socket, lines on the stream with their <N>), each charging order
+    A1 with `code` (config `work/<identifier>.toml`, state `work/<identifier>`); then journalctl's
+    answers to QUERIES, as JSON, into work/answers.json, and the export of everything into
+    work/export.bin."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from appliance.journal import Journal, State
+
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run"], check=True)
+    if os.path.isdir("/var/log/journal"):  # the host's persistent journal stays untouched
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/var/log/journal"], check=True)
+    journald = subprocess.Popen([JOURNALD], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(f"/run/systemd/journal/{s}") for s in ("socket", "stdout", "io.systemd.journal")):
+            assert time.monotonic() < deadline, "journald did not open its sockets"
+            time.sleep(0.05)
+        for identifier, env in (("appliance", {}), ("appliance-stream", {"APPLIANCE_JOURNAL_SOCKET": "/nonexistent"})):
+            # systemd-cat connects stdout and stderr to journald's stream; the shell names it in
+            # JOURNAL_STREAM as systemd does for a unit (dev:ino of stderr)
+            cmd = ["systemd-cat", "-t", identifier, "sh", "-c",
+                   'JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec "$@"', "sh",
+                   sys.executable, "-m", "appliance", "run", "--config", str(work / f"{identifier}.toml")]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True, env={**os.environ, **env})
+            journal = Journal(work / identifier, "S0001", "L01")
+            try:
+                proc.stdin.write(f"ORD:A1:12.34\n{code}\n")
+                proc.stdin.flush()
+                while not any(t.state is State.PAID for t in journal.recent()):
+                    assert time.monotonic() < deadline + 40, "the payment did not end"
+                    time.sleep(0.05)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+                proc.stdin.close()
+                journal.close()
+        subprocess.run(["journalctl", "--sync"], check=True)
+        files = ["journalctl", "-D", "/run/log/journal", "--no-pager"]
+        answers = {name: [json.loads(line) for line in subprocess.run(
+            files + ["-o", "json"] + args, capture_output=True, text=True, check=True).stdout.splitlines()]
+            for name, args in QUERIES.items()}
+        (work / "answers.json").write_text(json.dumps(answers))
+        (work / "export.bin").write_bytes(subprocess.run(files + ["-o", "export"], capture_output=True,
+                                                         check=True).stdout)
+    finally:
+        journald.terminate()
+        journald.wait(timeout=20)
+
+
+if __name__ == "__main__":  # python tests/journald_kit.py WORK CODE, inside `unshare -m`
+    import sys
+
+    _under_real_journald(Path(sys.argv[1]), sys.argv[2])

@@ -1,5 +1,6 @@
 """Log setup for journald: priorities on stderr, native entries with a payment's fields, chatty libraries held back."""
 
+import json
 import logging
 import os
 import pty
@@ -10,6 +11,7 @@ import threading
 
 import pytest
 
+import journald_kit
 from appliance import logs
 from appliance.journal import Journal, State
 from appliance.logs import is_journal_stream, setup
@@ -17,6 +19,7 @@ from appliance.payments.sandbox import SandboxProvider
 from appliance.scan import Scan
 from conftest import (WECHAT_LOST_ANSWER, WECHAT_PAID, WECHAT_PAID_2, appliance_cmd, lane_dict, resolve,
                       subprocess_env, wait_for, write_config)
+from journald_kit import real_journald_missing
 
 LIBRARIES = ("peewee", "httpx", "httpcore")
 
@@ -260,3 +263,35 @@ def test_one_payments_life_under_journald_carries_its_fields_and_never_its_code(
     assert entries[-1]["MESSAGE"] == "stopped"  # to the last line
     assert not any(WECHAT_LOST_ANSWER.encode() in e.raw for e in entries) and WECHAT_LOST_ANSWER not in err
     assert err == ""  # every line went to the journal's socket
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(real_journald_missing() is not None, reason=str(real_journald_missing()))
+def test_a_real_journald_files_the_lines_by_priority_and_by_payment(tmp_path):
+    """The proof: systemd-journald itself, in a private mount namespace, takes `appliance run`'s
+    entries; journalctl -p warning, TXN_ID= and ORDER= answer as docs/operations.md says."""
+    for identifier in ("appliance", "appliance-stream"):
+        write_config(tmp_path / f"{identifier}.toml", lane_dict(tmp_path / identifier, scanner={"kind": "stdin"},
+                                                                 indicator={"kind": "log"}))
+    subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, journald_kit.__file__,
+                    str(tmp_path), WECHAT_LOST_ANSWER], env=subprocess_env(), timeout=120, check=True)
+    answers = json.loads((tmp_path / "answers.json").read_text())
+
+    def said(name):
+        return [(e["PRIORITY"], e["MESSAGE"]) for e in answers[name]]
+
+    [(prio, warning)] = said("native -p warning")  # one problem: the lost answer
+    assert prio == "4" and warning.startswith("txn 1: pending -> unknown (timeout")
+    life = [(e["STATE"], e["MESSAGE"].split(" (")[0].split(",")[0]) for e in answers["native TXN_ID=1"]]
+    assert life == [("pending", "txn 1: pending"), ("unknown", "txn 1: pending -> unknown"),
+                    ("paid", "txn 1: unknown -> paid")]
+    assert [m for _, m in said("native ORDER=A1")][0] == "order A1: 12.34 due, waiting for a payment code"
+    assert len(said("native ORDER=A1")) == 4 and {e["THREAD"] for e in answers["native TXN_ID=1"]} == {"till", "resolver"}
+
+    [(prio, warning)] = said("stream -p warning")  # the same, from the <N> prefix alone
+    assert prio == "4" and warning.startswith("appliance.resolver: txn 1: pending -> unknown (timeout")
+    stream = said("stream")
+    assert len(stream) >= 10 and not [m for _, m in stream if m.startswith("<")]  # journald took every prefix
+    assert {p for p, _ in stream} == {"4", "6"}
+    assert all("TXN_ID" not in e for e in answers["stream"])  # the stream has no fields
+    assert WECHAT_LOST_ANSWER.encode() not in (tmp_path / "export.bin").read_bytes()
