@@ -125,6 +125,9 @@ SIGNAL_POLL_S = 0.5
 #: till stopped, so the last change goes out while the broker is up). With STOP_GRACE_S and the
 #: resolver's second this stays well inside systemd's TimeoutStopSec.
 UPLINK_CLOSE_S = 2.0
+#: How long READY waits for the scanner's first attempt to open its device (it takes milliseconds;
+#: past this the lane reports READY anyway, the scanner still being looked for).
+SCANNER_OPEN_WAIT_S = 10.0
 #: How long `appliance run` waits for a lane another process holds (an old instance still
 #: stopping, a one-shot `charge`) before it exits 1 and lets systemd try again.
 RUN_LOCK_WAIT_S = 15.0
@@ -184,6 +187,7 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
              cfg.terminal.store_id, cfg.terminal.terminal_id, cfg.scanner.kind, cfg.indicator.kind, lane.uplink.kind,
              open_count)
     watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
+    _warn_of_calls_longer_than(watchdog_s, cfg)
     resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
     till_thread = threading.Thread(
         target=lane.till.run, args=(stop,), name="till", daemon=True,
@@ -198,6 +202,12 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
         till_thread.start()
         control.start()
         lane.uplink.start()
+        # READY once the config, the journal and the indicator (build()), the control socket and
+        # the scanner are up. A missing scanner is not a failed start: the lane still takes charges
+        # by command and resolves what is open, shows the fault and opens the scanner when it comes.
+        if not scanner.wait_first_attempt(SCANNER_OPEN_WAIT_S):
+            log.warning("scanner not open after %gs; reporting ready while it is still being opened",
+                        SCANNER_OPEN_WAIT_S)
         sd_notify("READY=1")
         while not stop.wait(SIGNAL_POLL_S):
             pass
@@ -219,6 +229,21 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
         lane.close()
         log.info("stopped")
     return bool(busy)
+
+
+def _warn_of_calls_longer_than(ping_every_s: float, cfg: Config) -> None:
+    """The till pings the watchdog every `ping_every_s` (half systemd's WatchdogSec) and before each
+    platform call, so a call that may take longer than that could get a healthy lane killed.
+    The options refuse limits beyond half the unit's 30 s; this names a platform whose limit
+    exceeds a shorter watchdog (a drop-in's WatchdogSec=)."""
+    if not ping_every_s:
+        return
+    for name, provider in cfg.providers.items():
+        limit = getattr(provider.options, "call_limit_s", None)
+        if limit is not None and limit > ping_every_s:
+            log.warning("providers.%s: one call may take %g s, longer than half the watchdog interval (%g s): "
+                        "a slow platform can get the lane restarted; lower its timeouts or raise WatchdogSec",
+                        name, limit, ping_every_s)
 
 
 def _lane_event(lane: Lane, event: str, detail: dict) -> None:

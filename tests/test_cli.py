@@ -186,32 +186,6 @@ def test_sigterm_during_a_hanging_platform_call_stops_within_5s_and_restart_reso
     journal.close()
 
 
-def test_sd_notify_ready_and_stopping(tmp_path):
-    import socket
-    sock_path = str(tmp_path / "notify.sock")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(sock_path)
-    s.settimeout(10)
-    conf = write_config(tmp_path / "a.toml", lane_dict(tmp_path / "state"))
-    proc = _start_service(conf, stdin=subprocess.DEVNULL, extra_env={"NOTIFY_SOCKET": sock_path,
-                                                                     "WATCHDOG_USEC": "200000"})
-    try:
-        msgs = [s.recv(100).decode() for _ in range(3)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-    assert "READY=1" in msgs and "WATCHDOG=1" in msgs
-    s.setblocking(False)
-    rest = []
-    while True:
-        try:
-            rest.append(s.recv(100).decode())
-        except BlockingIOError:
-            break
-    assert rest and rest[-1] == "STOPPING=1"
-    s.close()
-
-
 def test_demo_shows_the_flow():
     r = subprocess.run(appliance_cmd() + ["demo", "--pause", "0.2"], capture_output=True, text=True,
                        env=subprocess_env(), timeout=120)

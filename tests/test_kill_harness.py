@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -42,6 +41,7 @@ from appliance.journal import Journal
 from appliance.payments.sandbox import SandboxOptions, SandboxProvider
 from conftest import appliance_cmd, lane_dict, subprocess_env, write_config
 from ledger_check import check_against_ledger
+from notify import NotifySocket
 
 pytestmark = pytest.mark.integration
 
@@ -85,20 +85,13 @@ def _start(chain: Chain, crash_at: int | None) -> subprocess.Popen:
     env = {"APPLIANCE_CRASH_TRACE": str(chain.state_dir.parent / "crash-trace")}
     if crash_at:
         env["APPLIANCE_CRASH_AT"] = str(crash_at)
-    name = f"appliance-kill-harness-{os.getpid()}-{chain.number}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind("\0" + name)
-        notify.settimeout(0.05)
+    with NotifySocket(chain.state_dir.parent / f"notify-{chain.number}") as notify:
         proc = subprocess.Popen(appliance_cmd() + ["run", "--config", str(chain.conf)], stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=subprocess_env(NOTIFY_SOCKET="@" + name, **env))
+                                env=subprocess_env(**notify.env(), **env))
         deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if b"READY=1" in notify.recv(256):
-                    break
-            except TimeoutError:
-                pass
+        while proc.poll() is None and time.monotonic() < deadline and not notify.times("READY=1"):
+            time.sleep(0.02)
     return proc
 
 

@@ -8,6 +8,10 @@ Contract for adapters (one per file, chosen by `[scanner] kind`):
     `text` empty: the till signals unknown_code and never treats it as a code.
   * Device loss is not fatal: the adapter logs it once, calls `on_fault(reason)` once, retries
     quietly, and when the device is back logs once more and calls `on_fault(None)`.
+  * An adapter that opens a device sets `opens_device` and calls `_first_attempt_done()` once
+    its first attempt to open it has ended, opened or not (then after its `on_fault`), so that
+    `wait_first_attempt()` lets the service report READY to systemd with the scanner up, or known
+    to be missing, never while it is still being opened.
   * `close()` stops the thread within about a second and is safe to call twice.
 """
 
@@ -42,9 +46,12 @@ class Scanner(ABC):
     """Base for scanner adapters: a daemon reader thread with a stop event."""
 
     name = "scanner"
+    #: True for adapters that open a device in their thread (see `wait_first_attempt`).
+    opens_device = False
 
     def __init__(self) -> None:
         self._stop = threading.Event()
+        self._first_attempt = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_scan: OnScan = lambda scan: None
         self._on_fault: OnFault = lambda reason: None
@@ -58,6 +65,16 @@ class Scanner(ABC):
     @abstractmethod
     def _run(self) -> None:
         """Read until `self._stop` is set. Must poll the stop event at least once a second."""
+
+    def _first_attempt_done(self) -> None:
+        """Called by the reader thread when its first attempt to open the device has ended."""
+        self._first_attempt.set()
+
+    def wait_first_attempt(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds, after `start()`, until the device is open or its absence
+        reported (`on_fault` called). True at once for adapters that open no device; False if the
+        first attempt has not ended in time."""
+        return not self.opens_device or self._first_attempt.wait(timeout)
 
     def close(self, timeout: float = 2.0) -> None:
         self._stop.set()

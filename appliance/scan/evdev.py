@@ -161,6 +161,7 @@ class EvdevScanner(Scanner):
     """
 
     name = "scanner-evdev"
+    opens_device = True
 
     def __init__(self, cfg: ScannerConfig, *, open_device: OpenDevice | None = None, input_dir: str = INPUT_DIR,
                  retry_interval_s: float = 1.0, on_trace: Callable[[str], None] | None = None):
@@ -214,6 +215,7 @@ class EvdevScanner(Scanner):
                             self._fault(reason)
                         else:
                             log.debug("still unavailable: %s", reason)
+                        self._first_attempt_done()
                         self._stop.wait(self._retry_s)
                         continue
                     if outage is not None:
@@ -222,6 +224,7 @@ class EvdevScanner(Scanner):
                         self._fault(None)
                     else:
                         log.info("scanner ready: %s", self._describe())
+                    self._first_attempt_done()
                 try:
                     self._pump()
                 except Exception as e:  # noqa: BLE001

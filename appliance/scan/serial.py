@@ -263,6 +263,7 @@ class SerialScanner(Scanner):
     """
 
     name = "scanner-serial"
+    opens_device = True
 
     def __init__(self, cfg, on_trace: OnTrace | None = None, *, retry_s: float = RETRY_S):
         super().__init__()
@@ -304,6 +305,7 @@ class SerialScanner(Scanner):
                             self._on_fault(f"scanner port unavailable: {e}")
                         else:
                             log.debug("Scanner port still unavailable: %s", e)
+                        self._first_attempt_done()
                         self._stop.wait(self._retry_s)
                         continue
                     self._connected = True
@@ -313,6 +315,7 @@ class SerialScanner(Scanner):
                         self._on_fault(None)
                     else:
                         log.info("Reading %s", self)
+                    self._first_attempt_done()
                 try:
                     chunk = self._link.read()
                 except DeviceError as e:
