@@ -42,16 +42,26 @@ def encode(fields: Iterable[tuple[str, str | bytes]]) -> bytes:
     """The native-protocol bytes of one entry. A key may repeat (journald keeps every value).
 
     Raises ValueError for a key journald would refuse (lower case, leading `_` or digit, > 64)."""
-    out = bytearray()
+    parts = []
     for key, value in fields:
-        if not _KEY.fullmatch(key):
-            raise ValueError(f"journal field name {key!r} must be 1-64 of A-Z, 0-9, '_', starting with a letter")
+        if key not in _checked_keys:
+            _check_key(key)
         data = value.encode("utf-8", "backslashreplace") if isinstance(value, str) else bytes(value)
         if b"\n" in data:
-            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+            parts.append(b"%s\n%s%s\n" % (key.encode(), struct.pack("<Q", len(data)), data))
         else:
-            out += key.encode() + b"=" + data + b"\n"
-    return bytes(out)
+            parts.append(b"%s=%s\n" % (key.encode(), data))
+    return b"".join(parts)
+
+
+_checked_keys: set[str] = set()
+
+
+def _check_key(key: str) -> None:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"journal field name {key!r} must be 1-64 of A-Z, 0-9, '_', starting with a letter")
+    if len(_checked_keys) < 256:  # the keys are the code's own few: remember them
+        _checked_keys.add(key)
 
 
 class JournalSender:
@@ -60,7 +70,12 @@ class JournalSender:
     def __init__(self, path: str = SOCKET_PATH, timeout_s: float = SEND_TIMEOUT_S):
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.settimeout(timeout_s)
+        if struct.calcsize("l") == 8:  # a 64-bit timeval: the kernel's send timeout (EAGAIN after it)
+            seconds = int(timeout_s)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                  struct.pack("ll", seconds, int((timeout_s - seconds) * 1e6)))
+        else:  # 32-bit (its timeval may be either size): Python's timeout, which polls before each send
+            self._sock.settimeout(timeout_s)
 
     def send(self, entry: bytes) -> None:
         """Send one entry: as a datagram, or through a sealed memfd when too large for one."""

@@ -5,12 +5,13 @@ import io
 import logging
 import struct
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.journald import JournalHandler, encode, priority
+from appliance.journald import JournalHandler, JournalSender, encode, priority
 from appliance.logs import PriorityFormatter
 from journald_kit import REQUIRED_SEALS, JournalSocket, parse
 
@@ -136,3 +137,20 @@ def test_records_from_many_threads_each_arrive_whole(journal_socket, logger):
     assert sorted(e["MESSAGE"].split("\n")[0] for e in got) == sorted(
         f"thread {n} line {i}" for n in range(4) for i in range(50))
     assert all(e["THREAD"] == f"w{e['MESSAGE'].split()[1]}" for e in got)
+
+
+def test_a_journald_that_takes_nothing_costs_a_send_its_timeout_then_an_error(journal_socket):
+    sender = JournalSender(journal_socket.path, timeout_s=0.3)  # nobody reads: its queue fills up
+    try:
+        for sent in range(100_000):
+            t0 = time.monotonic()
+            try:
+                sender.send(encode([("MESSAGE", f"line {sent}")]))
+            except OSError as e:
+                error, waited = e, time.monotonic() - t0
+                break
+        else:
+            pytest.fail("every send was taken by a socket nobody reads")
+    finally:
+        sender.close()
+    assert isinstance(error, BlockingIOError) and 0.25 <= waited < 5.0 and sent >= 10
