@@ -21,10 +21,11 @@ Where the lines go, decided once by `setup()`:
   lines, no `<N>` noise.
 
 Payment fields: the till and the resolver handle one payment at a time per thread; they wrap that
-handling in `enter(txn)` ... `leave(token)` (in a `finally`), and every line logged in between on that thread (adapters' included) carries the payment's fields. A line that states a payment's new state passes
-`extra=state_of(new)`: it carries the new STATE, and so do the lines after it in the block.
-Payment codes never go in a field: ORDER and OUT_TRADE_NO are not secret, the code is logged
-only masked, in MESSAGE.
+handling in `enter(txn)` ... `leave(token)` (in a `finally`), and every line logged in between on
+that thread (adapters' included) carries the payment's fields. A line that states a payment's new
+state passes `extra=state_of(new)`: it carries the new STATE, and so do the lines after it until
+`leave()`. Lines about an order without a payment pass `extra=order(...)`. Payment codes never go
+in a field: ORDER and OUT_TRADE_NO are not secret, the code is logged only masked, in MESSAGE.
 
 `APPLIANCE_JOURNAL_SOCKET` overrides journald's socket path: tests only (a socket of their own).
 """
