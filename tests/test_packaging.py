@@ -79,6 +79,15 @@ def test_unit_sandbox_leaves_open_only_what_the_lane_uses():
         ["notify"], ["30"], ["always"], ["6"])
 
 
+def test_serial_drivers_load_at_boot_for_the_units_device_allow_list():
+    """DeviceAllow=char-NAME resolves NAME in /proc/devices when the service starts: the drivers
+    that register ttyACM and ttyUSB must be loaded at boot, not when a scanner is plugged in."""
+    modules = [line for line in (SYSTEMD / "appliance.modules-load").read_text().splitlines()
+               if line and not line.startswith("#")]
+    assert "char-ttyACM rw" in settings()["DeviceAllow"] and "cdc_acm" in modules
+    assert "char-ttyUSB rw" in settings()["DeviceAllow"] and "usbserial" in modules
+
+
 def test_sysusers_makes_the_user_in_the_units_groups(tmp_path):
     if shutil.which("systemd-sysusers") is None:
         pytest.skip("systemd-sysusers is not installed")
