@@ -153,7 +153,10 @@ class Router:
 
     @classmethod
     def from_config(cls, cfg, state_dir: Path) -> "Router":
-        providers = {name: make_provider(name, p, state_dir) for name, p in cfg.providers.items()}
+        """The configured providers, each `Watched` (its last result and error kept for the status)."""
+        from appliance.payments.watched import Watched
+
+        providers = {name: Watched(make_provider(name, p, state_dir)) for name, p in cfg.providers.items()}
         return cls(providers, cfg.routing)
 
     def route(self, payment_type: str) -> Provider:
@@ -168,6 +171,12 @@ class Router:
             return self.providers[name]
         except KeyError:
             raise Refused(f"platform {name!r} is no longer configured") from None
+
+    def health(self) -> dict[str, dict]:
+        """Provider name -> {"kind", "last_result", "last_error"} (a provider that is not `Watched`:
+        its kind, both None). Safe from any thread."""
+        return {name: p.health() if hasattr(p, "health") else {"kind": p.kind, "last_result": None, "last_error": None}
+                for name, p in self.providers.items()}
 
     def close(self) -> None:
         for p in self.providers.values():
