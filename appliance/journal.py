@@ -876,6 +876,12 @@ class Journal:
         return [self._txn(r) for r in q]
 
     @_reading
+    def counts(self) -> dict[str, int]:
+        """How many payments are in each state ({state: count}; states with none are left out)."""
+        P = self._Payment
+        return {state: n for state, n in P.select(P.state, pw.fn.COUNT(P.id)).group_by(P.state).tuples()}
+
+    @_reading
     def deferred_totals(self) -> tuple[int, int]:
         """(count, sum of fen) of payments accepted offline and not yet forwarded."""
         P = self._Payment

@@ -116,3 +116,27 @@ class LaneLock:
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # closing the last descriptor of the open file drops the flock
+
+
+def held(state_dir: Path, locks: Path = Path("/proc/locks")) -> bool | None:
+    """Whether some process holds the lane lock of `state_dir` now, without touching the lock: the
+    kernel's table of file locks (`/proc/locks`) is searched for a flock on the file's device and
+    inode. Needs no permission on the file (`appliance status` runs as anyone) and never makes a
+    starting service wait. False when there is no lock file; None when it cannot be told (no
+    /proc, the file not stat-able)."""
+    try:
+        st = os.stat(Path(state_dir) / LOCK_NAME)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = locks.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    for line in table.splitlines():
+        parts = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146405 0 EOF"; "->" marks a waiter
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == key:
+            return True
+    return False
