@@ -46,9 +46,10 @@ def cmd_run(args) -> int:
     from appliance import service
     from appliance.logs import setup
 
-    cfg = _config(args)
+    path = config_path(args.config)
+    cfg = load(path)
     setup(cfg.logging.level)
-    return service.run(cfg)
+    return service.run(cfg, config_path=path)
 
 
 def _print_result(result, as_json: bool) -> None:
@@ -179,16 +180,12 @@ def print_sync(running: bool, u: dict, out=None, now: datetime | None = None) ->
     now = now or datetime.now(timezone.utc)
 
     def ago(at: str) -> str:
-        return f"{at} ({_age((now - datetime.fromisoformat(at)).total_seconds())} ago)"
+        return _ago(at, now)
 
     if not running:
         link = "not running: nothing sends the outbox until `appliance run` starts"
-    elif u["kind"] == "none":
-        link = "running, uplink none: [mqtt] is disabled, events stay queued"
-    elif u["connected"]:
-        link = f"running, uplink {u['kind']} connected since {ago(u['connected_since'])}"
     else:
-        link = f"running, uplink {u['kind']} not connected" + (f" ({u['last_error']})" if u["last_error"] else "")
+        link = f"running, uplink {_uplink_text(u, now)}"
     print(f"service:   {link}", file=out)
     backlog = f"{u['backlog']} event(s) queued"
     if u["oldest_queued_seq"] is not None:
@@ -199,6 +196,20 @@ def print_sync(running: bool, u: dict, out=None, now: datetime | None = None) ->
     print(f"last seq:  {u['last_seq']}", file=out)
 
 
+def _ago(at: str | None, now: datetime) -> str:
+    """An RFC 3339 time with its age: "2026-11-29T08:00:00.000Z (2h 0m ago)"; None is "never"."""
+    return f"{at} ({_age((now - datetime.fromisoformat(at)).total_seconds())} ago)" if at else "never"
+
+
+def _uplink_text(u: dict, now: datetime) -> str:
+    """The uplink's kind and connection, as `sync` and `status` show it."""
+    if u["kind"] == "none":
+        return "none: [mqtt] is disabled, events stay queued"
+    if u["connected"]:
+        return f"{u['kind']} connected since {_ago(u['connected_since'], now)}"
+    return f"{u['kind']} not connected" + (f" ({u['last_error']})" if u["last_error"] else "")
+
+
 def _age(seconds: float) -> str:
     """A duration as a person reads it: 42s, 3m 5s, 2h 10m, 4d 3h (a negative one, clock skew, is 0s)."""
     s = max(0, int(seconds))
@@ -206,6 +217,73 @@ def _age(seconds: float) -> str:
         if s >= size:
             return f"{s // size}{unit} {s % size // sub_size}{sub}"
     return f"{s}s"
+
+
+def cmd_status(args) -> int:
+    from appliance.status import report
+
+    path = config_path(args.config)
+    r = report(load(path), path)
+    if args.json:
+        print(json.dumps(r, ensure_ascii=False))
+    else:
+        print_status(r)
+    healthy = r["service"]["running"] and not r["faults"] and r["journal"]["error"] is None
+    return EXIT_OK if healthy else EXIT_ERROR
+
+
+def print_status(r: dict, out=None, now: datetime | None = None) -> None:
+    """`appliance status` for people: one aligned line per part, times with their age."""
+    out = out or sys.stdout
+    now = now or datetime.fromisoformat(r["at"])
+
+    def ago(at: str | None) -> str:
+        return _ago(at, now)
+
+    def line(label: str, text: str) -> None:
+        print(f"{label + ':':<11}{text}", file=out)
+
+    s = r["service"]
+    if s["running"]:
+        line("service", f"running, pid {s['pid']}; {s['summary']} (status {_age(s['status_age_s'])} old)")
+    else:
+        line("service", f"NOT RUNNING: {s['reason']}")
+    line("version", r["software_version"] + (f" (the service runs {s['software_version']})"
+                                             if s["software_version"] not in (None, r["software_version"]) else ""))
+    line("config", f"{r['config_path']} (lane {r['store_id']}/{r['terminal_id']})")
+    faults = "; ".join(f"{k}: {v}" for k, v in sorted(r["faults"].items())) or "none"
+    line("lane", f"{r['lane'] or 'unknown (service not running)'}; faults: {faults}")
+    sc = r["scanner"]
+    present = {True: "present", False: "MISSING", None: "presence not known"}[sc["present"]]
+    line("scanner", f"{sc['kind']} {sc['device'] or '(no device)'}: {present}")
+    line("indicator", r["indicator"]["kind"])
+    for name, p in sorted(r["platforms"].items()):
+        res, err = p["last_result"], p["last_error"]
+        res_text = f"{res['status']} {res['code']} ({res['call']}) at {ago(res['at'])}" if res else "none"
+        err_text = f"{err['reason']} ({err['call']}) at {ago(err['at'])}" if err else "none"
+        line("platform", f"{name} ({p['kind']}): last result {res_text}; last error {err_text}")
+    j = r["journal"]
+    if j["error"]:
+        line("journal", f"cannot be read: {j['error']}")
+    else:
+        line("journal", ", ".join(f"{n} {state}" for state, n in sorted(j["counts"].items())) or "no payments")
+    for t in j["open"]:
+        line("open", f"txn {t['txn_id']:<5} order {t['order']:<12} {t['amount']:>10}  {t['state']:<16} "
+                     f"{_age(t['age_s']):>7} old  {t['platform']}  {t['code_masked']}")
+    if j["open_more"]:
+        line("open", f"... and {j['open_more']} more (appliance journal --state ...)")
+    o = r["outbox"]
+    if o is not None:
+        oldest = f", oldest seq {o['oldest_queued_seq']} queued {ago(o['oldest_queued_at'])}" if o["backlog"] else ""
+        last_ack = f"seq {o['last_ack_seq']} at {ago(o['last_ack_at'])}" if o["last_ack_seq"] is not None else "none yet"
+        line("outbox", f"backlog {o['backlog']}{oldest}; last ack {last_ack}")
+    line("uplink", _uplink_text(r["uplink"], now))
+    d = r["state_dir"]
+    line("state dir", f"{d['path']}: " + (f"{d['free_bytes'] // 2**20} MiB free of {d['total_bytes'] // 2**20} MiB"
+                                          if d["free_bytes"] is not None else "cannot be read"))
+    c = r["clock"]
+    synced = {True: "synchronized", False: "NOT SYNCHRONIZED", None: "sync state unknown"}[c["synced"]]
+    line("clock", f"{synced} ({c['detail']})")
 
 
 def cmd_journal(args) -> int:
@@ -500,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("sync", cmd_sync, "show the outbox backlog, the last event head office acknowledged and the uplink's "
              "connection (exit 0: nothing waits or the uplink is connected; 1: events wait and nothing sends them)")
     sp.add_argument("--json", action="store_true", help="one JSON object: service_running plus the uplink's state")
+    sp = add("status", cmd_status, "show the service, the lane, its scanner and platforms, the open payments, the "
+             "outbox, the free space and the clock (exit 0: running, no fault; 1: not running or a fault raised)")
+    sp.add_argument("--json", action="store_true", help="one JSON object (appliance/schemas/status_report.json)")
     sp = add("journal", cmd_journal, "list journaled transactions, newest first")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.add_argument("--limit", type=NUMBER_ARGS["limit"].type, default=50)

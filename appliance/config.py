@@ -101,6 +101,9 @@ class TerminalConfig:
                                doc="the business day starts at this local hour (2: 01:30 counts to the day before)")
     min_free_mb: int = opt(64, check=between(0, 1_000_000, "MiB"),
                            doc="below this much free room on the state dir's filesystem, new payments are refused")
+    runtime_dir: Path = opt(Path("/run/appliance"),
+                            doc="the service's status.json (appliance status) lives here; under systemd "
+                                "$RUNTIME_DIRECTORY (RuntimeDirectory=appliance) wins")
 
 
 @dataclass(frozen=True)

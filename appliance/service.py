@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import appliance
 from appliance.classify import Classifier, load_rules
@@ -26,11 +27,12 @@ from appliance.config import Config
 from appliance.control import CommandHandler, ControlServer
 from appliance.errors import JournalError
 from appliance.indicator import Indicator, NullIndicator, make_indicator
-from appliance.journal import Journal
+from appliance.journal import Journal, rfc3339, utc_now
 from appliance.lanelock import LaneBusy, LaneLock
 from appliance.payments import Router
 from appliance.resolver import InFlight, Resolver
 from appliance.scan import Scanner, make_scanner
+from appliance.status import StatusSource, StatusWriter, runtime_dir
 from appliance.till import OfflinePolicy, Till
 from appliance.uplink import Uplink, make_uplink
 from appliance.uplink.commands import Commands
@@ -134,7 +136,8 @@ RUN_LOCK_WAIT_S = 15.0
 
 
 def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | None = None,
-        lane: Lane | None = None, lock: LaneLock | None = None, lock_wait_s: float = RUN_LOCK_WAIT_S) -> int:
+        lane: Lane | None = None, lock: LaneLock | None = None, lock_wait_s: float = RUN_LOCK_WAIT_S,
+        config_path: Path | None = None) -> int:
     """The service. Returns the process exit code (0 after a clean stop, 1 if the lane stayed busy).
 
     SIGTERM, SIGINT and SIGHUP stop it cleanly (LED off, journal closed, exit 0). SIGHUP is the
@@ -145,6 +148,9 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
     a platform call hangs: a payment cut off that way stays `pending` in the journal and is
     resolved (queried, never charged again) by the resolver at the next start. A client of the
     control socket waiting for that payment gets no answer (EOF).
+
+    While it runs it keeps status.json in its runtime dir and systemd's STATUS= line
+    (appliance/status.py); `config_path` is only reported there.
     """
     stop = stop or threading.Event()
     previous = {}
@@ -152,14 +158,15 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     try:
-        return _run_owner(cfg, stop, scanner, lane, lock or LaneLock(cfg.terminal.state_dir), lock_wait_s)
+        return _run_owner(cfg, stop, scanner, lane, lock or LaneLock(cfg.terminal.state_dir), lock_wait_s,
+                          config_path)
     finally:
         for sig, handler in previous.items():  # run() in-process (tests, demo) leaves signals as it found them
             signal.signal(sig, handler)
 
 
 def _run_owner(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane: Lane | None, lock: LaneLock,
-               lock_wait_s: float) -> int:
+               lock_wait_s: float, config_path: Path | None) -> int:
     """Take the lane lock, then run the lane."""
     try:
         if not lock.acquire(lock_wait_s, stop=stop, on_wait=lambda pid: log.warning(
@@ -171,14 +178,15 @@ def _run_owner(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane
         return 1
     still_busy = False
     try:
-        still_busy = _run_locked(cfg, stop, scanner, lane)
+        still_busy = _run_locked(cfg, stop, scanner, lane, config_path)
     finally:
         if not still_busy:  # else a thread may still write the journal: the lock goes with the process
             lock.release()
     return 0
 
 
-def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane: Lane | None) -> bool:
+def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane: Lane | None,
+                config_path: Path | None = None) -> bool:
     """Run the lane until stop is set. True if a thread still waits on a platform call."""
     scanner = scanner or make_scanner(cfg.scanner)  # may raise ConfigError: before any pin is claimed
     lane = lane or build(cfg)
@@ -188,11 +196,15 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
              open_count)
     watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
     _warn_of_calls_longer_than(watchdog_s, cfg)
+    status = StatusWriter(runtime_dir(cfg), StatusSource(
+        cfg, config_path=config_path, health=lane.till.health, platforms=lane.router.health, uplink=lane.uplink.state,
+        uplink_kind=lane.uplink.kind, journal=lane.journal, version=appliance.__version__, started_at=rfc3339(utc_now())),
+        notify=lambda summary: sd_notify(f"STATUS={summary}"))
     resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
     till_thread = threading.Thread(
         target=lane.till.run, args=(stop,), name="till", daemon=True,
         kwargs={"heartbeat": (lambda: sd_notify("WATCHDOG=1")) if watchdog_s else None,
-                "heartbeat_every_s": watchdog_s or 1.0})
+                "heartbeat_every_s": watchdog_s or 1.0, "on_event": status.poke})
     control = ControlServer(cfg.terminal.state_dir, lane.commands)
     _lane_event(lane, "started", {"software_version": appliance.__version__, "open_payments": open_count,
                                   "uplink": lane.uplink.kind})
@@ -209,6 +221,7 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
             log.warning("scanner not open after %gs; reporting ready while it is still being opened",
                         SCANNER_OPEN_WAIT_S)
         sd_notify("READY=1")
+        status.start()
         while not stop.wait(SIGNAL_POLL_S):
             pass
     finally:
@@ -226,6 +239,7 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
                         "at the next start", " and ".join(busy))
         _lane_event(lane, "stopped", {"waiting_on_platform": bool(busy)})
         lane.uplink.close(UPLINK_CLOSE_S)
+        status.stop()
         lane.close()
         log.info("stopped")
     return bool(busy)

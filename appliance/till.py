@@ -231,8 +231,12 @@ class Till:
         return future
 
     def run(self, stop: threading.Event, tick_s: float = 0.05,
-            heartbeat: Callable[[], None] | None = None, heartbeat_every_s: float = 1.0) -> None:
+            heartbeat: Callable[[], None] | None = None, heartbeat_every_s: float = 1.0,
+            on_event: Callable[[], None] | None = None) -> None:
         """Handle events in order until stop is set; timeouts are checked every tick.
+
+        `on_event` (the status writer's poke) is called after each event is handled, from this
+        thread: it must return at once.
 
         `heartbeat` (the systemd watchdog ping) is called from this loop, so it stops when the
         loop hangs, and again right before each platform call: one call may take its adapter's
@@ -253,6 +257,8 @@ class Till:
             try:
                 if kind is not None:
                     self._handlers[kind](arg)
+                    if on_event is not None:
+                        on_event()
                 self.tick()
             except Exception:  # a bug handling one event must not take the lane down
                 log.exception("till: handling %s failed", kind or "tick")

@@ -31,6 +31,9 @@ from appliance.redact import mask_digit_runs
 
 #: The payload kinds, each with its schema file `<kind>.json`.
 KINDS = ("txn", "lane", "daily", "status", "reply", "command")
+#: Documents that stay on the lane, checked like the payloads: the running service's status file and
+#: `appliance status --json` (appliance/status.py, docs/operations.md). Never sent over MQTT.
+LOCAL_KINDS = ("service_status", "status_report")
 #: The commands a lane takes on `{prefix}/{store}/{terminal}/cmd/<name>` (the command schema's $defs).
 COMMANDS = ("charge", "cancel", "sync", "ping")
 #: Topic suffix under `{prefix}/{store}/{terminal}/` -> payload kind, for the lane->head office topics.
@@ -44,9 +47,9 @@ REASON_CHARS = 200
 
 
 def schema(kind: str) -> dict:
-    """The JSON Schema of `kind` (one of KINDS), freshly parsed: the caller may change it."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown payload kind {kind!r} (known: {', '.join(KINDS)})")
+    """The JSON Schema of `kind` (one of KINDS or LOCAL_KINDS), freshly parsed: the caller may change it."""
+    if kind not in KINDS + LOCAL_KINDS:
+        raise ValueError(f"unknown payload kind {kind!r} (known: {', '.join(KINDS + LOCAL_KINDS)})")
     return json.loads(resources.files(__package__).joinpath(f"{kind}.json").read_text(encoding="utf-8"))
 
 
@@ -82,8 +85,8 @@ def check(kind: str, payload: bytes | str, *, command: str | None = None) -> dic
     anything that is not a valid message of that kind; ValueError for an unknown kind or command,
     which is the caller's bug, not the message's.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown payload kind {kind!r} (known: {', '.join(KINDS)})")
+    if kind not in KINDS + LOCAL_KINDS:
+        raise ValueError(f"unknown payload kind {kind!r} (known: {', '.join(KINDS + LOCAL_KINDS)})")
     if command is not None and (kind != "command" or command not in COMMANDS):
         raise ValueError(f"unknown command {command!r} for kind {kind!r} (known: {', '.join(COMMANDS)})")
     doc = parse(payload, COMMAND_MAX_BYTES if kind == "command" else MAX_BYTES)
