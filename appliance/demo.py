@@ -64,7 +64,8 @@ def run_demo(pause: float = 0.6) -> int:
             simulator_class("wechat_v3")(Path(tmp) / "wechat-keys") as wechat, \
             simulator_class("alipay")(Path(tmp) / "alipay-keys") as alipay:
         cfg = from_dict({
-            "terminal": {"store_id": "S0001", "terminal_id": "L01", "state_dir": str(Path(tmp) / "state")},
+            "terminal": {"store_id": "S0001", "terminal_id": "L01", "state_dir": str(Path(tmp) / "state"),
+                         "runtime_dir": tmp},
             "till": {"result_hold_s": pause * 0.8},
             "scanner": {"kind": "none"},
             "indicator": {"kind": "mock"},

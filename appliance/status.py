@@ -278,8 +278,8 @@ class StatusWriter:
             log.exception("status: the snapshot failed")
             return None
         try:
-            if not self.path.parent.is_dir():
-                self.path.parent.mkdir(mode=0o750, parents=True)
+            if not self.path.parent.is_dir():  # systemd makes it; elsewhere its parent must exist
+                self.path.parent.mkdir(mode=0o750)
             write_atomically(self.path, doc)
         except OSError as e:
             if not self._failing:

@@ -38,7 +38,9 @@ WECHAT_SLOW = "134567890123456797"
 def lane_dict(state_dir: Path, **sections) -> dict:
     """A complete config document for tests: sandbox for every type, fast timings."""
     doc = {
-        "terminal": {"store_id": "S0001", "terminal_id": "L01", "state_dir": str(state_dir)},
+        # the service's status.json beside the state dir, never in the machine's /run/appliance
+        "terminal": {"store_id": "S0001", "terminal_id": "L01", "state_dir": str(state_dir),
+                     "runtime_dir": str(Path(state_dir).with_name(Path(state_dir).name + "-run"))},
         "till": {"result_hold_s": 0.05, "duplicate_window_s": 10.0, "stale_pending_s": 0.5},
         "scanner": {"kind": "none"},
         "indicator": {"kind": "mock"},
