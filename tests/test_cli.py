@@ -30,7 +30,7 @@ def charge(conf, order, amount, code, *extra):
 
 
 def test_help_for_every_subcommand():
-    for sub in ("run", "charge", "cancel", "sync", "journal", "classify", "check-config", "test-feedback", "demo",
+    for sub in ("run", "charge", "cancel", "sync", "status", "journal", "classify", "check-config", "test-feedback", "demo",
                 "scan-test", "scanners"):
         r = subprocess.run(appliance_cmd() + [sub, "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage: appliance" in r.stdout, sub

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 from datetime import datetime, timedelta, timezone
@@ -13,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from conftest import (WECHAT_PAID, WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, appliance_cmd, lane_dict,
                       subprocess_env, wait_for, write_config)
+from notify import NotifySocket
 
 from appliance import schemas
 from appliance.config import from_dict
@@ -60,11 +60,10 @@ def service(tmp_path):
     """A running `appliance run` under its own NOTIFY_SOCKET, with umask 0077 as the unit sets it.
     Yields (conf, proc, notify socket); stops it at the end if the test did not."""
     conf = write_config(tmp_path / "a.toml", _doc(tmp_path))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
+    sock = NotifySocket(tmp_path / "notify.sock")
     proc = subprocess.Popen(appliance_cmd() + ["run", "--config", str(conf)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, umask=0o077,
-                            env=subprocess_env(NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
+                            env=subprocess_env(**sock.env()))
     try:
         assert wait_for(lambda: (tmp_path / "run" / FILENAME).exists() and (tmp_path / "state" / "control.sock").exists())
         yield conf, proc, sock
@@ -74,16 +73,6 @@ def service(tmp_path):
             proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
         sock.close()
-
-
-def _notified(sock) -> list[str]:
-    sock.setblocking(False)
-    msgs = []
-    while True:
-        try:
-            msgs.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return msgs
 
 
 def _with_open_payments(conf, tmp_path):
@@ -132,7 +121,7 @@ def test_running_service_status_file_status_line_and_report(service, tmp_path):
     assert "journal:   1 deferred, 1 paid, 1 unknown" in human.stdout
     _no_code_in(text, raw.stdout, raw.stderr, human.stdout, human.stderr)
 
-    lines = [m.removeprefix("STATUS=") for m in _notified(sock) if m.startswith("STATUS=")]
+    lines = [m.removeprefix("STATUS=") for _, m in sock.messages if m.startswith("STATUS=")]
     assert lines and lines[-1] == doc["summary"]
     assert all(a != b for a, b in zip(lines, lines[1:]))  # sent only when the text changes
     assert lines[0].startswith("ready · backlog ") and lines[0].endswith("· uplink off · 0 open")
