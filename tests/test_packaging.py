@@ -73,7 +73,7 @@ def test_unit_sandbox_leaves_open_only_what_the_lane_uses():
     assert s["LoadCredential"] == ["secrets:/etc/appliance/secrets"]
     assert s["RuntimeDirectory"] == ["appliance"] and s["RuntimeDirectoryMode"] == ["0750"]
     # the broker on the LAN, the platforms on the internet; the Pi's scanner and GPIO; the groups
-    for cut_off in ("IPAddressDeny", "PrivateNetwork", "PrivateDevices", "PrivateUsers", "ProcSubset"):
+    for cut_off in ("IPAddressDeny", "PrivateNetwork", "PrivateDevices", "ProcSubset"):
         assert cut_off not in s, cut_off
     assert (s["Type"], s["WatchdogSec"], s["Restart"], s["RestartPreventExitStatus"]) == (
         ["notify"], ["30"], ["always"], ["6"])
