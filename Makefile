@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test apt-deps bench kill-nightly clean
+.PHONY: demo test apt-deps bench kill-nightly clean deb image-check lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(MAKE) apt-deps && $(PYTHON) -m venv $(VENV); }
@@ -51,6 +51,25 @@ kill-nightly: apt-deps $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/ingest.py
+
+# The Raspberry Pi image's pieces (image/README.md). Both need root: debootstrap and chroot.
+# deb: build/appliance_<version>_<arch>.deb, its venv made inside a Debian bookworm build root
+# (ARCH=arm64 for the Pi, with qemu-user-static). image-check: that package installed into a fresh
+# bookworm root (build/image-root/), its units, user, modes, udev rule, config and first boot checked.
+deb:
+	image/build.sh deb
+
+image-check:
+	image/check.sh
+
+# Re-pin the image's Python dependencies (hashes of every file, CPython 3.11, any platform) after a
+# change to pyproject.toml's dependencies or image/*requirements.in.
+lock: $(STAMP)
+	$(BIN)/pip install --quiet 'uv>=0.5,<1'
+	$(BIN)/uv pip compile -q pyproject.toml image/requirements.in --universal --python-version 3.11 \
+	  --generate-hashes --custom-compile-command "make lock" -o image/requirements.lock
+	$(BIN)/uv pip compile -q image/build-requirements.in --universal --python-version 3.11 \
+	  --generate-hashes --custom-compile-command "make lock" -o image/build-requirements.lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
