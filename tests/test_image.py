@@ -252,3 +252,66 @@ def test_firstboot_remounts_a_read_only_boot_partition(tmp_path):
         assert r.returncode == 0, r.stderr
         assert sorted(p.name for p in boot.iterdir()) == ["appliance-provision.done.toml"]
         assert os.statvfs(boot).f_flag & os.ST_RDONLY, "read-only again afterwards"
+
+
+# --- the SD card's layout (image/rpi-image-gen) ---------------------------------------------------
+
+CARD = IMAGE / "rpi-image-gen"
+FSTAB_GENERATOR = Path("/lib/systemd/system-generators/systemd-fstab-generator")
+
+
+@pytest.mark.skipif(not FSTAB_GENERATOR.exists(), reason="systemd's fstab generator is not installed")
+def test_card_fstab_as_systemd_reads_it(tmp_path):
+    """The fstab the image writes, through systemd's own generator: the data partition's binds wait
+    for /data, the root and boot partitions are read-only, first boot's mounts exist."""
+    (tmp_path / "etc").mkdir()
+    subprocess.run([CARD / "image/appliance-sd/setup.sh", "ROOT"], env={**os.environ, "IMAGEMOUNTPATH": str(tmp_path)},
+                   check=True, timeout=30)
+    units = tmp_path / "units"
+    units.mkdir()
+    subprocess.run([FSTAB_GENERATOR, units, units, units], check=True, timeout=30,
+                   env={**os.environ, "SYSTEMD_FSTAB": str(tmp_path / "etc/fstab"),
+                        "SYSTEMD_PROC_CMDLINE": "root=LABEL=rootfs"})
+
+    def unit(name: str) -> dict:
+        return dict(re.findall(r"^(\w+)=(.*)$", (units / name).read_text(), re.M))
+
+    for where, name in (("/var/lib/appliance", "var-lib-appliance.mount"), ("/etc/appliance", "etc-appliance.mount"),
+                        ("/var/log/journal", "var-log-journal.mount")):
+        u = unit(name)
+        assert u["Where"] == where and u["RequiresMountsFor"] == "/data" and "bind" in u["Options"].split(",")
+    data = unit("data.mount")
+    assert data["What"] == "/dev/disk/by-label/appdata" and "systemd-fsck@" in data["Requires"]
+    assert {"nodev", "nosuid", "noexec", "rw"} <= set(data["Options"].split(","))
+    assert "ro" in unit("boot-firmware.mount")["Options"].split(",")
+    assert "ro" in unit("-.mount")["Options"].split(",")
+    firstboot_mounts = re.search(r"^RequiresMountsFor=(.*)$", (IMAGE / "files/appliance-firstboot.service").read_text(),
+                                 re.M).group(1).split()
+    for path in firstboot_mounts:
+        assert (units / (path.strip("/").replace("/", "-") + ".mount")).exists(), path
+
+
+def test_card_cmdline_makes_the_root_an_overlay(tmp_path):
+    (tmp_path / "cmdline.txt").write_text("console=serial0,115200 console=tty1 root=PARTUUID=1234-02 rootfstype=ext4 "
+                                          "fsck.repair=yes rootwait init=/usr/lib/raspberrypi-sys-mods/firstboot\n")
+    subprocess.run([CARD / "image/appliance-sd/setup.sh", "BOOT"], env={**os.environ, "IMAGEMOUNTPATH": str(tmp_path)},
+                   check=True, timeout=30)
+    args = (tmp_path / "cmdline.txt").read_text().split()
+    assert "root=LABEL=rootfs" in args and "overlayroot=tmpfs:recurse=0" in args
+    assert not [a for a in args if a.startswith("init=")], "no first-boot resize: the partitions are fixed"
+
+
+def test_card_genimage_has_the_data_partition():
+    cfg = (CARD / "image/appliance-sd/genimage.cfg.in").read_text()
+    assert re.search(r'image data\.ext4 \{[^}]*label = "appdata"[^}]*\}\s*size = <DATA_SIZE>\s*mountpoint = "/data"',
+                     cfg), cfg
+    assert re.findall(r"^\s*partition (\w+)", cfg, re.M) == ["boot", "root", "data"]
+
+
+def test_card_shell_scripts_parse():
+    scripts = [IMAGE / "build.sh", IMAGE / "check.sh", IMAGE / "stage.sh", *(IMAGE / "deb").glob("p*"),
+               *(CARD / "image/appliance-sd").glob("*.sh"), CARD / "rootfs/usr/lib/appliance/appliance-identity"]
+    for script in scripts:
+        shell = "bash" if "bash" in script.read_text().splitlines()[0] else "sh"
+        r = subprocess.run([shell, "-n", script], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
