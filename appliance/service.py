@@ -225,6 +225,7 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
         while not stop.wait(SIGNAL_POLL_S):
             pass
     finally:
+        status.stop()  # no STATUS= after STOPPING=1
         sd_notify("STOPPING=1")
         log.info("stopping")
         stop.set()
@@ -239,7 +240,7 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
                         "at the next start", " and ".join(busy))
         _lane_event(lane, "stopped", {"waiting_on_platform": bool(busy)})
         lane.uplink.close(UPLINK_CLOSE_S)
-        status.stop()
+        status.write("stopped")
         lane.close()
         log.info("stopped")
     return bool(busy)

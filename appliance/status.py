@@ -16,7 +16,8 @@ it handles (a scan, a command, a resolved payment): the file is then rewritten w
 which also bounds a burst of events to one write a second. Each time the one-line summary
 ("ready · backlog 0 · uplink connected · 2 open", plus "scanner fault" ... when faults are
 raised) changes, it is sent to systemd as STATUS= (`systemctl status appliance` shows it), never
-twice the same. At a clean stop the file is written once more with state "stopped".
+twice the same. At a stop the file is written once more with state "stopped", and nothing is
+sent after STOPPING=1.
 
 `report()` is `appliance status`: it runs as any user, with or without the service, takes no lock
 and writes nothing. It reads the status file, whether the lane lock is held (`lanelock.held`),
@@ -224,8 +225,10 @@ class StatusWriter:
     """Keeps status.json and systemd's STATUS= line up to date while the service runs.
 
     `start()` starts a thread that writes a snapshot at once and then every `every_s` seconds, and
-    soon after a `poke()` (any thread; returns at once; see MIN_GAP_S); `stop()` ends it and writes the last snapshot (state "stopped"); both idempotent. `notify`
-    gets each new summary line (the service sends it as STATUS=). A file that cannot be written
+    soon after a `poke()` (any thread; returns at once; see MIN_GAP_S). `stop()` ends the thread
+    and waits for it, so that nothing is notified after it returns (the service calls it before
+    STOPPING=1); both idempotent. `write("stopped")` then writes the last snapshot. `notify` gets
+    each new summary line of a running lane (the service sends it as STATUS=). A file that cannot be written
     (no runtime dir, no permission, disk full) is logged once; the service runs on without it.
     """
 
@@ -247,13 +250,11 @@ class StatusWriter:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread, then write the final snapshot (state "stopped")."""
-        if self._thread is None or self._stop.is_set():
-            return
+        """Stop the thread and wait for it: no write and no notify happen after this returns."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5.0)
-        self.write("stopped")
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
 
     def poke(self) -> None:
         """Something changed: rewrite the file soon."""
@@ -290,7 +291,8 @@ class StatusWriter:
             if self._failing:
                 self._failing = False
                 log.info("status file %s written again", self.path)
-        if self._notify is not None and doc["summary"] != self._sent and state == "running":
+        if self._notify is not None and doc["summary"] != self._sent and state == "running" \
+                and not self._stop.is_set():
             self._sent = doc["summary"]
             self._notify(doc["summary"])
         return doc
