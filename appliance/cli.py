@@ -15,6 +15,11 @@ with no service it reads the journal's outbox read-only and says the service is 
 Exit 0: nothing waits to be sent, or the service's uplink is connected (what waits is on its
 way); exit 1: events wait and nothing is sending them (no service, the broker not connected, or
 `[mqtt]` disabled), as well as for any other error.
+
+`status` reads the service's status file, the lane lock, the journal (read-only), the free space
+and the clock; it works with or without the service (appliance/status.py). Exit 0: the service
+runs and no fault is raised; exit 1: it does not run (or its status file is stale), a fault is
+raised, or the journal cannot be read.
 """
 
 from __future__ import annotations
