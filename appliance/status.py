@@ -188,11 +188,11 @@ class StatusSource:
         try:
             uplink = self._uplink()
         except Exception as e:  # the journal's outbox cannot be read: the link's part is still known
-            uplink = {"kind": self._uplink_kind, "error": str(e)[:200]}
+            uplink = {"kind": self._uplink_kind, "error": mask_digit_runs(str(e))[:200]}
         try:
             counts = self._journal.counts()
             open_payments: int | None = sum(n for s, n in counts.items() if s in OPEN_STATES)
-        except Exception:
+        except Exception:  # as above: the journal itself is at fault, and the lane's faults say so
             open_payments = None
         t = self.cfg.terminal
         return {"kind": "service_status", "version": 1, "written_at": rfc3339(self._clock()), "every_s": every_s,
@@ -348,11 +348,11 @@ def report(cfg, config_path: Path, *, now: datetime | None = None) -> dict:
                "stale": stale, "lane_held": lock_held}
     faults = doc.get("faults", {}) if running else {}
     journal, outbox = _journal_part(cfg, now)
-    uplink = {k: doc["uplink"].get(k) for k in ("kind", "connected", "connected_since", "last_error")} \
-        if doc and "uplink" in doc else {"kind": "mqtt" if cfg.mqtt.enabled else "none", "connected": False,
-                                          "connected_since": None, "last_error": None}
-    if not running:
-        uplink["connected"] = False
+    u = doc.get("uplink", {}) if doc else {}
+    uplink = {"kind": u.get("kind") or ("mqtt" if cfg.mqtt.enabled else "none"),
+              "connected": running and bool(u.get("connected")),
+              "connected_since": u.get("connected_since") if running else None,
+              "last_error": u.get("last_error") or u.get("error")}
     platforms = {name: {"kind": p.kind, "last_result": None, "last_error": None} for name, p in cfg.providers.items()}
     if doc:
         platforms.update({k: v for k, v in doc.get("platforms", {}).items() if k in platforms})
