@@ -126,7 +126,7 @@ deb() {
     "$HERE"/stage.sh "$stage" "$ver" "$ARCH"
     out=$BUILD/appliance_${ver}_${ARCH}.deb
     rm -f "$BUILD"/appliance_*_"$ARCH".deb
-    dpkg-deb --root-owner-group -Zxz --build "$stage" "$out" >&2
+    dpkg-deb --root-owner-group -Zgzip --build "$stage" "$out" >&2
     say "built $out ($(du -h "$out" | cut -f1))"
     echo "$out"
 }
