@@ -1,12 +1,13 @@
 """The journal: every payment and every state change, durable on the Pi before anything else.
 
-SQLite through peewee, WAL mode, `synchronous=FULL`: a transition that returned is on disk and
-survives power loss. Each transition writes its head-office event (an outbox row) in the same
+SQLite, WAL mode, `synchronous=FULL`: a transition that returned is on disk and survives power
+loss. peewee holds the schema, its migrations and the cold paths; a payment's own reads and writes
+are plain SQL on the thread's sqlite3 connection, compiled once (see `_TXN_COLUMNS`). Each transition writes its head-office event (an outbox row) in the same
 transaction, so a state change and its event can never diverge.
 
 The outbox is head office's queue (schema 3). Every row gets the lane's next `seq` (strictly
-increasing, never reused, kept in `meta` so that pruning cannot bring an old number back) and the
-exact JSON text that goes on the wire, so a row sent twice is the same message twice and head
+increasing, never reused: the outbox's highest + 1, and `prune` keeps a floor in `meta` so that an
+outbox it emptied cannot bring an old number back) and the exact JSON text that goes on the wire, so a row sent twice is the same message twice and head
 office de-duplicates it by `event_id`. The uplink `claim`s queued rows in seq order and `ack`s them
 once the broker acknowledged them, each a batch in one commit; `prune` deletes rows acknowledged
 some days ago and never a queued one. Rows of no payment fit in too: lane events (`lane_event`) and
@@ -47,6 +48,7 @@ promised below the files (blocks the filesystem freed, flash wear levelling).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -182,9 +184,10 @@ def rfc3339(t: datetime) -> str:
 #: The journal's schema version, in SQLite's `PRAGMA user_version`. 0 (never set) is the first
 #: schema; 2 added `payment.funding_source` and the unique indexes `payment_live_order` and
 #: `payment_code_once`; 3 made the outbox a queue (seq, topic, version, business date, send
-#: status and attempts; rows of no payment) and added `payment.business_date`. `_migrate` brings an
-#: older journal forward on a writer's open; a reader opens any of them as it is.
-SCHEMA_VERSION = 3
+#: status and attempts; rows of no payment) and added `payment.business_date`; 4 keeps the indexes a
+#: payment's two commits must write to those its queries use (`_HOT_PATH_INDEXES`). `_migrate` brings
+#: an older journal forward on a writer's open; a reader opens any of them as it is.
+SCHEMA_VERSION = 4
 
 #: Versions of the payloads the outbox holds, by kind (docs/mqtt.md; appliance/schemas/).
 PAYLOAD_VERSIONS = {"txn": 2, "lane": 1, "day_close": 1}
@@ -201,7 +204,8 @@ def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
 
     class Meta_(Base):
         """Journal-wide facts: the epoch that keeps out_trade_no unique across journal re-creation,
-        the last outbox seq given out, the last acknowledged one, the last business day closed."""
+        the floor of the outbox's seqs (`outbox_seq`, see `_last_seq`), the last acknowledged one,
+        the last business day closed."""
         key = pw.CharField(primary_key=True)
         value = pw.CharField()
 
@@ -209,6 +213,8 @@ def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
             table_name = "meta"
 
     class DaySequence(Base):
+        """Each day's last out_trade_no number, as journals before schema 4 kept it; since then the
+        numbers are read from the payments themselves (`_next_number`) and this is only read."""
         day = pw.CharField(primary_key=True)  # YYYYMMDD, UTC
         last = pw.IntegerField()
 
@@ -222,9 +228,9 @@ def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
         payment_type = pw.CharField()
         platform = pw.CharField()
         code_masked = pw.CharField()
-        code_digest = pw.CharField(index=True)
+        code_digest = pw.CharField()  # unique: payment_code_once
         auth_code = pw.CharField(null=True)
-        state = pw.CharField(index=True)
+        state = pw.CharField()  # open ones indexed: payment_open
         reason = pw.CharField(default="")
         platform_txn_id = pw.CharField(null=True)
         if schema >= 2:
@@ -247,7 +253,7 @@ def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
             them, then sent, and pruned some days later."""
             seq = pw.IntegerField(unique=True)  # per lane, strictly increasing, never reused
             event_id = pw.CharField(unique=True)  # head office's de-duplication key
-            txn = pw.ForeignKeyField(Payment, null=True, backref="events")  # None: a lane event, a day close
+            txn = pw.ForeignKeyField(Payment, null=True, backref="events", index=False)  # None: no payment's
             kind = pw.CharField()  # txn | lane | day_close
             topic = pw.CharField()  # txn | event | daily
             version = pw.IntegerField()  # of the payload's shape
@@ -256,7 +262,7 @@ def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
             created_at = pw.CharField()
             status = pw.CharField(default="queued")  # queued | sent
             attempts = pw.IntegerField(default=0)  # times claimed again after the first (re-sends)
-            sent_at = pw.CharField(null=True, index=True)
+            sent_at = pw.CharField(null=True)  # indexed once set: outbox_sent
 
             class Meta:
                 table_name = "outbox"
@@ -281,6 +287,51 @@ _LIVE_ORDER_INDEX = ('CREATE UNIQUE INDEX IF NOT EXISTS payment_live_order ON pa
                      + ", ".join(f"'{s}'" for s in sorted(LIVE_STATES)) + ")")
 _CODE_ONCE_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS payment_code_once ON payment (code_digest)"
 _QUEUED_INDEX = "CREATE INDEX IF NOT EXISTS outbox_queued ON outbox (seq) WHERE status = 'queued'"
+#: Schema 4. Every index a commit touches costs a page written to the WAL (and synced): a payment's
+#: open wrote 19 pages, its move to paid 11, where a raw single-row commit writes one. So the
+#: indexes are those the queries need, no more. The unique payment_code_once serves the code
+#: lookups, so the plain payment_code_digest went; open_txns finds open payments in payment_open,
+#: which holds only those (a payment leaves it at its end instead of moving to another page of a
+#: state index); prune finds acknowledged rows in outbox_sent, which a row enters when it is
+#: acknowledged (a batch, by the uplink) instead of as NULL at its insert; and outbox_txn_id went:
+#: no query of the lane's looks events up by payment but `events(txn_id)` (the CLI's, a scan of
+#: the outbox, which pruning keeps short) and payments are never deleted, so the foreign key needs
+#: no index either. Durability is untouched: the same rows, in the same transactions.
+_OPEN_IN = "(" + ", ".join(f"'{s}'" for s in sorted(OPEN_STATES)) + ")"
+_OPEN_INDEX = f"CREATE INDEX IF NOT EXISTS payment_open ON payment (state) WHERE state IN {_OPEN_IN}"
+_SENT_INDEX = "CREATE INDEX IF NOT EXISTS outbox_sent ON outbox (sent_at) WHERE sent_at IS NOT NULL"
+_HOT_PATH_INDEXES = (_OPEN_INDEX, _SENT_INDEX)
+_DROPPED_INDEXES = ("payment_code_digest", "payment_state", "outbox_sent_at", "outbox_txn_id")
+
+# The hot path (a payment opened, moved, read) in plain SQL on this thread's sqlite3 connection:
+# peewee builds a query's SQL text anew on every call (about 125 µs for a payment's select), while
+# the sqlite3 module keeps each connection's last 128 statements compiled. peewee keeps the schema,
+# the migrations and the cold paths; tests/test_journal_sql.py holds the two to the same schema.
+
+#: A payment's columns in the order of Txn's fields; `_txn_select` leaves out what an old schema lacks.
+_TXN_COLUMNS = ("id", "out_trade_no", '"order"', "amount_fen", "payment_type", "platform", "code_masked", "state",
+                "reason", "platform_txn_id", "created_at", "updated_at", "attempts", "next_attempt_at", "retry_note",
+                "source", "funding_source", "business_date", "auth_code")
+_LIVE_IN = "(" + ", ".join(f"'{s}'" for s in sorted(LIVE_STATES)) + ")"  # as in payment_live_order, to use it
+_TAKEN_ORDER = f'SELECT id, state FROM payment WHERE "order" = ? AND state IN {_LIVE_IN} LIMIT 1'
+_CODE_USED = "SELECT id FROM payment WHERE code_digest = ? LIMIT 1"
+_DAY_SEQ = "SELECT last FROM day_sequence WHERE day = ?"
+_DAY_LAST_NUMBER = "SELECT max(out_trade_no) FROM payment WHERE out_trade_no BETWEEN ? AND ?"
+_LAST_SEQ = "SELECT max(seq) FROM outbox"
+_INSERT_PAYMENT = ('INSERT INTO payment (out_trade_no, "order", amount_fen, payment_type, platform, code_masked, '
+                   "code_digest, auth_code, state, reason, platform_txn_id, funding_source, business_date, "
+                   "created_at, updated_at, attempts, next_attempt_at, retry_note, source) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, '', NULL, NULL, ?, ?, ?, 0, 0.0, '', ?)")
+_MOVE_PAYMENT = ("UPDATE payment SET state = ?, reason = ?, updated_at = ?, attempts = 0, next_attempt_at = 0.0, "
+                 "retry_note = '', platform_txn_id = ?, funding_source = ?, auth_code = ? WHERE id = ?")
+_META_GET = "SELECT value FROM meta WHERE key = ?"
+_INSERT_OUTBOX = ("INSERT INTO outbox (seq, event_id, txn_id, kind, topic, version, payload, business_date, "
+                  "created_at, status, attempts, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, NULL)")
+
+
+def _txn_of(row: tuple) -> "Txn":
+    """A Txn from a row of `_txn_select`'s columns."""
+    return Txn(*row[:7], State(row[7]), *row[8:])
 
 
 def _init_schema(path: Path) -> None:
@@ -288,7 +339,7 @@ def _init_schema(path: Path) -> None:
     db = pw.SqliteDatabase(str(path))
     with db.connection_context():
         db.create_tables(_models(db))
-        for index in (_LIVE_ORDER_INDEX, _CODE_ONCE_INDEX, _QUEUED_INDEX):
+        for index in (_LIVE_ORDER_INDEX, _CODE_ONCE_INDEX, _QUEUED_INDEX, *_HOT_PATH_INDEXES):
             db.execute_sql(index)
         db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -320,6 +371,11 @@ def _migrate(db: pw.Database, day_of: Callable[[str], str]) -> None:
             db.execute_sql(_CODE_ONCE_INDEX)
         if version < 3:
             _migrate_to_outbox_queue(db, day_of)
+        if version < 4:
+            for index in _DROPPED_INDEXES:
+                db.execute_sql(f"DROP INDEX IF EXISTS {index}")
+            for index in _HOT_PATH_INDEXES:
+                db.execute_sql(index)
         db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute_sql("COMMIT")
     except BaseException:
@@ -443,6 +499,10 @@ class Journal:
                 self.schema = 2  # written by a schema-1 version that already knew the column
             self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db, self.schema)
             self._epoch = self._Meta.get(self._Meta.key == "epoch").value
+            missing = {"funding_source"} if self.schema < 2 else set()
+            missing |= {"business_date"} if self.schema < 3 else set()
+            self._txn_select = "SELECT " + ", ".join(f"NULL AS {c}" if c in missing else c
+                                                     for c in _TXN_COLUMNS) + " FROM payment"
             if not readonly:
                 st = os.stat(self.path)
                 self._file_id = (st.st_dev, st.st_ino)
@@ -527,7 +587,8 @@ class Journal:
 
     @contextmanager
     def _writing(self, what: str):
-        """One BEGIN IMMEDIATE transaction on a checked file. Disk full becomes JournalFull, and
+        """One BEGIN IMMEDIATE transaction on a checked file; yields this thread's sqlite3
+        connection, for the plain statements of the hot path. Disk full becomes JournalFull, and
         whatever SQLite already rolled back by itself is not rolled back twice. `what` names the
         write for the kill harness's crash points on either side of the commit."""
         if self.readonly:
@@ -535,10 +596,10 @@ class Journal:
         self.check_file()
         conn = self.db.connection()
         try:
-            self.db.execute_sql("BEGIN IMMEDIATE")
-            yield
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
             failpoints.hit(f"journal.{what}.before_commit")
-            self.db.execute_sql("COMMIT")
+            conn.execute("COMMIT")
             failpoints.hit(f"journal.{what}.after_commit")
         except BaseException as e:
             if conn.in_transaction:
@@ -546,7 +607,7 @@ class Journal:
                     conn.rollback()
                 except sqlite3.Error:
                     pass
-            if isinstance(e, pw.IntegrityError):  # a unique index caught what the checks above missed
+            if isinstance(e, (pw.IntegrityError, sqlite3.IntegrityError)):  # a unique index caught what the checks above missed
                 raise Refused(f"refused by the journal's uniqueness rules: {e}") from None
             if _disk_full(e) or isinstance(e, (pw.OperationalError, sqlite3.OperationalError)):
                 raise _journal_error(e, "write", self.state_dir) from None
@@ -565,26 +626,23 @@ class Journal:
         now = self._clock()
         day = now.strftime("%Y%m%d")
         digest = self.digest(code)
-        P = self._Payment
         self._check_room()
-        with self._writing("open"):
-            self._refuse_taken_order(order)
-            used = P.select(P.id).where(P.code_digest == digest).first()
+        with self._writing("open") as conn:
+            self._refuse_taken_order(order, conn)
+            used = conn.execute(_CODE_USED, (digest,)).fetchone()
             if used is not None:
-                raise Refused(f"payment code {mask(code)} was already used (txn {used.id}); "
+                raise Refused(f"payment code {mask(code)} was already used (txn {used[0]}); "
                               "the customer must refresh it")
-            seq = self._Seq.get_or_none(self._Seq.day == day)
-            n = 1 if seq is None else seq.last + 1
-            self._Seq.insert(day=day, last=n).on_conflict_replace().execute()
+            prefix = f"{self.store_id}_{self.terminal_id}_{day}{self._epoch}"
+            out_trade_no = f"{prefix}{self._next_number(conn, day, prefix):06d}"
             stamp = rfc3339(now)
-            row = P.create(
-                out_trade_no=f"{self.store_id}_{self.terminal_id}_{day}{self._epoch}{n:06d}",
-                order=order, amount_fen=amount_fen, payment_type=payment_type, platform=platform,
-                code_masked=mask(code), code_digest=digest,
-                state=str(S.PENDING), business_date=self._business_date(now),
-                created_at=stamp, updated_at=stamp, source=source)
-            self._event(row, previous=None, at=stamp)
-        return self._txn(row)
+            masked, bday = mask(code), self._business_date(now)
+            txn_id = conn.execute(_INSERT_PAYMENT, (out_trade_no, order, amount_fen, payment_type, platform, masked,
+                                                    digest, S.PENDING.value, bday, stamp, stamp, source)).lastrowid
+            txn = Txn(txn_id, out_trade_no, order, amount_fen, payment_type, platform, masked, S.PENDING, "", None,
+                      stamp, stamp, 0, 0.0, "", source, None, bday)
+            self._event(conn, txn, previous=None, at=stamp)
+        return txn
 
     def transition(self, txn_id: int, to: State, reason: str = "", *,
                    platform_txn_id: str | None = None, funding_source: str | None = None,
@@ -595,35 +653,38 @@ class Journal:
         know them keeps what was stored). `auth_code` is required for, and only kept by, a move to
         `deferred`.
         """
+        return self.move(txn_id, to, reason, platform_txn_id=platform_txn_id, funding_source=funding_source,
+                         auth_code=auth_code)[1]
+
+    def move(self, txn_id: int, to: State, reason: str = "", *,
+             platform_txn_id: str | None = None, funding_source: str | None = None,
+             auth_code: str | None = None) -> tuple[State, Txn]:
+        """`transition`, also returning the state the payment was in: read in the same transaction,
+        so a caller that logs "from -> to" needs no read of its own beforehand."""
         to = State(to)
         if (to is S.DEFERRED) != (auth_code is not None):
             raise IllegalTransition("the payment code is kept exactly while a payment is deferred")
-        with self._writing(f"to_{to}"):
-            row = self._Payment.get_or_none(self._Payment.id == txn_id)
+        with self._writing(f"to_{to}") as conn:
+            row = conn.execute(self._txn_select + " WHERE id = ?", (txn_id,)).fetchone()
             if row is None:
                 raise IllegalTransition(f"txn {txn_id} does not exist")
-            current = State(row.state)
+            old = _txn_of(row)
+            current = old.state
             if to not in TRANSITIONS[current]:
                 raise IllegalTransition(f"txn {txn_id}: {current} -> {to} is not allowed")
             stamp = rfc3339(self._clock())
-            row.state = str(to)
-            row.reason = reason[:200]
-            row.updated_at = stamp
-            row.attempts = 0
-            row.next_attempt_at = 0.0
-            row.retry_note = ""
-            if platform_txn_id:
-                row.platform_txn_id = platform_txn_id
-            if funding_source:
-                row.funding_source = funding_source[:64]
-            row.auth_code = auth_code
-            row.save()
-            self._event(row, previous=current, at=stamp)
+            new = dataclasses.replace(
+                old, state=to, reason=reason[:200], updated_at=stamp, attempts=0, next_attempt_at=0.0,
+                retry_note="", platform_txn_id=platform_txn_id or old.platform_txn_id,
+                funding_source=funding_source[:64] if funding_source else old.funding_source, auth_code=auth_code)
+            conn.execute(_MOVE_PAYMENT, (to.value, new.reason, stamp, new.platform_txn_id, new.funding_source,
+                                         auth_code, txn_id))
+            self._event(conn, new, previous=current, at=stamp)
         if current is S.DEFERRED:  # the code is erased from the table; now from the files
             with self._scrub_lock:
                 self._erasures += 1
             self.scrub()
-        return self._txn(row)
+        return current, new
 
     def schedule(self, txn_id: int, next_attempt_at: float, note: str = "") -> None:
         """Record a resolution attempt that changed nothing, and why (`note`); no outbox event."""
@@ -632,28 +693,44 @@ class Journal:
             P.update(attempts=P.attempts + 1, next_attempt_at=next_attempt_at, retry_note=note[:200]).where(
                 P.id == txn_id).execute()
 
-    def _event(self, row, previous: State | None, at: str) -> None:
-        txn = self._txn(row)
-        public = {k: v for k, v in txn.as_dict().items() if k != "updated_at"}
-        self._enqueue("txn", txn.business_date, at, row.id, lambda seq, event_id: {
+    @staticmethod
+    def _next_number(conn: sqlite3.Connection, day: str, prefix: str) -> int:
+        """The next number of `day`'s out_trade_nos (`prefix` + 6 digits), inside the caller's
+        transaction. Read from the day's highest out_trade_no (payments are never deleted), in the
+        unique index that keeps them apart; and from day_sequence, where journals before schema 4
+        counted them. Nothing is written for it: a counter row would be one more page per payment."""
+        highest = conn.execute(_DAY_LAST_NUMBER, (prefix + "000000", prefix + "999999")).fetchone()[0]
+        counted = conn.execute(_DAY_SEQ, (day,)).fetchone()
+        return max(int(highest[-6:]) if highest else 0, counted[0] if counted else 0) + 1
+
+    @staticmethod
+    def _last_seq(conn: sqlite3.Connection) -> int:
+        """The highest outbox seq ever given out: the outbox's highest, or, when pruning emptied
+        it, the floor `prune` keeps in meta (`outbox_seq`), so that no seq is ever given twice. Its
+        rows on the hot path write no counter of their own."""
+        highest = conn.execute(_LAST_SEQ).fetchone()[0]
+        floor = conn.execute(_META_GET, ("outbox_seq",)).fetchone()
+        return max(highest or 0, int(floor[0]) if floor else 0)
+
+    def _event(self, conn: sqlite3.Connection, txn: Txn, previous: State | None, at: str) -> None:
+        public = txn.as_dict()
+        del public["updated_at"]
+        self._enqueue("txn", txn.business_date, at, txn.txn_id, lambda seq, event_id: {
             **public, "kind": "txn", "version": PAYLOAD_VERSIONS["txn"], "event_id": event_id, "seq": seq,
             "store_id": self.store_id, "terminal_id": self.terminal_id, "currency": CURRENCY,
             "txn_kind": txn_kind(txn.state, previous), "previous_state": str(previous) if previous else None,
-            "at": at})
+            "at": at}, conn)
 
     def _enqueue(self, kind: str, business_date: str, at: str, txn_id: int | None,
-                 payload: Callable[[int, str], dict]) -> "OutboxRow":
+                 payload: Callable[[int, str], dict], conn: sqlite3.Connection | None = None) -> "OutboxRow":
         """Append one outbox row inside the caller's transaction: the next seq, a new event_id,
         `payload(seq, event_id)` as the JSON to publish."""
-        M = self._Meta
-        last = M.get_or_none(M.key == "outbox_seq")
-        seq = int(last.value) + 1 if last else 1
-        M.insert(key="outbox_seq", value=str(seq)).on_conflict_replace().execute()
+        conn = conn or self.db.connection()
+        seq = self._last_seq(conn) + 1
         event_id = uuid.uuid4().hex
         text = _json(payload(seq, event_id))
-        self._Outbox.insert(seq=seq, event_id=event_id, txn=txn_id, kind=kind, topic=TOPICS[kind],
-                            version=PAYLOAD_VERSIONS[kind], payload=text, business_date=business_date,
-                            created_at=at).execute()
+        conn.execute(_INSERT_OUTBOX, (seq, event_id, txn_id, kind, TOPICS[kind], PAYLOAD_VERSIONS[kind], text,
+                                      business_date, at))
         return OutboxRow(seq, event_id, kind, TOPICS[kind], text, 0, at)
 
     def _business_date(self, at: datetime) -> str:
@@ -728,7 +805,8 @@ class Journal:
         how many went."""
         O = self._Outbox
         cutoff = rfc3339(self._clock() - timedelta(days=keep_days))
-        with self._writing("prune"):
+        with self._writing("prune") as conn:
+            self._Meta.insert(key="outbox_seq", value=str(self._last_seq(conn))).on_conflict_replace().execute()
             return O.delete().where(O.status == "sent", O.sent_at < cutoff).execute()
 
     @_reading
@@ -742,10 +820,11 @@ class Journal:
             count = O.select().where(O.status == "queued").count()
             oldest = O.select(O.seq, O.created_at).where(O.status == "queued").order_by(O.seq).first()
             meta = dict(self._Meta.select(self._Meta.key, self._Meta.value).tuples())
+            last_seq = self._last_seq(self.db.connection())
         last_ack = meta.get("last_ack_seq")
         return OutboxState(backlog=count, oldest_queued_seq=oldest.seq if oldest else None,
                            oldest_queued_at=oldest.created_at if oldest else None,
-                           last_seq=int(meta.get("outbox_seq", 0)),
+                           last_seq=last_seq,
                            last_ack_seq=int(last_ack) if last_ack else None, last_ack_at=meta.get("last_ack_at"))
 
     def lane_event(self, event: str, detail: dict) -> "OutboxRow":
@@ -787,10 +866,9 @@ class Journal:
                    "declined": d, "cancelled": c, "cancelled_amount_fen": ca, "cancelled_amount": format_amount(ca),
                    "open": o} for t, f, n, a, d, c, ca, o in rows]
         totals.sort(key=lambda r: (r["payment_type"], r["funding_source"] or ""))
-        last = self._Meta.get_or_none(self._Meta.key == "outbox_seq")
         return {"kind": "daily", "version": 1, "store_id": self.store_id, "terminal_id": self.terminal_id,
                 "business_date": day, "closed": closed, "currency": CURRENCY,
-                "as_of_seq": int(last.value) if last else 0, "at": rfc3339(self._clock()), "totals": totals}
+                "as_of_seq": self._last_seq(self.db.connection()), "at": rfc3339(self._clock()), "totals": totals}
 
     def close_days(self, before: str) -> list[str]:
         """Queue a day close (the day's `daily` totals, closed) for every business date before
@@ -815,23 +893,15 @@ class Journal:
 
     # --- reading --------------------------------------------------------------------------
 
-    def _txn(self, row) -> Txn:
-        return Txn(txn_id=row.id, out_trade_no=row.out_trade_no, order=row.order,
-                   amount_fen=row.amount_fen, payment_type=row.payment_type, platform=row.platform,
-                   code_masked=row.code_masked, state=State(row.state), reason=row.reason,
-                   platform_txn_id=row.platform_txn_id, created_at=row.created_at,
-                   updated_at=row.updated_at, attempts=row.attempts,
-                   next_attempt_at=row.next_attempt_at, retry_note=row.retry_note, source=row.source,
-                   funding_source=getattr(row, "funding_source", None),
-                   business_date=getattr(row, "business_date", None), auth_code=row.auth_code)
-
-    def _refuse_taken_order(self, order: str) -> None:
-        P = self._Payment
-        live = P.select(P.id, P.state).where(P.order == order, P.state.in_([str(s) for s in LIVE_STATES])).first()
+    def _refuse_taken_order(self, order: str, conn: sqlite3.Connection | None = None) -> None:
+        live = (conn or self.db.connection()).execute(_TAKEN_ORDER, (order,)).fetchone()
         if live is not None:
-            if live.state in (S.PAID, S.CANCEL_REQUESTED):
-                raise Refused(f"order {order} is already paid (txn {live.id})")
-            raise Refused(f"order {order} has a payment being resolved (txn {live.id})")
+            if live[1] in (S.PAID, S.CANCEL_REQUESTED):
+                raise Refused(f"order {order} is already paid (txn {live[0]})")
+            raise Refused(f"order {order} has a payment being resolved (txn {live[0]})")
+
+    def _txns(self, where: str, params: tuple = ()) -> list[Txn]:
+        return [_txn_of(r) for r in self.db.connection().execute(f"{self._txn_select} {where}", params)]
 
     @_reading
     def check_order_free(self, order: str) -> None:
@@ -846,13 +916,12 @@ class Journal:
 
     @_reading
     def get(self, txn_id: int) -> Txn | None:
-        row = self._Payment.get_or_none(self._Payment.id == txn_id)
-        return self._txn(row) if row else None
+        row = self.db.connection().execute(self._txn_select + " WHERE id = ?", (txn_id,)).fetchone()
+        return _txn_of(row) if row else None
 
     @_reading
     def by_order(self, order: str) -> list[Txn]:
-        P = self._Payment
-        return [self._txn(r) for r in P.select().where(P.order == order).order_by(P.id)]
+        return self._txns('WHERE "order" = ? ORDER BY id', (order,))
 
     @_reading
     def code_used(self, code: str) -> bool:
@@ -862,18 +931,16 @@ class Journal:
     @_reading
     def recent(self, *, limit: int = 50, states: Iterable[State] | None = None) -> list[Txn]:
         """Newest first."""
-        P = self._Payment
-        q = P.select().order_by(P.id.desc()).limit(limit)
-        if states is not None:
-            q = q.where(P.state.in_([str(s) for s in states]))
-        return [self._txn(r) for r in q]
+        if states is None:
+            return self._txns("ORDER BY id DESC LIMIT ?", (limit,))
+        states = [str(s) for s in states]
+        return self._txns(f"WHERE state IN ({', '.join('?' * len(states))}) ORDER BY id DESC LIMIT ?",
+                          (*states, limit))
 
     @_reading
     def open_txns(self) -> list[Txn]:
         """Payments not yet at an end, oldest first."""
-        P = self._Payment
-        q = P.select().where(P.state.in_([str(s) for s in OPEN_STATES])).order_by(P.id)
-        return [self._txn(r) for r in q]
+        return self._txns(f"WHERE state IN {_OPEN_IN} ORDER BY id")
 
     @_reading
     def counts(self) -> dict[str, int]:
@@ -884,10 +951,10 @@ class Journal:
     @_reading
     def deferred_totals(self) -> tuple[int, int]:
         """(count, sum of fen) of payments accepted offline and not yet forwarded."""
-        P = self._Payment
-        row = P.select(pw.fn.COUNT(P.id), pw.fn.COALESCE(pw.fn.SUM(P.amount_fen), 0)).where(
-            P.state == str(S.DEFERRED)).tuples().get()
-        return int(row[0]), int(row[1])
+        count, total = self.db.connection().execute(  # the IN term lets SQLite use payment_open
+            f"SELECT count(*), coalesce(sum(amount_fen), 0) FROM payment WHERE state IN {_OPEN_IN} AND state = ?",
+            (S.DEFERRED.value,)).fetchone()
+        return int(count), int(total)
 
     @_reading
     def events(self, txn_id: int | None = None) -> list[dict]:
