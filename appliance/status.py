@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from appliance.journal import OPEN_STATES, Journal, rfc3339, utc_now
+from appliance.journal import Journal, rfc3339, utc_now
 from appliance.redact import mask_digit_runs
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ class StatusSource:
         except Exception as e:  # the journal's outbox cannot be read: the link's part is still known
             uplink = {"kind": self._uplink_kind, "error": mask_digit_runs(str(e))[:200]}
         try:
-            counts = self._journal.counts()
-            open_payments: int | None = sum(n for s, n in counts.items() if s in OPEN_STATES)
+            open_payments: int | None = sum(self._journal.open_counts().values())
         except Exception:  # as above: the journal itself is at fault, and the lane's faults say so
             open_payments = None
         t = self.cfg.terminal

@@ -78,6 +78,7 @@ def test_a_raw_payment_reads_back_through_peewee_as_written(journal):
      "payment_open"),
     ("SELECT id FROM outbox WHERE status = 'sent' AND sent_at < ?", ("x",), "outbox_sent"),
     (jmod._LAST_SEQ, (), "outbox_seq"),
+    (f"SELECT state, count(*) FROM payment WHERE state IN {jmod._OPEN_IN} GROUP BY state", (), "payment_open"),
 ])
 def test_each_hot_query_finds_its_index(journal, query, params, index):
     conn = _conn(journal)
@@ -176,3 +177,12 @@ def test_out_trade_no_numbers_continue_from_a_day_counted_before_schema_4(journa
     conn.close()
     second, third = _pay(journal, 2), _pay(journal, 3)
     assert [t.out_trade_no[-6:] for t in (first, second, third)] == ["000001", "000042", "000043"]
+
+
+def test_open_counts_are_the_open_part_of_counts(journal):
+    _pay(journal, 1, State.PAID)
+    _pay(journal, 2, State.UNKNOWN)
+    _pay(journal, 3)
+    _pay(journal, 4, State.DECLINED)
+    assert journal.counts() == {"paid": 1, "unknown": 1, "pending": 1, "declined": 1}
+    assert journal.open_counts() == {"unknown": 1, "pending": 1}
