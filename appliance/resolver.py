@@ -35,24 +35,28 @@ _PAY_TO_STATE = {Status.PAID: State.PAID, Status.DECLINED: State.DECLINED, Statu
 
 
 def settle(journal: Journal, txn: Txn, outcome: Outcome) -> Txn:
-    """Commit a pay/query outcome. Tolerates a concurrent pending -> unknown move.
+    """Commit a pay/query outcome. Tolerates a concurrent move (pending -> unknown by the resolver,
+    an end written by another process): the payment is then returned as journaled.
 
-    UNKNOWN on an already unknown payment changes nothing and returns the payment as it is.
+    UNKNOWN on an already unknown payment changes nothing and returns the payment as it is. The
+    payment is read once, by the transaction that moves it (`Journal.move`); only an outcome that
+    changes nothing, or a move another writer got in first, reads it again.
     """
     target = _PAY_TO_STATE[outcome.status] if outcome.status in _PAY_TO_STATE else None
     if outcome.status is Status.REFUNDED:  # queried a trade that was refunded: it was paid, then reversed
         target = State.REVERSED
-    current = journal.get(txn.txn_id)
-    if target is None or current.state == target:
-        return current
+    if target is None:
+        return journal.get(txn.txn_id)
     try:
-        new = journal.transition(txn.txn_id, target, outcome.reason, platform_txn_id=outcome.platform_txn_id,
-                                 funding_source=outcome.funding_source)
+        previous, new = journal.move(txn.txn_id, target, outcome.reason, platform_txn_id=outcome.platform_txn_id,
+                                     funding_source=outcome.funding_source)
     except IllegalTransition as e:
-        log.error("txn %d: platform said %s but the journal has %s: %s", txn.txn_id, outcome.status,
-                  current.state, e)
+        current = journal.get(txn.txn_id)
+        if current is None or current.state != target:
+            log.error("txn %d: platform said %s but the journal has %s: %s", txn.txn_id, outcome.status,
+                      current.state if current else "no such payment", e)
         return current
-    _log_change(new, current.state)
+    _log_change(new, previous)
     return new
 
 

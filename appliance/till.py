@@ -33,6 +33,7 @@ import queue
 import re
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -208,7 +209,9 @@ class Till:
         # source ("scanner", "platform", "journal", "journal-lost") -> reason. Replaced, never changed
         # in place, so that health() may copy it from any thread.
         self._faults: dict[str, str] = {}
-        self._recent_codes: dict[str, float] = {}
+        # digest -> when charged, oldest first (a code is added only when absent): a scan prunes
+        # from the front what left the duplicate window, in O(1) per code however busy the lane.
+        self._recent_codes: OrderedDict[str, float] = OrderedDict()
         self._handlers = {"scan": self.handle_scan, "fault": self._set_scanner_fault, "resolved": self._on_resolved,
                           "command": self._on_command}
 
@@ -298,9 +301,13 @@ class Till:
             log.warning("scan %s not understood: %s", c.masked, c.reason)
             self._flash(Signal.UNKNOWN_CODE)
             return None
+        digest = None
         if c.kind == "payment":
-            self._recent_codes = {d: t for d, t in self._recent_codes.items() if now - t < self.duplicate_window_s}
-            if self.journal.digest(scan.text) in self._recent_codes:  # the scanner stuttered
+            recent = self._recent_codes
+            while recent and now - next(iter(recent.values())) >= self.duplicate_window_s:
+                recent.popitem(last=False)
+            digest = self.journal.digest(scan.text)
+            if digest in self._recent_codes:  # the scanner stuttered
                 log.info("scan %s repeated within %gs of its charge: ignored", c.masked, self.duplicate_window_s)
                 return None
         if isinstance(self.lane, _Resolving):
@@ -326,9 +333,11 @@ class Till:
             self._flash(Signal.UNKNOWN_CODE)
             return None
         order, amount = self.lane.order, self.lane.amount_fen
-        self._recent_codes[self.journal.digest(scan.text)] = now
+        self._recent_codes[digest or self.journal.digest(scan.text)] = now
         self._show(Signal.WORKING)
-        result = self.charge(order, amount, scan.text, source=scan.source)
+        # The ticket's order was checked when it was scanned; open_payment checks it again, in the
+        # transaction that opens the payment, against whatever another process did since.
+        result = self._charge(order, amount, scan.text, scan.source, check_order=False)
         if result.txn is None:
             if self._faults.keys() & {"journal", "journal-lost"}:  # nothing can be paid now: show why
                 self.lane = _Ready()
@@ -441,8 +450,14 @@ class Till:
         journaled (disk full), the payment stays pending for the resolver and the answer is
         "unknown" (exit 4) with the reason.
         """
+        return self._charge(order, amount_fen, code, source, check_order=True)
+
+    def _charge(self, order: str, amount_fen: int, code: str, source: str, *, check_order: bool) -> Result:
+        """`charge`; `check_order=False` when the order was checked already (its ticket's scan),
+        which leaves the journal's own check inside the transaction that opens the payment."""
         try:
-            self._check_order(order, amount_fen)
+            if check_order:
+                self._check_order(order, amount_fen)
             c = self.classifier.classify(code)
             if c.kind != "payment":
                 raise BadInput(f"{c.masked} is not a payment code: {c.reason or c.kind}")

@@ -91,6 +91,32 @@ def test_same_code_twice_in_window_charges_once(till, lane):
     assert lane.router.by_name("sandbox").charges(WECHAT_PAID) == 1
 
 
+def test_the_duplicate_window_forgets_each_code_on_time_whatever_the_pace(till, clock, lane):
+    scan(till, "ORD:A1:1.00")
+    assert scan(till, WECHAT_PAID).txn.state is State.PAID
+    clock.t += 6
+    scan(till, "ORD:A2:1.00")
+    assert scan(till, WECHAT_PAID_2).txn.state is State.PAID
+    clock.t += 5  # the first code left the window (11 s), the second is still in it (5 s)
+    scan(till, "ORD:A3:1.00")
+    assert scan(till, WECHAT_PAID_2) is None  # a stutter: ignored, the order still waits
+    r = scan(till, WECHAT_PAID)  # no stutter: the journal refuses the used code
+    assert r.txn is None and "already used" in r.reason
+    clock.t += 5
+    r = scan(till, WECHAT_PAID_2)  # its window passed too
+    assert r.txn is None and "already used" in r.reason
+    assert len(lane.journal.recent()) == 2
+
+
+def test_an_order_taken_between_its_ticket_and_the_code_is_refused_in_the_journal(till, lane):
+    scan(till, "ORD:A1:1.00")  # checked free at the ticket
+    other = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
+                                      code=WECHAT_PAID_2)  # another process (a CLI charge) takes it meanwhile
+    r = scan(till, WECHAT_PAID)
+    assert r.txn is None and f"has a payment being resolved (txn {other.txn_id})" in r.reason
+    assert lane.router.by_name("sandbox").charges(WECHAT_PAID) == 0 and len(lane.journal.recent()) == 1
+
+
 def test_used_code_after_window_is_refused_and_order_keeps_waiting(till, clock, lane):
     scan(till, "ORD:A1:1.00")
     scan(till, WECHAT_PAID)

@@ -121,9 +121,14 @@ class SandboxProvider(Provider):
             reverse_after_s=options.reverse_after_s, retry_every_s=options.query_every_s))
         self.options = options
         self._path = Path(state_dir) / "sandbox-ledger.sqlite"
-        self._sleep = sleep
+        self._sleep_for = sleep
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait out a configured delay. No delay is no call: sleep(0) still gives the CPU away."""
+        if seconds > 0:
+            self._sleep_for(seconds)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
