@@ -48,9 +48,13 @@ test: apt-deps $(STAMP)
 kill-nightly: apt-deps $(STAMP)
 	KILL_POINTS=$${KILL_POINTS:-2000} $(BIN)/python -m pytest -q -s tests/test_kill_harness.py
 
+# bench/lane.py counts syscalls with strace: installed here if missing (the figure is skipped without it).
 bench: $(STAMP)
+	@command -v strace >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q strace || echo "strace not installed: no syscall counts"; }
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/lane.py
 
 # The Raspberry Pi image's pieces (image/README.md). Both need root: debootstrap and chroot.
 # deb: build/appliance_<version>_<arch>.deb, its venv made inside a Debian bookworm build root

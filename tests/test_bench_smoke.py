@@ -1,4 +1,5 @@
-"""Benchmarks are not tests; this only runs bench/run.py and bench/ingest.py at smoke size so they cannot rot."""
+"""Benchmarks are not tests; this only runs bench/run.py, bench/lane.py and bench/ingest.py at smoke size so they
+cannot rot."""
 
 import subprocess
 import sys
@@ -14,6 +15,17 @@ def test_bench_smoke():
     assert r.returncode == 0, r.stderr
     assert "| classify | classifications/s |" in r.stdout and "charge p50 ms" in r.stdout
     assert "uplink drain of 200 queued events" in r.stdout and "| uplink / bare |" in r.stdout
+
+
+def test_lane_bench_smoke():
+    """bench/lane.py at smoke size: every figure printed with its ceiling from the same run (targets not enforced)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "lane.py"), "--smoke"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    figures = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert figures[:4] == ["| figure", "| journal payments/s (open + paid)", "| scan -> paid p50 ms",
+                           "| scan -> paid p99 ms"], r.stdout
+    assert "| pwrite64 per payment" in figures or "| syscalls per payment" in figures, r.stdout
 
 
 @pytest.mark.integration
