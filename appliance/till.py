@@ -248,6 +248,7 @@ class Till:
         """
         self._show_lane()
         self._heartbeat = heartbeat
+        self.journal.defer_checkpoints()  # done after each result, not inside a payment's commit
         next_beat = 0.0
         while not stop.is_set():
             if heartbeat is not None and self._clock() >= next_beat:
@@ -377,6 +378,7 @@ class Till:
             self._show(Signal.WORKING)
         else:
             self._flash(result.signal)
+        self.journal.checkpoint_if_due()  # the cashier has the answer; the WAL's housekeeping now
         return result
 
     def _on_resolved(self, txn: Txn) -> None:

@@ -186,3 +186,22 @@ def test_open_counts_are_the_open_part_of_counts(journal):
     _pay(journal, 4, State.DECLINED)
     assert journal.counts() == {"paid": 1, "unknown": 1, "pending": 1, "declined": 1}
     assert journal.open_counts() == {"unknown": 1, "pending": 1}
+
+
+def test_a_thread_that_defers_checkpoints_gets_them_when_due_and_at_the_latest_limit(journal):
+    size = journal.path.stat().st_size  # journal.sqlite itself changes only when a checkpoint copies into it
+    journal.checkpoint_if_due()  # a thread that does not defer: nothing to do
+    journal.defer_checkpoints()
+    for n in range(jmod.CHECKPOINT_EVERY_COMMITS // 2 - 1):  # two commits each
+        _pay(journal, n, State.PAID)
+    journal.checkpoint_if_due()
+    assert journal.path.stat().st_size == size  # not due yet
+    _pay(journal, 100, State.PAID)
+    journal.checkpoint_if_due()
+    assert journal.path.stat().st_size > size
+    size = journal.path.stat().st_size
+    for n in range(200, 200 + jmod.CHECKPOINT_AT_LATEST_COMMITS // 2 - 1):  # ~2,000 WAL pages: SQLite's own
+        _pay(journal, n, State.PAID)                                       # would have checkpointed at 1,000
+    assert journal.path.stat().st_size == size
+    _pay(journal, 999, State.PAID)  # its second commit is the latest one allowed
+    assert journal.path.stat().st_size > size

@@ -108,6 +108,16 @@ def test_the_duplicate_window_forgets_each_code_on_time_whatever_the_pace(till, 
     assert len(lane.journal.recent()) == 2
 
 
+def test_a_till_that_defers_checkpoints_makes_them_after_a_result(till, lane):
+    from appliance.journal import CHECKPOINT_EVERY_COMMITS
+    lane.journal.defer_checkpoints()  # as run() does in the till's thread
+    size = lane.journal.path.stat().st_size
+    for n in range(CHECKPOINT_EVERY_COMMITS // 2):  # two commits each
+        scan(till, f"ORD:A{n}:1.00")
+        assert scan(till, f"1345678901234{n:03d}00").txn.state is State.PAID
+    assert lane.journal.path.stat().st_size > size  # checkpointed after the 20th's signal
+
+
 def test_an_order_taken_between_its_ticket_and_the_code_is_refused_in_the_journal(till, lane):
     scan(till, "ORD:A1:1.00")  # checked free at the ticket
     other = lane.journal.open_payment(order="A1", amount_fen=100, payment_type="wechat", platform="sandbox",
