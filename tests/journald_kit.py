@@ -126,7 +126,10 @@ QUERIES = {
     "native ORDER=A1": ["-t", "appliance", "ORDER=A1"],
     "stream": ["-t", "appliance-stream"],
     "stream -p warning": ["-t", "appliance-stream", "-p", "warning"],
+    "large": ["-t", "appliance-large"],
 }
+#: The size of the entry sent through a memfd (beyond any datagram).
+LARGE = 1 << 20
 
 
 def real_journald_missing() -> str | None:
@@ -145,7 +148,8 @@ def _under_real_journald(work: Path, code: str) -> None:
     """Run in a private mount namespace (`unshare -m`): a real systemd-journald on a tmpfs /run,
     `appliance run` under it twice (identifier `appliance`: entries to the native socket;
     `appliance-stream`: no native socket, lines on the stream with their <N>), each charging order
-    A1 with `code` (config `work/<identifier>.toml`, state `work/<identifier>`); then journalctl's
+    A1 with `code` (config `work/<identifier>.toml`, state `work/<identifier>`), and an entry of
+    LARGE bytes (through a memfd, as `appliance-large`); then journalctl's
     answers to QUERIES, as JSON, into work/answers.json, and the export of everything into
     work/export.bin."""
     import json
@@ -184,10 +188,14 @@ def _under_real_journald(work: Path, code: str) -> None:
                 proc.wait(timeout=20)
                 proc.stdin.close()
                 journal.close()
+        subprocess.run([sys.executable, "-c", "import logging; from appliance.journald import JournalHandler; "
+                        "log = logging.getLogger('large'); "
+                        "log.addHandler(JournalHandler(logging.StreamHandler(), identifier='appliance-large')); "
+                        f"log.warning('x' * {LARGE})"], check=True)
         subprocess.run(["journalctl", "--sync"], check=True)
         files = ["journalctl", "-D", "/run/log/journal", "--no-pager"]
         answers = {name: [json.loads(line) for line in subprocess.run(
-            files + ["-o", "json"] + args, capture_output=True, text=True, check=True).stdout.splitlines()]
+            files + ["-o", "json", "--all"] + args, capture_output=True, text=True, check=True).stdout.splitlines()]
             for name, args in QUERIES.items()}
         (work / "answers.json").write_text(json.dumps(answers))
         (work / "export.bin").write_bytes(subprocess.run(files + ["-o", "export"], capture_output=True,

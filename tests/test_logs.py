@@ -295,3 +295,4 @@ def test_a_real_journald_files_the_lines_by_priority_and_by_payment(tmp_path):
     assert {p for p, _ in stream} == {"4", "6"}
     assert all("TXN_ID" not in e for e in answers["stream"])  # the stream has no fields
     assert WECHAT_LOST_ANSWER.encode() not in (tmp_path / "export.bin").read_bytes()
+    assert said("large") == [("4", "x" * journald_kit.LARGE)]  # journald took the sealed memfd whole
