@@ -513,6 +513,7 @@ class Journal:
             if not readonly:
                 st = os.stat(self.path)
                 self._file_id = (st.st_dev, st.st_ino)
+                self.sync_counters()  # after a crash, before an older version could be put back
         except pw.IntegrityError as e:
             raise JournalIntegrityError(f"the journal in {self.state_dir} holds an order paid twice or a code "
                                         f"used twice ({e}); it needs a technician") from None
@@ -540,10 +541,45 @@ class Journal:
         return pw.SqliteDatabase(uri, uri=True)
 
     def close(self) -> None:
-        """Close this thread's connection (after a last try at a due scrub). Idempotent."""
+        """Close this thread's connection (after a last try at a due scrub, and the old counters
+        brought up to date). Idempotent."""
         if not self.db.is_closed():
             self.scrub()
+            self.sync_counters()
             self.db.close()
+
+    def sync_counters(self) -> None:
+        """Bring the counters that journals before schema 4 kept per payment (meta `outbox_seq`,
+        the newest day's `day_sequence`) up to what the tables hold, so that an older version of
+        this software put back on the lane numbers on from there, instead of refusing every
+        payment and every move on a number already used (the unique indexes would). Done at a
+        writer's open and close, not per payment (a page each). Never raises."""
+        if self.readonly:
+            return
+        try:
+            if self._counters_behind(self.db.connection()):
+                with self._writing("counters") as conn:
+                    if self._counters_behind(conn):
+                        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('outbox_seq', ?)",
+                                     (str(self._last_seq(conn)),))
+                        day, n = self._newest_number(conn)
+                        conn.execute("INSERT OR REPLACE INTO day_sequence (day, last) VALUES (?, ?)", (day, n))
+        except (JournalError, Refused, sqlite3.Error, pw.DatabaseError) as e:
+            log.debug("journal counters left for later: %s", e)
+
+    def _counters_behind(self, conn: sqlite3.Connection) -> bool:
+        floor = conn.execute(_META_GET, ("outbox_seq",)).fetchone()
+        if self._last_seq(conn) > (int(floor[0]) if floor else 0):
+            return True
+        day, n = self._newest_number(conn)
+        counted = conn.execute(_DAY_SEQ, (day,)).fetchone() if day else None
+        return day is not None and n > (counted[0] if counted else 0)
+
+    @staticmethod
+    def _newest_number(conn: sqlite3.Connection) -> tuple[str | None, int]:
+        """The UTC day (YYYYMMDD) and number of the newest payment's out_trade_no; (None, 0) if none."""
+        row = conn.execute("SELECT created_at, out_trade_no FROM payment ORDER BY id DESC LIMIT 1").fetchone()
+        return (row[0][:10].replace("-", ""), int(row[1][-6:])) if row else (None, 0)
 
     def scrub(self) -> bool:
         """Make the journal's files forget every erased payment code (see the module docstring).

@@ -205,3 +205,35 @@ def test_a_thread_that_defers_checkpoints_gets_them_when_due_and_at_the_latest_l
     assert journal.path.stat().st_size == size
     _pay(journal, 999, State.PAID)  # its second commit is the latest one allowed
     assert journal.path.stat().st_size > size
+
+
+def _counters(path):
+    conn = sqlite3.connect(path / Journal.FILENAME)
+    try:
+        seq = conn.execute("SELECT value FROM meta WHERE key = 'outbox_seq'").fetchone()
+        return (int(seq[0]) if seq else None, dict(conn.execute("SELECT day, last FROM day_sequence")),
+                conn.execute("SELECT max(seq) FROM outbox").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_the_counters_older_versions_number_from_are_brought_up_to_date_at_open_and_close(tmp_path):
+    """An older version put back on the lane reads meta's outbox_seq and the day's day_sequence for
+    its next numbers: they must not be behind what the tables hold, or it would refuse everything."""
+    j = Journal(tmp_path, "S0001", "L01", clock=lambda: AT)
+    _pay(j, 1, State.PAID)
+    _pay(j, 2)
+    j.lane_event("started", {})
+    assert _counters(tmp_path) == (None, {}, 4)  # nothing written per payment
+    j.close()
+    assert _counters(tmp_path) == (4, {"20261129": 2}, 4)
+    j = Journal(tmp_path, "S0001", "L01", clock=lambda: AT)
+    _pay(j, 3)  # and the process dies: no close
+    assert _counters(tmp_path) == (4, {"20261129": 2}, 5)
+    again = Journal(tmp_path, "S0001", "L01", clock=lambda: AT)  # the next start
+    assert _counters(tmp_path) == (5, {"20261129": 3}, 5)
+    again.close()
+    j.close()
+    ro = Journal(tmp_path, "S0001", "L01", readonly=True)
+    ro.close()  # a reader writes nothing
+    assert _counters(tmp_path) == (5, {"20261129": 3}, 5)
