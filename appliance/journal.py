@@ -486,6 +486,7 @@ class Journal:
         # Scrubs due (erasures) and done, counted so that an erasure during a scrub is not lost. A
         # writer starts with one due: an earlier process may have died before its scrub.
         self._scrub_lock = threading.Lock()
+        self._opener = threading.get_ident()
         self._local = threading.local()  # `pending`: commits since this thread's last checkpoint, if it defers
         self._erasures = 0 if readonly else 1
         self._scrubbed = 0
@@ -541,11 +542,13 @@ class Journal:
         return pw.SqliteDatabase(uri, uri=True)
 
     def close(self) -> None:
-        """Close this thread's connection (after a last try at a due scrub, and the old counters
-        brought up to date). Idempotent."""
+        """Close this thread's connection (after a last try at a due scrub; in the thread that
+        opened the journal, which closes it last, with the old counters brought up to date: other
+        threads close theirs after each request, the control socket's for one). Idempotent."""
         if not self.db.is_closed():
             self.scrub()
-            self.sync_counters()
+            if threading.get_ident() == self._opener:
+                self.sync_counters()
             self.db.close()
 
     def sync_counters(self) -> None:

@@ -6,6 +6,7 @@ written (day numbers, outbox seqs) still never repeat."""
 import dataclasses
 import shutil
 import sqlite3
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -237,3 +238,18 @@ def test_the_counters_older_versions_number_from_are_brought_up_to_date_at_open_
     ro = Journal(tmp_path, "S0001", "L01", readonly=True)
     ro.close()  # a reader writes nothing
     assert _counters(tmp_path) == (5, {"20261129": 3}, 5)
+
+
+def test_only_the_thread_that_opened_the_journal_syncs_the_counters_when_it_closes(tmp_path):
+    j = Journal(tmp_path, "S0001", "L01", clock=lambda: AT)
+    t = _pay(j, 1)
+
+    def request():  # as the control socket's handler threads do: read, then close their connection
+        assert j.get(t.txn_id) == t
+        j.close()
+    worker = threading.Thread(target=request)
+    worker.start()
+    worker.join()
+    assert _counters(tmp_path) == (None, {}, 1)  # no write for a request's close
+    j.close()
+    assert _counters(tmp_path) == (1, {"20261129": 1}, 1)
