@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -55,6 +56,7 @@ from appliance.lanelock import LaneBusy, LaneLock
 from appliance.money import MAX_FEN
 from appliance.redact import mask
 from appliance.till import CancelCommand, ChargeCommand, Command, Result, Till
+from appliance.wakeup import WakePipe
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +302,7 @@ class ControlServer:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._wake: WakePipe | None = None  # wakes the accept loop's select() at stop_accepting()
 
     def start(self) -> None:
         try:
@@ -310,13 +313,14 @@ class ControlServer:
                     sock.bind(address)
                 os.chmod(self.path, 0o660)  # before listen(): nobody can connect until then
                 sock.listen(max(8, MAX_CLIENTS))
-                sock.settimeout(0.2)  # accept() wakes up to notice close()
+                sock.setblocking(False)  # accept() once select() saw a client; it may have gone since
             except BaseException:
                 sock.close()
                 raise
         except OSError as e:
             raise ApplianceError(f"cannot open the control socket {self.path}: {e}") from None
         self._sock = sock
+        self._wake = WakePipe()
         self._accepter = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._accepter.start()
         log.info("control socket %s ready", self.path)
@@ -326,8 +330,12 @@ class ControlServer:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self._wake is not None:
+            self._wake.wake()
         if self._accepter is not None:
             self._accepter.join(timeout=2.0)
+            if not self._accepter.is_alive() and self._wake is not None:
+                self._wake.close()
         if self._sock is not None:
             self._sock.close()
             self.path.unlink(missing_ok=True)
@@ -352,9 +360,13 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
+            ready, _, _ = select.select([self._sock, self._wake.fd], [], [])  # sleeps until a client or a stop
+            if self._sock not in ready:
+                continue
             try:
                 conn, _ = self._sock.accept()
-            except TimeoutError:
+                conn.setblocking(True)
+            except BlockingIOError:  # the client gave up before we took it
                 continue
             except OSError as e:
                 if self._closed.is_set():

@@ -27,6 +27,7 @@ from appliance.logs import setup
 from appliance.redact import mask
 from appliance.scan import NoScanner, Scan
 from appliance.simulators import simulator_class
+from appliance.wakeup import Stop
 
 SCRIPT: list[tuple[str, str]] = [
     ("ORD:A1001:12.50", "order ticket A1001, 12.50 due"),
@@ -80,7 +81,7 @@ def run_demo(pause: float = 0.6) -> int:
               f"  Alipay codes:     Alipay simulator on {alipay.url}\n"
               f"  (signed requests and answers, keys generated in {tmp}); other codes: the sandbox\n", flush=True)
         lane = service.build(cfg, indicator=make_indicator(cfg.indicator, on_render=_render))
-        stop = threading.Event()
+        stop = Stop()
         runner = threading.Thread(target=service.run, args=(cfg,),
                                   kwargs={"stop": stop, "scanner": NoScanner(), "lane": lane})
         runner.start()

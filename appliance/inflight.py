@@ -18,6 +18,11 @@ timestamps: it never makes a payment reversed early, nor stalls it. The journal'
 `next_attempt_at` and `retry_note` are kept for display (`appliance journal --txn`); `defer`
 returns the wall-clock time to record there, and nothing here reads it back.
 
+Waking the resolver: it sleeps until its next payment is due (`due_in_s`) or until something
+changes here: `release` (a platform call of the till ended: its payment may be left open) and
+`poke` (new work of another kind, or a stop) bump a version that `wait_change` waits on. So no
+thread polls the journal for work.
+
 Memory: one entry per payment this process touched that was open at the last `retain`; the
 resolver calls `retain` on every pass, so final payments are forgotten.
 """
@@ -68,6 +73,8 @@ class InFlight:
         self._entries: dict[int, _Entry] = {}
         self._generation = itertools.count(1)
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._version = 0
 
     # --- platform calls running -------------------------------------------------------------
 
@@ -79,9 +86,35 @@ class InFlight:
             self._ids.add(txn_id)
             return True
 
-    def release(self, txn_id: int) -> None:
+    def release(self, txn_id: int, *, wake: bool = True) -> None:
+        """The platform call for `txn_id` ended. `wake` (the till's calls) wakes the resolver: the
+        payment may be left open; the resolver's own releases pass False."""
         with self._lock:
             self._ids.discard(txn_id)
+            if wake:
+                self._bump()
+
+    # --- waking the resolver ----------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Wake whoever waits in `wait_change` (new work, or a stop)."""
+        with self._lock:
+            self._bump()
+
+    def version(self) -> int:
+        """The change count to pass to `wait_change`; take it before looking for work."""
+        with self._lock:
+            return self._version
+
+    def wait_change(self, seen: int, timeout_s: float | None) -> bool:
+        """Sleep until the version differs from `seen` (True) or `timeout_s` seconds of the real
+        monotonic clock passed (False; None waits without limit)."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self._version != seen, timeout_s)
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.notify_all()
 
     # --- monotonic timeline -----------------------------------------------------------------
 
@@ -119,6 +152,14 @@ class InFlight:
             if entry is None or entry.due_in != (str(txn.state), txn.updated_at):
                 return True
             return self.clock() >= entry.due_at
+
+    def due_in_s(self, txn: _Open) -> float:
+        """Seconds until `txn` is due (0.0 when `due(txn)`)."""
+        with self._lock:
+            entry = self._entries.get(txn.txn_id)
+            if entry is None or entry.due_in != (str(txn.state), txn.updated_at):
+                return 0.0
+            return max(0.0, entry.due_at - self.clock())
 
     def mark(self) -> int:
         """A generation number to pass to `retain`; take it before reading the open payments."""

@@ -19,7 +19,7 @@ off mid-call (crash, power loss) and is treated as unknown.
 from __future__ import annotations
 
 import logging
-import threading
+import math
 from typing import Callable
 
 from appliance import logs
@@ -28,6 +28,7 @@ from appliance.errors import (IllegalTransition, JournalError, ProviderError, Pr
 from appliance.inflight import InFlight
 from appliance.journal import Journal, State, Txn
 from appliance.payments import Outcome, PayRequest, Provider, Router, Status
+from appliance.wakeup import Stop
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ def _log_change(txn: Txn, previous: State) -> None:
 PARK_S = 30.0
 #: Seconds before a payment whose step could not be journaled (disk full) is tried again.
 JOURNAL_RETRY_S = 1.0
+#: Seconds before a scrub of erased codes that other connections kept from finishing is tried again.
+SCRUB_RETRY_S = 1.0
 
 
 class Resolver:
@@ -193,18 +196,28 @@ class Resolver:
         self.on_change = on_change or (lambda txn: None)
         self._journal_error = ""  # the journal failure last logged, so an outage is logged once
         self.journal_retry_s = JOURNAL_RETRY_S
+        self.next_due_s = 0.0  # set by each step()
 
     def step(self, only: int | None = None) -> list[Txn]:
-        """One pass over the open payments that are due (or just payment `only`)."""
+        """One pass over the open payments that are due (or just payment `only`).
+
+        Sets `next_due_s`: seconds until the next attempt is due (0.0 after a pass that attempted
+        something, as its outcome may be due at once; infinity when nothing open waits on a timer)."""
         changed = []
+        next_due_s = math.inf
         mark = self.in_flight.mark()
         open_txns = self.journal.open_txns()
         self.in_flight.retain({t.txn_id for t in open_txns}, mark)
         for txn in open_txns:
             if only is not None and txn.txn_id != only:
                 continue
-            if not self.in_flight.due(txn) or not self.in_flight.claim(txn.txn_id):
+            left = self.in_flight.due_in_s(txn)
+            if left > 0:
+                next_due_s = min(next_due_s, left)
                 continue
+            if not self.in_flight.claim(txn.txn_id):
+                continue  # the till's platform call: its release wakes the resolver
+            next_due_s = 0.0
             scope = logs.enter(txn)  # the platform calls and their lines carry its fields
             try:
                 new = self._drive(txn)
@@ -222,12 +235,13 @@ class Resolver:
                 _wait(self.journal, self.in_flight, txn, PARK_S, note)
                 continue
             finally:
-                self.in_flight.release(txn.txn_id)
+                self.in_flight.release(txn.txn_id, wake=False)
                 logs.leave(scope)
             self._journal_error = ""
             if new.state != txn.state:
                 changed.append(new)
                 self.on_change(new)
+        self.next_due_s = next_due_s
         return changed
 
     def _drive(self, txn: Txn) -> Txn:
@@ -265,15 +279,29 @@ class Resolver:
         return _retry_later(self.journal, self.in_flight, txn, policy.retry_every_s,
                             f"still unknown, reverse: {rev.reason}")
 
-    def run(self, stop: threading.Event, interval_s: float = 0.2) -> None:
-        """Loop until stop is set. Survives any error of a single step (logged once per kind)."""
+    def run(self, stop: Stop) -> None:
+        """Loop until stop is set. Survives any error of a single step (logged once per kind).
+
+        Sleeps until the next payment is due, or until the process's `InFlight` reports a change
+        (the till left a payment open, a stop): it never polls the journal. A scrub of erased codes
+        that other connections delayed is tried again every SCRUB_RETRY_S until it succeeds."""
         last_error = None
-        while not stop.wait(interval_s):
-            try:
-                self.step()
-                self.journal.scrub()  # a scrub that other connections delayed: retried every pass
-                last_error = None
-            except Exception as e:  # keep resolving whatever else is open
-                if repr(e) != last_error:
-                    log.exception("resolver step failed")
-                    last_error = repr(e)
+        unhook = stop.on_set(self.in_flight.poke)
+        try:
+            while not stop.is_set():
+                seen = self.in_flight.version()
+                try:
+                    self.step()
+                    wait_s = self.next_due_s
+                    if not self.journal.scrub():
+                        wait_s = min(wait_s, SCRUB_RETRY_S)
+                    last_error = None
+                except Exception as e:  # keep resolving whatever else is open
+                    if repr(e) != last_error:
+                        log.exception("resolver step failed")
+                        last_error = repr(e)
+                    wait_s = self.journal_retry_s
+                if wait_s > 0:
+                    self.in_flight.wait_change(seen, None if wait_s == math.inf else wait_s)
+        finally:
+            unhook()

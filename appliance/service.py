@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -26,6 +27,7 @@ from appliance.classify import Classifier, load_rules
 from appliance.config import Config
 from appliance.control import CommandHandler, ControlServer
 from appliance.errors import JournalError
+from appliance.filewatch import FileWatch
 from appliance.indicator import Indicator, NullIndicator, make_indicator
 from appliance.journal import Journal, rfc3339, utc_now
 from appliance.lanelock import LaneBusy, LaneLock
@@ -36,6 +38,7 @@ from appliance.status import StatusSource, StatusWriter, runtime_dir
 from appliance.till import OfflinePolicy, Till
 from appliance.uplink import Uplink, make_uplink
 from appliance.uplink.commands import Commands
+from appliance.wakeup import Stop, WakePipe, following
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +122,6 @@ def sd_notify(message: str) -> None:
 #: On SIGTERM, how long the till may take to finish what it is doing (e.g. a platform call)
 #: before the process exits anyway; systemd's TimeoutStopSec is 10 s, the contract here is 5 s.
 STOP_GRACE_S = 3.0
-#: How often the main thread wakes while the lane runs. Python runs a signal handler only in the
-#: main thread, when it wakes: the kernel may deliver a SIGTERM to any thread (one not blocking
-#: it), and an untimed wait would then never see it.
-SIGNAL_POLL_S = 0.5
 #: At a stop, how long the uplink may take to send the last events and status `stopped` (after the
 #: till stopped, so the last change goes out while the broker is up). With STOP_GRACE_S and the
 #: resolver's second this stays well inside systemd's TimeoutStopSec.
@@ -152,21 +151,30 @@ def run(cfg: Config, *, stop: threading.Event | None = None, scanner: Scanner | 
     While it runs it keeps status.json in its runtime dir and systemd's STATUS= line
     (appliance/status.py); `config_path` is only reported there.
     """
-    stop = stop or threading.Event()
+    stop = following(stop) if stop is not None else Stop()  # a plain Event is followed (wakeup.py)
     previous = {}
+    wake = None
     if threading.current_thread() is threading.main_thread():
+        # A signal may be delivered to any thread, and Python runs its handler in the main thread
+        # only once that thread runs again: the C handler writes the signal to `wake`, on which the
+        # main thread sleeps (select), so it wakes for it wherever the kernel delivered it.
+        wake = WakePipe()
+        previous_fd = signal.set_wakeup_fd(wake.write_fd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     try:
         return _run_owner(cfg, stop, scanner, lane, lock or LaneLock(cfg.terminal.state_dir), lock_wait_s,
-                          config_path)
+                          config_path, wake)
     finally:
         for sig, handler in previous.items():  # run() in-process (tests, demo) leaves signals as it found them
             signal.signal(sig, handler)
+        if wake is not None:
+            signal.set_wakeup_fd(previous_fd)
+            wake.close()
 
 
-def _run_owner(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane: Lane | None, lock: LaneLock,
-               lock_wait_s: float, config_path: Path | None) -> int:
+def _run_owner(cfg: Config, stop: Stop, scanner: Scanner | None, lane: Lane | None, lock: LaneLock,
+               lock_wait_s: float, config_path: Path | None, wake: WakePipe | None = None) -> int:
     """Take the lane lock, then run the lane."""
     try:
         if not lock.acquire(lock_wait_s, stop=stop, on_wait=lambda pid: log.warning(
@@ -178,15 +186,15 @@ def _run_owner(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane
         return 1
     still_busy = False
     try:
-        still_busy = _run_locked(cfg, stop, scanner, lane, config_path)
+        still_busy = _run_locked(cfg, stop, scanner, lane, config_path, wake)
     finally:
         if not still_busy:  # else a thread may still write the journal: the lock goes with the process
             lock.release()
     return 0
 
 
-def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lane: Lane | None,
-                config_path: Path | None = None) -> bool:
+def _run_locked(cfg: Config, stop: Stop, scanner: Scanner | None, lane: Lane | None,
+                config_path: Path | None = None, wake: WakePipe | None = None) -> bool:
     """Run the lane until stop is set. True if a thread still waits on a platform call."""
     scanner = scanner or make_scanner(cfg.scanner)  # may raise ConfigError: before any pin is claimed
     lane = lane or build(cfg)
@@ -200,11 +208,13 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
         cfg, config_path=config_path, health=lane.till.health, platforms=lane.router.health, uplink=lane.uplink.state,
         uplink_kind=lane.uplink.kind, journal=lane.journal, version=appliance.__version__, started_at=rfc3339(utc_now())),
         notify=lambda summary: sd_notify(f"STATUS={summary}"))
+    watch = FileWatch(lane.journal.path, lane.till.post_journal_check)  # a lost journal shown at once, no timer
     resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
     till_thread = threading.Thread(
         target=lane.till.run, args=(stop,), name="till", daemon=True,
         kwargs={"heartbeat": (lambda: sd_notify("WATCHDOG=1")) if watchdog_s else None,
-                "heartbeat_every_s": watchdog_s or 1.0, "on_event": status.poke})
+                "heartbeat_every_s": watchdog_s or 1.0, "on_event": status.poke,
+                "journal_watched": watch.start()})
     control = ControlServer(cfg.terminal.state_dir, lane.commands)
     _lane_event(lane, "started", {"software_version": appliance.__version__, "open_payments": open_count,
                                   "uplink": lane.uplink.kind})
@@ -222,14 +232,14 @@ def _run_locked(cfg: Config, stop: threading.Event, scanner: Scanner | None, lan
                         SCANNER_OPEN_WAIT_S)
         sd_notify("READY=1")
         status.start()
-        while not stop.wait(SIGNAL_POLL_S):
-            pass
+        _sleep_until(stop, wake)
     finally:
         status.stop()  # no STATUS= after STOPPING=1
         sd_notify("STOPPING=1")
         log.info("stopping")
         stop.set()
         scanner.close()
+        watch.close()
         control.stop_accepting()
         till_thread.join(timeout=STOP_GRACE_S)
         control.close()
@@ -259,6 +269,22 @@ def _warn_of_calls_longer_than(ping_every_s: float, cfg: Config) -> None:
             log.warning("providers.%s: one call may take %g s, longer than half the watchdog interval (%g s): "
                         "a slow platform can get the lane restarted; lower its timeouts or raise WatchdogSec",
                         name, limit, ping_every_s)
+
+
+def _sleep_until(stop: Stop, wake: WakePipe | None) -> None:
+    """Sleep until `stop` is set, without waking in between. In the main thread (`wake` given),
+    on the signal wake-up pipe: an Event's wait would hold its lock while a signal handler that
+    sets it may run in this very thread."""
+    if wake is None:
+        stop.wait()
+        return
+    unhook = stop.on_set(wake.wake)
+    try:
+        while not stop.is_set():
+            select.select([wake.fd], [], [])
+            wake.clear()  # a signal's handler has run by the time this call returns
+    finally:
+        unhook()
 
 
 def _lane_event(lane: Lane, event: str, detail: dict) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import queue
 import re
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -49,6 +48,7 @@ from appliance.payments import Outcome, PayRequest, Router, Status
 from appliance.redact import mask_digit_runs, printable
 from appliance.resolver import InFlight, drive_cancel, settle
 from appliance.scan import Scan
+from appliance.wakeup import Stop
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,12 @@ EXIT_CODES = {State.PAID: 0, State.CANCELLED: 0, State.REFUNDED: 0, State.DECLIN
               State.UNKNOWN: 4, State.PENDING: 4, State.DEFERRED: 4, State.CANCEL_REQUESTED: 4}
 #: States in which the cashier keeps waiting while the resolver drives the payment to an end.
 AWAITING_END = frozenset({State.UNKNOWN, State.PENDING, State.CANCEL_REQUESTED})
-#: Seconds between the idle lane's checks that its journal file is still the one it opened.
+#: Seconds between the idle lane's checks that its journal file is still the one it opened (every
+#: journal write checks it too, so a payment never goes to a lost journal).
 JOURNAL_CHECK_S = 1.0
+#: The same while the file is watched (`run(journal_watched=True)`: appliance/filewatch.py posts a
+#: check on every change), as a safety net only: an idle lane sleeps (issue 10).
+JOURNAL_WATCHED_CHECK_S = 60.0
 SIGNALS = {State.PAID: Signal.PAID, State.DECLINED: Signal.DECLINED, State.REVERSED: Signal.DECLINED,
            State.UNKNOWN: Signal.WORKING, State.PENDING: Signal.WORKING, State.DEFERRED: Signal.OFFLINE_QUEUED,
            State.CANCEL_REQUESTED: Signal.WORKING, State.CANCELLED: Signal.CANCELLED,
@@ -203,6 +207,7 @@ class Till:
         self._clock = clock
         self._heartbeat: Callable[[], None] | None = None  # the watchdog ping, while run() runs
         self._next_journal_check = 0.0
+        self._journal_timer_s = JOURNAL_CHECK_S  # how often the run loop wakes for it (see run())
         self._events: queue.Queue = queue.Queue()
         self.lane: object = _Ready()
         self._hold_until = 0.0
@@ -213,7 +218,8 @@ class Till:
         # from the front what left the duplicate window, in O(1) per code however busy the lane.
         self._recent_codes: OrderedDict[str, float] = OrderedDict()
         self._handlers = {"scan": self.handle_scan, "fault": self._set_scanner_fault, "resolved": self._on_resolved,
-                          "command": self._on_command}
+                          "command": self._on_command, "wake": lambda arg: None,
+                          "journal": self._check_journal_now}
 
     # --- events from other threads ------------------------------------------------------------
 
@@ -226,6 +232,10 @@ class Till:
     def post_resolved(self, txn: Txn) -> None:
         self._events.put(("resolved", txn))
 
+    def post_journal_check(self) -> None:
+        """The journal's file or directory changed (appliance/filewatch.py): check it now."""
+        self._events.put(("journal", None))
+
     def post_command(self, command: Command) -> "Future[Result]":
         """Queue a charge or cancel for the till's thread. The Future gets its Result, or the
         exception it raised; it is cancelled if the till stops before running it (nothing done)."""
@@ -233,41 +243,66 @@ class Till:
         self._events.put(("command", (future, command)))
         return future
 
-    def run(self, stop: threading.Event, tick_s: float = 0.05,
-            heartbeat: Callable[[], None] | None = None, heartbeat_every_s: float = 1.0,
-            on_event: Callable[[], None] | None = None) -> None:
-        """Handle events in order until stop is set; timeouts are checked every tick.
+    def run(self, stop: Stop, heartbeat: Callable[[], None] | None = None,
+            heartbeat_every_s: float = 1.0, on_event: Callable[[], None] | None = None,
+            journal_watched: bool = False) -> None:
+        """Handle events in order until stop is set (a `Stop`: its set() wakes this loop).
+
+        Between events the thread sleeps on its queue until the next deadline that is really due
+        (an order's or a cancel's timeout, the end of a result's hold, the watchdog's next ping,
+        the idle journal check) or the next event; `stop` wakes it at once. The journal check is
+        due every JOURNAL_CHECK_S, or JOURNAL_WATCHED_CHECK_S with `journal_watched` (whoever
+        watches the file posts `post_journal_check()` on each change).
 
         `on_event` (the status writer's poke) is called after each event is handled, from this
         thread: it must return at once.
 
-        `heartbeat` (the systemd watchdog ping) is called from this loop, so it stops when the
-        loop hangs, and again right before each platform call: one call may take its adapter's
-        whole limit (at most half the watchdog interval, appliance/payments/http.py), and the till
-        makes at most one platform call per event.
+        `heartbeat` (the systemd watchdog ping) is called from this loop every `heartbeat_every_s`,
+        so it stops when the loop hangs, and again right before each platform call: one call may
+        take its adapter's whole limit (at most half the watchdog interval,
+        appliance/payments/http.py), and the till makes at most one platform call per event.
         """
         self._show_lane()
         self._heartbeat = heartbeat
         self.journal.defer_checkpoints()  # done after each result, not inside a payment's commit
+        self._journal_timer_s = JOURNAL_WATCHED_CHECK_S if journal_watched else JOURNAL_CHECK_S
+        unhook = stop.on_set(lambda: self._events.put(("wake", None)))
         next_beat = 0.0
-        while not stop.is_set():
-            if heartbeat is not None and self._clock() >= next_beat:
-                heartbeat()
-                next_beat = self._clock() + heartbeat_every_s
-            try:
-                kind, arg = self._events.get(timeout=tick_s)
-            except queue.Empty:
-                kind = None
-            try:
-                if kind is not None:
-                    self._handlers[kind](arg)
-                    if on_event is not None:
-                        on_event()
-                self.tick()
-            except Exception:  # a bug handling one event must not take the lane down
-                log.exception("till: handling %s failed", kind or "tick")
-                self._flash(Signal.FAULT)
+        try:
+            while not stop.is_set():
+                now = self._clock()
+                if heartbeat is not None and now >= next_beat:
+                    heartbeat()
+                    next_beat = now + heartbeat_every_s
+                due = self._next_due()
+                if heartbeat is not None:
+                    due = min(due, next_beat)
+                try:
+                    kind, arg = self._events.get(timeout=max(0.0, due - self._clock()))
+                except queue.Empty:
+                    kind = None
+                try:
+                    if kind is not None:
+                        self._handlers[kind](arg)
+                        if on_event is not None and kind != "wake":
+                            on_event()
+                    self.tick()
+                except Exception:  # a bug handling one event must not take the lane down
+                    log.exception("till: handling %s failed", kind or "tick")
+                    self._flash(Signal.FAULT)
+        finally:
+            unhook()
         self._cancel_queued_commands()
+
+    def _next_due(self) -> float:
+        """The clock time of the next thing `tick()` has to do: the lane's deadline, the end of a
+        shown result, the next journal check."""
+        due = self._next_journal_check + self._journal_timer_s - JOURNAL_CHECK_S
+        if isinstance(self.lane, (_AwaitingCode, _AwaitingCancel, _Resolving)):
+            due = min(due, self.lane.deadline)
+        if self._hold_until:
+            due = min(due, self._hold_until)
+        return due
 
     def _cancel_queued_commands(self) -> None:
         """The loop stopped: commands it never started are cancelled, so nobody waits for them."""
@@ -546,6 +581,7 @@ class Till:
             if deferred:
                 txn = self.journal.transition(deferred[-1].txn_id, State.CANCELLED, "cancelled before forwarding")
                 log.info("txn %d: deferred -> cancelled, order %s", txn.txn_id, order, extra=logs.state_of(txn))
+                self.in_flight.poke()  # its code was erased: the resolver retries a scrub this one left
                 return Result.of(txn, cancel=True)
             if not paid:
                 if any(t.state in (State.PENDING, State.UNKNOWN, State.CANCEL_REQUESTED) for t in txns):
@@ -613,6 +649,10 @@ class Till:
         if self._hold_until and now >= self._hold_until:
             self._hold_until = 0.0
             self._show_lane()
+
+    def _check_journal_now(self, arg: object = None) -> None:
+        """Make the next tick() check the journal file (the run loop ticks after every event)."""
+        self._next_journal_check = 0.0
 
     def _lane_signal(self) -> Signal:
         if self._faults:

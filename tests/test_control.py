@@ -22,6 +22,7 @@ from appliance.money import MAX_FEN
 from appliance.payments.sandbox import SandboxOptions, SandboxProvider
 from appliance.scan import Scan
 from appliance.till import CancelCommand, ChargeCommand
+from appliance.wakeup import Stop
 from conftest import (WECHAT_PAID, WECHAT_PAID_2, WECHAT_PASSWORD_OK, WECHAT_SLOW, appliance_cmd, lane_dict,
                       subprocess_env, wait_for, write_config)
 
@@ -44,7 +45,7 @@ class Door:
         self.shown = []
         self.lane = service.build(self.cfg, indicator=make_indicator(
             self.cfg.indicator, on_render=lambda signal, pattern: self.shown.append(signal)))
-        self.stop = threading.Event()
+        self.stop = Stop()
         self.threads = [threading.Thread(target=self.lane.resolver.run, args=(self.stop,), daemon=True)]
         if start_till:
             self.threads.append(threading.Thread(target=self.lane.till.run, args=(self.stop,), daemon=True))
@@ -361,7 +362,7 @@ def test_a_client_trickling_bytes_is_dropped_within_the_request_timeout(door, mo
     """Found by fuzzing: the timeout was per recv(), so a byte every few seconds kept a connection
     (and one of MAX_CLIENTS slots) for hours: 16 such clients shut the lane's door."""
     monkeypatch.setattr(control, "REQUEST_TIMEOUT_S", 0.5)
-    stop = threading.Event()
+    stop = Stop()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, \
             control.unix_address(door.state_dir / control.SOCKET_NAME) as address:
         s.settimeout(10)

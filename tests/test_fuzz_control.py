@@ -31,6 +31,7 @@ from appliance.config import from_dict
 from appliance.control import MAX_LINE, CommandHandler, ControlServer
 from appliance.indicator import make_indicator
 from appliance.payments.sandbox import SandboxOptions, SandboxProvider
+from appliance.wakeup import Stop
 from conftest import (ALIPAY_NOTENOUGH, WECHAT_EXPIRED, WECHAT_LOST_ANSWER, WECHAT_PAID, WECHAT_PASSWORD_GIVEUP,
                       WECHAT_PASSWORD_OK, WECHAT_SLOW, WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, lane_dict, wait_for)
 from appliance.money import MAX_FEN
@@ -99,11 +100,11 @@ class RunningLane:
         caplog.set_level(logging.DEBUG, logger="appliance")
         self.fuzz = FuzzLane(lane, caplog)
         self.lane = lane
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=lane.till.run, args=(self._stop,), kwargs={"tick_s": 0.01},
+        self._stop = Stop()
+        self._threads = [threading.Thread(target=lane.till.run, args=(self._stop,),
                                           name="till", daemon=True)]
         if resolver:
-            self._threads.append(threading.Thread(target=lane.resolver.run, args=(self._stop, 0.02),
+            self._threads.append(threading.Thread(target=lane.resolver.run, args=(self._stop,),
                                                   name="resolver", daemon=True))
         for t in self._threads:
             t.start()

@@ -18,6 +18,7 @@ from appliance.errors import ApplianceError
 from appliance.journal import Journal, State
 from appliance.lanelock import LaneBusy, LaneLock
 from appliance.scan import NoScanner
+from appliance.wakeup import Stop
 from conftest import WECHAT_PAID, appliance_cmd, lane_dict, subprocess_env, wait_for, write_config
 
 
@@ -99,7 +100,7 @@ def test_run_on_a_held_lane_exits_1_naming_the_holder_and_opens_nothing(tmp_path
     holder.try_acquire()
     caplog.set_level(logging.INFO)
     try:
-        assert service.run(cfg, stop=threading.Event(), scanner=NoScanner(), lock_wait_s=0.3) == 1
+        assert service.run(cfg, stop=Stop(), scanner=NoScanner(), lock_wait_s=0.3) == 1
     finally:
         holder.release()
     assert not (tmp_path / "state" / Journal.FILENAME).exists()

@@ -1,3 +1,5 @@
+import dataclasses
+import threading
 import time
 
 import pytest
@@ -7,8 +9,9 @@ from appliance.journal import State
 from appliance.payments import Outcome, Status
 from appliance.resolver import InFlight, settle
 from appliance.till import Result
+from appliance.wakeup import Stop
 from conftest import (WECHAT_LOST_ANSWER, WECHAT_PAID, WECHAT_PASSWORD_GIVEUP, WECHAT_PASSWORD_OK,
-                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, resolve)
+                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, resolve, wait_for)
 
 
 @pytest.mark.parametrize("code,end", [
@@ -230,8 +233,9 @@ def test_run_loop_survives_a_failing_step_and_logs_it_once(lane, caplog):
         raise OSError("disk I/O error")
 
     lane.resolver.step = broken
-    stop = threading.Event()
-    t = threading.Thread(target=lane.resolver.run, args=(stop, 0.01))
+    lane.resolver.journal_retry_s = 0.01  # a failed pass is tried again after this long
+    stop = Stop()
+    t = threading.Thread(target=lane.resolver.run, args=(stop,))
     t.start()
     time.sleep(0.2)
     stop.set()
@@ -387,3 +391,60 @@ def test_a_forward_whose_answer_never_came_is_queried_not_declined(tmp_path):
                                                                              "unknown", "paid"]
     finally:
         lane.close()
+
+
+def _counting_reads(lane) -> list[float]:
+    """The times the resolver looks for work (each pass reads the open payments once)."""
+    reads: list[float] = []
+    real = lane.journal.open_txns
+
+    def open_txns():
+        reads.append(time.monotonic())
+        return real()
+
+    lane.journal.open_txns = open_txns
+    return reads
+
+
+def test_run_sleeps_while_nothing_is_due_and_wakes_when_the_till_leaves_work(lane):
+    """No polling: with nothing open the resolver looks once, then sleeps; the till's charge that
+    ends unknown wakes it at once (its query is due at once: first_query_after_s is 0 here)."""
+    reads = _counting_reads(lane)
+    stop = Stop()
+    t = threading.Thread(target=lane.resolver.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        assert wait_for(lambda: reads, every_s=0.005)
+        time.sleep(1.0)
+        assert len(reads) == 1, "the idle resolver looked for work again"
+        r = lane.till.charge("A1", 100, WECHAT_LOST_ANSWER)
+        assert r.txn.state is State.UNKNOWN
+        assert wait_for(lambda: lane.journal.get(r.txn.txn_id).state is State.PAID, every_s=0.005)
+        settled = len(reads)
+        time.sleep(1.0)
+        assert len(reads) <= settled + 1, "the resolver kept looking after the payment ended"
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+
+
+def test_run_wakes_for_an_attempt_when_it_is_due_not_before(lane):
+    """A payment deferred for a while is attempted again when that time has come: the sleep ends
+    at its due time, not at a poll."""
+    sandbox = lane.router.by_name("sandbox")
+    sandbox.policy = dataclasses.replace(sandbox.policy, first_query_after_s=0.6)
+    reads = _counting_reads(lane)
+    r = lane.till.charge("A1", 100, WECHAT_LOST_ANSWER)
+    t0 = time.monotonic()
+    stop = Stop()
+    t = threading.Thread(target=lane.resolver.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        assert wait_for(lambda: lane.journal.get(r.txn.txn_id).state is State.PAID, every_s=0.005)
+        assert time.monotonic() - t0 >= 0.6 - 0.05
+        assert len(reads) <= 4, reads  # first look, the due attempt, one more to see what it left
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()

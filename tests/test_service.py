@@ -14,6 +14,8 @@ from appliance.config import from_dict
 from appliance.indicator import Signal, make_indicator
 from appliance.journal import Journal, State
 from appliance.scan.evdev import EvdevScanner
+from appliance.scan.stdin import StdinScanner
+from appliance.wakeup import Stop
 from conftest import WECHAT_PAID, appliance_cmd, lane_dict, subprocess_env, write_config
 from test_scan_evdev import FakeDevice, Opener, typed
 
@@ -29,7 +31,7 @@ def _wait(predicate, timeout=10.0):
 
 def _run_in_thread(cfg, scanner):
     lane = service.build(cfg, indicator=make_indicator(cfg.indicator))
-    stop = threading.Event()
+    stop = Stop()
     done = {}
     t = threading.Thread(target=lambda: done.setdefault("rc", service.run(cfg, stop=stop, scanner=scanner,
                                                                             lane=lane)))
@@ -96,7 +98,7 @@ def test_serial_scanner_inside_appliance_run(tmp_path):
 def test_the_service_queues_started_and_stopped_for_head_office(tmp_path):
     """`appliance run` (in-process) with [mqtt] enabled = false: the lane events wait in the outbox."""
     cfg = from_dict(lane_dict(tmp_path / "state"))
-    stop = threading.Event()
+    stop = Stop()
     threading.Timer(0.5, stop.set).start()
     assert service.run(cfg, stop=stop) == 0
     journal = Journal(tmp_path / "state", "S0001", "L01", readonly=True)
@@ -143,3 +145,27 @@ def test_the_service_answers_head_office_over_mqtt_and_reports_its_lane(tmp_path
     assert statuses[0] == "online" and statuses[-1] == "stopped"
     check_all(hq.messages)
     hq.close()
+
+
+def test_a_stop_ends_every_sleeping_thread_at_once(tmp_path):
+    """An idle lane's threads sleep without timeouts (till, resolver, control socket, a scanner
+    waiting on input that never comes); a stop still ends each of them at once."""
+    cfg = from_dict(lane_dict(tmp_path / "state"))
+    r, w = os.pipe()
+    before = set(threading.enumerate())
+    lane, stop, t, done = _run_in_thread(cfg, StdinScanner(fd=r))
+    try:
+        _wait(lambda: (tmp_path / "state" / "control.sock").exists())
+        time.sleep(0.5)  # every thread is asleep by now
+        started = set(threading.enumerate()) - before - {t}
+        assert {"till", "resolver", "control", "scanner-stdin", "filewatch"} <= {th.name for th in started}
+        t0 = time.monotonic()
+        stop.set()
+        t.join(10)
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        os.close(w)
+    assert done["rc"] == 0 and took < 2.0, took
+    assert [th.name for th in started if th.is_alive()] == []
+    os.close(r)

@@ -1,13 +1,19 @@
-"""The lane state machine, driven scan by scan with a fake clock (no threads)."""
+"""The lane state machine, driven scan by scan with a fake clock (no threads); at the end, its run
+loop in a thread on the real clock."""
+
+import threading
+import time
 
 import pytest
 
+from appliance.filewatch import FileWatch
 from appliance.indicator import Signal
 from appliance.journal import State
 from appliance.scan import Scan
 from appliance.till import ArmCommand, OfflinePolicy, Till
+from appliance.wakeup import Stop
 from conftest import (ALIPAY_NOTENOUGH, WECHAT_EXPIRED, WECHAT_PAID, WECHAT_PAID_2, WECHAT_PASSWORD_OK,
-                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, Recorder, journal_snapshot)
+                      WECHAT_SYSTEMERROR, WECHAT_UNREACHABLE, Recorder, journal_snapshot, wait_for)
 
 
 class Clock:
@@ -314,7 +320,7 @@ def test_a_failing_event_does_not_stop_the_lane(lane):
         return real(text)
 
     till.classifier.classify = flaky
-    stop = threading.Event()
+    stop = Stop()
     t = threading.Thread(target=till.run, args=(stop,))
     t.start()
     try:
@@ -478,3 +484,85 @@ def test_each_fault_raised_or_cleared_is_one_lane_event_for_head_office(till, la
         ("fault", {"source": "scanner", "reason": "scanner unplugged: /dev/input/event3"}),
         ("fault", {"source": "scanner", "reason": "scanner read failed: 1345**********6700"}),
         ("fault_cleared", {"source": "scanner", "reason": "scanner read failed: 1345**********6700"})]
+
+
+# --- the run loop, on the real clock -------------------------------------------------------------
+
+
+def _run_till(lane, **kw):
+    stop = Stop()
+    t = threading.Thread(target=lane.till.run, args=(stop,), kwargs=kw, daemon=True)
+    t.start()
+    return stop, t
+
+
+def _counting_ticks(lane) -> list[float]:
+    ticks: list[float] = []
+    real_tick = lane.till.tick
+    lane.till.tick = lambda: (ticks.append(time.monotonic()), real_tick())
+    return ticks
+
+
+def test_the_idle_loop_sleeps_and_an_order_timeout_still_fires_on_time(lane):
+    """The loop sleeps until something is due: idle (its journal watched, as the service has it),
+    it does not tick; an order ticket's timeout fires when due (not a poll later), and the lane
+    shows ready again."""
+    ticks = _counting_ticks(lane)
+    lane.till.order_timeout_s = 0.5
+    stop, t = _run_till(lane, journal_watched=True)
+    try:
+        assert wait_for(lambda: ticks, every_s=0.005)
+        time.sleep(1.0)
+        assert len(ticks) == 1, "the idle till woke up with nothing due"
+        lane.till.post_scan(Scan("ORD:A1:1.00", "test"))
+        assert wait_for(lambda: lane.indicator.current is Signal.AWAITING_CODE, every_s=0.005)
+        armed = time.monotonic()
+        assert wait_for(lambda: lane.indicator.current is Signal.READY, every_s=0.005)
+        assert 0.5 - 0.05 <= time.monotonic() - armed < 0.5 + 1.0
+        assert len(ticks) <= 5, ticks  # the start, the scan, the timeout (and a late wake or two)
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+
+
+def test_the_watchdog_is_pinged_on_time_by_a_sleeping_loop(lane):
+    beats = []
+    stop, t = _run_till(lane, heartbeat=lambda: beats.append(time.monotonic()), heartbeat_every_s=0.2)
+    try:
+        assert wait_for(lambda: len(beats) >= 6, every_s=0.005)
+    finally:
+        stop.set()
+        t.join(5)
+    gaps = [b - a for a, b in zip(beats, beats[1:])]
+    assert all(0.2 - 0.02 <= g < 0.2 + 1.0 for g in gaps), gaps
+
+
+def test_a_stop_wakes_the_sleeping_loop_at_once(lane):
+    stop, t = _run_till(lane)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    stop.set()
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - t0 < 1.0
+
+
+def test_a_watched_idle_lane_shows_a_lost_journal_at_once_without_a_timer(lane):
+    """As in the service: the journal's FileWatch posts a check; the lane shows FAULT at once,
+    although its own timer for the check would wait JOURNAL_WATCHED_CHECK_S."""
+    ticks = _counting_ticks(lane)
+    watch = FileWatch(lane.journal.path, lane.till.post_journal_check)
+    assert watch.start()
+    stop, t = _run_till(lane, journal_watched=True)
+    try:
+        assert wait_for(lambda: lane.indicator.current is Signal.READY, every_s=0.005)
+        time.sleep(0.3)
+        lane.journal.path.unlink()
+        lost = time.monotonic()
+        assert wait_for(lambda: lane.indicator.current is Signal.FAULT, every_s=0.005)
+        assert time.monotonic() - lost < 1.0 + 2.0  # within a second, and a loaded machine's margin
+        assert len(ticks) <= 4, ticks
+    finally:
+        stop.set()
+        watch.close()
+        t.join(5)

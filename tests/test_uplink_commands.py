@@ -16,6 +16,7 @@ from appliance.journal import State
 from appliance.money import MAX_FEN
 from appliance.scan import Scan
 from appliance.uplink.commands import MAX_REQUEST, Commands
+from appliance.wakeup import Stop
 from conftest import WECHAT_PAID, WECHAT_SYSTEMERROR, Recorder, journal_snapshot, lane_dict, wait_for
 
 AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -29,7 +30,7 @@ class Office:
 
     def __init__(self, state_dir, *, run_till=True, **kwargs):
         self.lane = service.build(from_dict(lane_dict(state_dir)), indicator=Recorder())
-        self.stop = threading.Event()
+        self.stop = Stop()
         self.thread = threading.Thread(target=self.lane.till.run, args=(self.stop,), daemon=True)
         if run_till:
             self.thread.start()

@@ -13,6 +13,9 @@ Contract for adapters (one per file, chosen by `[scanner] kind`):
     `wait_first_attempt()` lets the service report READY to systemd with the scanner up, or known
     to be missing, never while it is still being opened.
   * `close()` stops the thread within about a second and is safe to call twice.
+  * An idle reader sleeps until its device has bytes or the scanner is closed: it blocks on its fd
+    beside `self._wake_fd` (select), or in `self._stop.wait()`; a timeout only for a deadline
+    that is really due (a code half typed). It never wakes just to look at the stop event.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Callable
 
 from appliance.redact import mask
 from appliance.registry import Registry
+from appliance.wakeup import Stop, WakePipe
 
 
 @dataclass(frozen=True)
@@ -43,14 +47,17 @@ OnFault = Callable[[str | None], None]  # reason, or None when the device is bac
 
 
 class Scanner(ABC):
-    """Base for scanner adapters: a daemon reader thread with a stop event."""
+    """Base for scanner adapters: a daemon reader thread with a stop event, and a wake-up fd that
+    becomes readable when the scanner is closed (for readers that select() on their device)."""
 
     name = "scanner"
     #: True for adapters that open a device in their thread (see `wait_first_attempt`).
     opens_device = False
 
     def __init__(self) -> None:
-        self._stop = threading.Event()
+        self._stop = Stop()
+        self._wake = WakePipe()
+        self._stop.on_set(self._wake.wake)
         self._first_attempt = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_scan: OnScan = lambda scan: None
@@ -62,9 +69,14 @@ class Scanner(ABC):
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    @property
+    def _wake_fd(self) -> int:
+        """Readable once `close()` was called: select() on it beside the device's fd."""
+        return self._wake.fd
+
     @abstractmethod
     def _run(self) -> None:
-        """Read until `self._stop` is set. Must poll the stop event at least once a second."""
+        """Read until `self._stop` is set, sleeping only in waits that `close()` ends (see above)."""
 
     def _first_attempt_done(self) -> None:
         """Called by the reader thread when its first attempt to open the device has ended."""
@@ -78,9 +90,11 @@ class Scanner(ABC):
 
     def close(self, timeout: float = 2.0) -> None:
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if not thread.is_alive():
+                self._wake.close()
 
 
 #: kind -> factory `(cfg: ScannerConfig) -> Scanner`; each adapter file registers itself. The

@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 
 INPUT_DIR = "/dev/input"
 
-#: Longest wait in one select() call: how quickly the reader notices `close()`. It waits less
-#: while a code is being typed, to wake up at the code's inter-character deadline.
-POLL_S = 0.2
 
 #: Keys a device must have to count as a keyboard a scanner could type codes on.
 _DIGIT_KEYS = frozenset(KEY[d] for d in "1234567890") | frozenset(KEY[f"KP{d}"] for d in range(10))
@@ -157,7 +154,7 @@ class EvdevScanner(Scanner):
     `on_fault(reason)` once per outage; it then retries every `retry_interval_s` seconds without
     logging, and when the device is open and grabbed again logs once and calls `on_fault(None)`.
     A code being typed when the device goes away is delivered as a defect.
-    `close()` ungrabs and closes the device and returns within about POLL_S seconds.
+    `close()` wakes the reader at once, ungrabs and closes the device.
     """
 
     name = "scanner-evdev"
@@ -287,15 +284,16 @@ class EvdevScanner(Scanner):
         return " and ".join(parts)
 
     def _pump(self) -> None:
-        """Wait up to POLL_S (less when a code is pending) and decode whatever arrived."""
+        """Wait for events (until `close()`; while a code is pending, until its inter-character
+        deadline) and decode whatever arrived."""
         dev = self._device
         assert dev is not None
         deadline = self._decoder.deadline
-        wait = POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()) + 0.001)
-        ready, _, _ = select.select([dev.fd], [], [], wait)
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.001
+        ready, _, _ = select.select([dev.fd, self._wake_fd], [], [], wait)
         now = time.monotonic()
         scans: list[Scan] = []
-        if ready:
+        if dev.fd in ready:
             try:
                 events = list(dev.read())
             except BlockingIOError:

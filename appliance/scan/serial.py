@@ -49,8 +49,11 @@ log = logging.getLogger(__name__)
 MAX_FRAME = 4096
 #: Port used when `[scanner] device` is empty: the symlink made by image/udev/99-appliance-scanner.rules.
 DEFAULT_DEVICE = "/dev/scanner"
-#: Longest wait in one read; the reader checks the stop event at least this often.
+#: A SerialLink's read timeout unless given: how long one read waits for a first byte. The scanner
+#: itself waits without limit while no scan is half received (`cancel()` ends that wait).
 READ_TIMEOUT_S = 0.2
+#: `SerialLink.read(timeout_s=...)` default: the link's own timeout.
+_CONFIGURED = object()
 #: How often a lost port is looked for again.
 RETRY_S = 1.0
 
@@ -222,19 +225,34 @@ class SerialLink:
             raise DeviceError(f"{self.path}: {_describe(e)}") from None
         self._port = port
 
-    def read(self) -> bytes:
-        """What has arrived: waits up to the timeout for a first byte, then takes all that is buffered."""
-        if self._port is None:
+    def read(self, timeout_s=_CONFIGURED) -> bytes:
+        """What has arrived: waits up to `timeout_s` (None: until a byte or `cancel()`; default:
+        the link's timeout) for a first byte, then takes all that is buffered."""
+        port = self._port
+        if port is None:
             raise DeviceError(f"{self.path} is not open")
         try:
-            data = self._port.read(1)
+            timeout_s = self._settings["timeout"] if timeout_s is _CONFIGURED else timeout_s
+            if port.timeout != timeout_s:
+                port.timeout = timeout_s
+            data = port.read(1)
             if data:
-                waiting = self._port.in_waiting
+                waiting = port.in_waiting
                 if waiting:
-                    data += self._port.read(min(waiting, MAX_FRAME))
+                    data += port.read(min(waiting, MAX_FRAME))
             return data
         except (serial.SerialException, OSError) as e:
             raise DeviceError(f"{self.path}: {_describe(e)}") from None
+
+    def cancel(self) -> None:
+        """Make a read waiting in another thread return at once (empty); the next read if none
+        waits. Safe from any thread, also when the port is closed."""
+        port = self._port
+        if port is not None:
+            try:
+                port.cancel_read()
+            except (serial.SerialException, OSError, ValueError):
+                pass  # closed meanwhile: nobody waits on it
 
     def close(self) -> None:
         port, self._port = self._port, None
@@ -272,8 +290,8 @@ class SerialScanner(Scanner):
         self.source = f"serial:{self.device}"
         self._gap_s = cfg.inter_char_timeout_ms / 1000
         self._link = SerialLink(self.device, baudrate=cfg.baudrate, bytesize=cfg.bytesize,
-                                parity=cfg.parity, stopbits=cfg.stopbits,
-                                timeout=min(READ_TIMEOUT_S, max(0.02, self._gap_s)))
+                                parity=cfg.parity, stopbits=cfg.stopbits, timeout=None)
+        self._stop.on_set(self._link.cancel)
         self._on_trace = on_trace
         self._retry_s = retry_s
         self._connected = False
@@ -316,8 +334,10 @@ class SerialScanner(Scanner):
                     else:
                         log.info("Reading %s", self)
                     self._first_attempt_done()
-                try:
-                    chunk = self._link.read()
+                if self._stop.is_set():  # set while the port opened: its cancel() found no port to wake
+                    break
+                try:  # idle: sleep until bytes come or close() cancels; mid-scan: until the gap runs out
+                    chunk = self._link.read(max(0.02, self._gap_s) if decoder.pending else None)
                 except DeviceError as e:
                     self._link.close()
                     self._connected = False

@@ -35,9 +35,9 @@ class StdinScanner(Scanner):
         buf = b""
         overlong = False  # inside a line already reported as too long: drop up to its newline
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._fd], [], [], 0.2)
-            if not ready:
-                continue
+            ready, _, _ = select.select([self._fd, self._wake_fd], [], [])
+            if self._fd not in ready:
+                continue  # closed: the loop ends
             chunk = os.read(self._fd, 4096)
             if not chunk:
                 if buf and not overlong:  # the tail of a line reported too long is no scan of its own
