@@ -488,6 +488,7 @@ class Journal:
         self._scrub_lock = threading.Lock()
         self._opener = threading.get_ident()
         self._local = threading.local()  # `pending`: commits since this thread's last checkpoint, if it defers
+        self._commit_hooks: list[Callable[[], None]] = []
         self._erasures = 0 if readonly else 1
         self._scrubbed = 0
         if readonly:
@@ -631,6 +632,12 @@ class Journal:
             what = "deleted" if st is None else "emptied" if st.st_size == 0 else "replaced by another file"
             raise JournalLost(f"the journal {self.path} was {what} while in use; no more payments are taken")
 
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` after every commit through this Journal object (in the committing thread;
+        it must not block): how the uplink learns of new outbox rows without polling. Commits of
+        other processes are not seen (while the service runs, no other process writes)."""
+        self._commit_hooks.append(hook)
+
     @contextmanager
     def _writing(self, what: str):
         """One BEGIN IMMEDIATE transaction on a checked file; yields this thread's sqlite3
@@ -648,6 +655,8 @@ class Journal:
             conn.execute("COMMIT")
             failpoints.hit(f"journal.{what}.after_commit")
             pending = getattr(self._local, "pending", None)
+            for hook in self._commit_hooks:
+                hook()
         except BaseException as e:
             if conn.in_transaction:
                 try:

@@ -93,6 +93,7 @@ def build(cfg: Config, *, indicator: Indicator | None = None, uplink: bool = Tru
     # reports the uplink's state. The lambda reaches `commands` once both exist (before any start).
     link = make_uplink(uplink_cfg, journal, commands=lambda name, payload: commands(name, payload),
                        health=till.health, platforms=list(cfg.providers))
+    till.on_health_change(link.health_changed)  # the status follows the lane without polling it
     handler = CommandHandler(till, journal, uplink_state=link.state, sync_now=link.sync_now)
     commands = Commands(handler, till, link.state, link.sync_now, t.store_id, t.terminal_id)
     return Lane(cfg, journal, router, indicator, till, resolver, handler, link)

@@ -209,7 +209,8 @@ class Till:
         self._next_journal_check = 0.0
         self._journal_timer_s = JOURNAL_CHECK_S  # how often the run loop wakes for it (see run())
         self._events: queue.Queue = queue.Queue()
-        self.lane: object = _Ready()
+        self._health_hooks: list[Callable[[], None]] = []
+        self._lane: object = _Ready()
         self._hold_until = 0.0
         # source ("scanner", "platform", "journal", "journal-lost") -> reason. Replaced, never changed
         # in place, so that health() may copy it from any thread.
@@ -231,6 +232,28 @@ class Till:
 
     def post_resolved(self, txn: Txn) -> None:
         self._events.put(("resolved", txn))
+
+    @property
+    def lane(self) -> object:
+        """The lane state (what the next scan means); see the module docstring."""
+        return self._lane
+
+    @lane.setter
+    def lane(self, new: object) -> None:
+        changed = type(new) is not type(self._lane)
+        self._lane = new
+        if changed:
+            self._health_changed()
+
+    def on_health_change(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` (from the till's thread; it must not block) whenever what `health()`
+        returns may have changed: the lane state or a fault. For status publishers, so that they
+        need not poll `health()`."""
+        self._health_hooks.append(hook)
+
+    def _health_changed(self) -> None:
+        for hook in self._health_hooks:
+            hook()
 
     def post_journal_check(self) -> None:
         """The journal's file or directory changed (appliance/filewatch.py): check it now."""
@@ -695,6 +718,7 @@ class Till:
             self._faults = {k: v for k, v in self._faults.items() if k != source}
             log.info("fault cleared: %s", source)
         self._lane_event("fault" if reason else "fault_cleared", {"source": source, "reason": reason or previous})
+        self._health_changed()
         self._show_lane()
 
     def _lane_event(self, event: str, detail: dict) -> None:

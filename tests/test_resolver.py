@@ -435,8 +435,8 @@ def test_run_wakes_for_an_attempt_when_it_is_due_not_before(lane):
     sandbox = lane.router.by_name("sandbox")
     sandbox.policy = dataclasses.replace(sandbox.policy, first_query_after_s=0.6)
     reads = _counting_reads(lane)
+    t0 = time.monotonic()  # before the charge: the payment's age counts from its opening, within it
     r = lane.till.charge("A1", 100, WECHAT_LOST_ANSWER)
-    t0 = time.monotonic()
     stop = Stop()
     t = threading.Thread(target=lane.resolver.run, args=(stop,), daemon=True)
     t.start()

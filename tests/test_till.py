@@ -486,6 +486,18 @@ def test_each_fault_raised_or_cleared_is_one_lane_event_for_head_office(till, la
         ("fault_cleared", {"source": "scanner", "reason": "scanner read failed: 1345**********6700"})]
 
 
+def test_health_hooks_hear_of_every_lane_state_and_fault_change_once(till):
+    """What a status publisher is told instead of polling health()."""
+    seen = []
+    till.on_health_change(lambda: seen.append(till.health()))
+    scan(till, "ORD:A1:1.00")
+    scan(till, "ORD:A2:2.00")  # a new order, the same lane state: nothing to tell
+    till.post_fault("scanner unplugged")
+    till.drain()
+    assert [h["lane"] for h in seen] == ["awaiting_code", "awaiting_code"]
+    assert seen[0]["faults"] == {} and set(seen[1]["faults"]) == {"scanner"}
+
+
 # --- the run loop, on the real clock -------------------------------------------------------------
 
 

@@ -322,3 +322,36 @@ def test_tls_with_a_client_certificate_and_a_refused_broker_certificate(tmp_path
     assert seqs_of(hq.received(3, f"{BASE}/event"), "event") == [1, 2, 3]
     assert u.state()["connected"]
     hq.close()
+
+
+# --- an idle uplink sleeps (issue 10) ------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_an_idle_uplink_sleeps_and_a_commit_or_a_health_change_wakes_it_at_once(tmp_path, lane_broker, lane_journal,
+                                                                                 uplinks):
+    """No polling: once drained, the uplink does not read the outbox until the journal commits
+    (here: a payment from this thread, as the till's would be), nor the lane's health until
+    told it changed; each then reaches head office at once, although every timer is an hour away."""
+    claims = []
+    real_claim = lane_journal.claim
+    lane_journal.claim = lambda *a, **kw: (claims.append(time.monotonic()), real_claim(*a, **kw))[1]
+    health = {"lane": "ready", "faults": {}}
+    reads = []
+    hq = hq_peer(lane_broker)
+    u = uplinks(lane_cfg(tmp_path, lane_broker, status_every_s=3600.0, daily_every_s=3600.0), lane_journal,
+                health=lambda: (reads.append(1), dict(health))[1])
+    assert wait_for(lambda: u.state()["connected"])
+    assert drained(lane_journal) and wait_for(lambda: hq.messages)
+    time.sleep(0.5)
+    claims_before, reads_before = len(claims), len(reads)
+    time.sleep(1.5)
+    assert (len(claims), len(reads)) == (claims_before, reads_before), "the idle uplink looked anyway"
+
+    payments(lane_journal, 1)
+    assert wait_for(lambda: len(seqs_of(hq.messages)) == 2, 5)
+    health.update(lane="awaiting_code")
+    u.health_changed()
+    assert wait_for(lambda: any(json.loads(m.payload).get("lane") == "awaiting_code"
+                                for m in hq.messages if m.topic == f"{BASE}/status"), 5)
+    hq.close()

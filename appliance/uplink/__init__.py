@@ -15,6 +15,9 @@ Contract for adapters:
     oldest_queued_at, last_seq, last_ack_seq, last_ack_at). A JournalError from reading the
     outbox propagates.
   * `sync_now()` wakes the drain and republishes the status at once; returns at once.
+  * `health_changed()` says the lane's health (the `health` callable) may have changed: an
+    adapter that shows it republishes it; returns at once. Between such calls an adapter reads
+    `health` no more often than it publishes a status anyway (no polling).
   * `close(timeout_s)` sends what it can within `timeout_s` seconds (the last events, then status
     `stopped`), disconnects cleanly and stops its threads; idempotent. Whatever it could not send
     stays queued for the next start.
@@ -54,6 +57,9 @@ class Uplink(ABC):
 
     @abstractmethod
     def sync_now(self) -> None: ...
+
+    def health_changed(self) -> None:
+        """See the module docstring; adapters that show no health ignore it."""
 
     def state(self) -> dict:
         return {"kind": self.kind, **self._link_state(), **dataclasses.asdict(self._journal.outbox_state())}

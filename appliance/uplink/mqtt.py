@@ -60,12 +60,11 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 #: A connection whose CONNACK has not come by then is given up.
 CONNACK_TIMEOUT_S = 10.0
-#: How often an idle uplink looks for new outbox rows (the journal does not notify).
-IDLE_POLL_S = 0.2
-#: How often the lane's health (lane state, faults) is read for the status.
-HEALTH_EVERY_S = 0.25
-#: How often the business date is checked for a day to close.
-DAY_CHECK_EVERY_S = 1.0
+#: How often the business date is checked for a day to close: a day is closed within this long
+#: after its cutoff. An idle uplink sleeps until its next timer (this, the status, a reconnect,
+#: the prune) or until woken: by a journal commit (new outbox rows), the lane's health changing,
+#: a PUBACK, a command, a stop (issue 10: no polling).
+DAY_CHECK_EVERY_S = 60.0
 #: How often sent rows older than `prune_after_days` are deleted.
 PRUNE_EVERY_S = 3600.0
 #: Rows handed to paho and not yet acknowledged, at least (twice the window if that is more);
@@ -79,6 +78,23 @@ ACK_EVERY_S = 0.1
 COMMAND_QUEUE = 32
 #: After a journal failure, the uplink thread waits this long before trying again.
 JOURNAL_RETRY_S = 1.0
+
+
+class _Client(mqtt.Client):
+    """paho's client, whose network thread (`loop_start`) sleeps up to `idle_wake_s` in select()
+    when nothing comes or goes, instead of paho's 1 s (issue 10: an idle lane sleeps). A publish
+    from another thread still wakes it at once (paho's socket pair); the keepalive PINGREQ goes
+    out at most `idle_wake_s` late, which a quarter of keepalive_s keeps well inside the broker's
+    1.5 x keepalive_s. paho 2.x starts that thread on `_thread_main`: should a later paho rename
+    it, this override is simply unused and the thread wakes every second again."""
+
+    idle_wake_s = 1.0
+
+    def _thread_main(self) -> None:
+        try:
+            self.loop_forever(timeout=self.idle_wake_s, retry_first_connection=True)
+        finally:
+            self._thread = None
 
 
 def dumps(doc: dict) -> str:
@@ -107,7 +123,6 @@ class _Connection:
         self.others: dict[int, str] = {}  # mid -> what (status, daily totals) for the log
         self.shown: dict | None = None  # the health view the last status showed
         self.status_due = 0.0
-        self.health_due = 0.0
         self.daily_key: tuple | None = None
         self.stopped_mid: int | None = None
 
@@ -161,6 +176,9 @@ class MqttUplink(Uplink):
         self._today: str | None = None
         self._next_day_check = self._next_prune = self._next_daily = 0.0
         self._ever_connected = False
+        self._health_dirty = True  # health() may have changed since the last status read it
+        self._commits = 0  # journal commits seen (new rows, changed totals) ...
+        self._daily_commits = -1  # ... as of the last daily totals read
         self._window = m.max_inflight  # lowered to the broker's Receive Maximum if it sets a smaller one
 
     # --- the port --------------------------------------------------------------------------
@@ -171,6 +189,7 @@ class MqttUplink(Uplink):
             return
         self._password = self._m.password_file.read() if self._m.password_file is not None else None
         self._tls = self._tls_context() if self._m.tls else None
+        self._journal.on_commit(self._committed)
         self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
         self._worker = threading.Thread(target=self._serve_commands, name="uplink-commands", daemon=True)
         self._thread.start()
@@ -197,6 +216,19 @@ class MqttUplink(Uplink):
 
     def sync_now(self) -> None:
         self._sync = True
+        self._wake.set()
+
+    def health_changed(self) -> None:
+        self._health_dirty = True
+        self._wake.set()
+
+    def _committed(self) -> None:
+        """A journal commit: there may be rows to send or totals to republish. The uplink thread's
+        own commits (claims, acks) are not counted: its pass goes on to the rows anyway, and a
+        claim's commit would otherwise wake it again and again."""
+        if threading.current_thread() is self._thread:
+            return
+        self._commits += 1
         self._wake.set()
 
     def _link_state(self) -> dict:
@@ -237,9 +269,28 @@ class MqttUplink(Uplink):
             if not self._to_ack:
                 self._journal_trouble.end()
             if not busy:
-                conn = self._conn
-                self._wake.wait(ACK_EVERY_S if self._to_ack or (conn is not None and conn.inflight) else IDLE_POLL_S)
+                self._wake.wait(self._sleep_s(self._mono()))
         self._finish()
+
+    def _sleep_s(self, now: float) -> float:
+        """How long the uplink thread may sleep unless woken: until its next timer is due."""
+        conn = self._conn
+        if self._to_ack or (conn is not None and conn.inflight):
+            return ACK_EVERY_S
+        due = min(self._next_day_check, self._next_prune)
+        if self._stop.is_set():
+            due = min(due, self._drain_until)
+        if conn is None:
+            due = min(due, self._next_attempt)
+        elif not conn.ready:
+            due = min(due, conn.deadline)
+        else:
+            due = min(due, conn.status_due)
+            if self._paused_until > now:
+                due = min(due, self._paused_until)
+            if self._commits != self._daily_commits:
+                due = min(due, self._next_daily)
+        return min(max(0.0, due - now), 3600.0)
 
     def _ack_due(self, now: float) -> bool:
         """Mark the acknowledged rows sent now? When many wait, or the oldest waited ACK_EVERY_S, or
@@ -261,6 +312,7 @@ class MqttUplink(Uplink):
             if today != self._today:
                 closed = self._journal.close_days(today)
                 if closed:
+                    self._commits += 1  # today's running totals follow the close
                     log.info("business day(s) %s closed; their totals are queued for head office",
                              ", ".join(closed))
                 self._today = today
@@ -343,10 +395,11 @@ class MqttUplink(Uplink):
 
     def _new_client(self, at: str) -> mqtt.Client:
         v5 = self._m.protocol == "5"
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        client = _Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              clean_session=None if v5 else False,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=False)
         client.connect_timeout = CONNECT_TIMEOUT_S
+        client.idle_wake_s = self._m.keepalive_s / 4
         # At most this many publishes unacknowledged on the wire (rows, status, daily totals and
         # replies together); paho sends the next as each PUBACK comes.
         client.max_inflight_messages_set(self._window)
@@ -564,9 +617,9 @@ class MqttUplink(Uplink):
         """Publish `online` at connect, then every status_every_s whatever changed (head office
         tells a live lane by a recent `at`, docs/mqtt.md), and at once when the lane's state or
         faults change or on sync_now. The backlog and last ack it shows are as of then."""
-        if now >= conn.health_due or conn.shown is None:
+        if self._health_dirty or conn.shown is None or now >= conn.status_due:
+            self._health_dirty = False
             view = self._health_view()
-            conn.health_due = now + HEALTH_EVERY_S
         else:
             view = conn.shown
         if not (self._sync or conn.shown is None or view != conn.shown or now >= conn.status_due):
@@ -583,7 +636,10 @@ class MqttUplink(Uplink):
         not published (it would replace the retained close of the day before)."""
         if now < self._next_daily or self._today is None:
             return
+        if self._commits == self._daily_commits and conn.daily_key is not None:
+            return  # nothing journaled since: the totals are those shown
         self._next_daily = now + self._m.daily_every_s
+        self._daily_commits = self._commits
         doc = self._journal.daily(self._today)
         if not doc.get("totals"):
             return
