@@ -48,6 +48,11 @@ def _config(args) -> Config:
 
 
 def cmd_run(args) -> int:
+    # The lane's journal is SQLite: keep peewee from loading its PostgreSQL driver, which only head
+    # office uses (psycopg2 with its own libpq, libssl and libcrypto: ~6 MB resident on a 512 MB
+    # Pi). Nothing in `appliance run` imports head-office code; in a process that already has
+    # psycopg2 (tests) this changes nothing.
+    sys.modules.setdefault("psycopg2", None)
     from appliance import service
     from appliance.logs import setup
 
@@ -611,11 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pause", type=NUMBER_ARGS["pause"].type, default=0.6, metavar="S",
                     help="seconds between scripted scans")
     sp.set_defaults(func=cmd_demo)
-    from appliance.simulators import KINDS
-
     help_ = "run a payment platform's simulator on 127.0.0.1 and print the [providers] table for it"
     sp = sub.add_parser("simulate", help=help_, description=help_)
-    sp.add_argument("kind", choices=sorted(KINDS), help="the adapter kind to simulate")
+    sp.add_argument("kind", choices=_SimulatorKinds(), metavar="KIND", help="the adapter kind to simulate: %(choices)s")
     sp.add_argument("--port", type=NUMBER_ARGS["port"].type, default=0, help="TCP port (default 0: a free one)")
     sp.add_argument("--keys", metavar="DIR", help="keep the generated keys here (default: a temporary directory)")
     sp.add_argument("--slow-s", dest="slow_s", type=NUMBER_ARGS["slow_s"].type, default=8.0, metavar="S",
@@ -625,6 +628,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_simulate)
     add_hq(sub)
     return p
+
+
+class _SimulatorKinds:
+    """`simulate`'s choices, read from appliance.simulators (HTTP servers, TLS) only when argparse
+    checks or shows them: every other command, `run` above all, never imports it."""
+
+    def _kinds(self) -> list[str]:
+        from appliance.simulators import KINDS
+
+        return sorted(KINDS)
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._kinds()
+
+    def __iter__(self):
+        return iter(self._kinds())
 
 
 def main(argv: list[str] | None = None) -> int:

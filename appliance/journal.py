@@ -496,8 +496,12 @@ class Journal:
         else:
             identity = statedir.settle(self.state_dir, store_id, terminal_id, _init_schema)
             self._code_key = identity.code_key
+            # cache_size: 512 KiB of pages per connection (SQLite's default is 2 MiB, and each thread
+            # has its own connection): a lane's reads touch a few index pages, the rest is in the OS's
+            # page cache; on a 512 MB Pi the resident size matters more (issue 10).
             self.db = pw.SqliteDatabase(str(self.path), timeout=BUSY_TIMEOUT_S, pragmas={
-                "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1, "secure_delete": 1})
+                "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1, "secure_delete": 1,
+                "cache_size": -512})
         try:
             self.db.connect()  # kept open: this thread's reads need no new file handles later
             if not readonly:

@@ -21,13 +21,15 @@ the kind, when (and only when) a config asks for that kind.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from appliance.errors import ConfigError
+
+if TYPE_CHECKING:  # imported when a plug-in is looked for: it brings email, zipfile, csv... (~1 MB)
+    import importlib.metadata
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ _found: dict[str, importlib.metadata.EntryPoint] | None = None
 def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
     """The entry points of the group, by name (= the kind each adds); looked up once per process."""
     global _found
+    import importlib.metadata
+
     with _lock:
         if _found is None:
             _found = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}

@@ -21,13 +21,14 @@ from __future__ import annotations
 import functools
 import json
 from importlib import resources
-
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
+from typing import TYPE_CHECKING
 
 from appliance.errors import BadMessage
 from appliance.money import format_amount
 from appliance.redact import mask_digit_runs
+
+if TYPE_CHECKING:  # jsonschema is imported by the first check(): a lane (parse only) never loads it (~8 MB)
+    from jsonschema import Draft202012Validator
 
 #: The payload kinds, each with its schema file `<kind>.json`.
 KINDS = ("txn", "lane", "daily", "status", "reply", "command")
@@ -55,6 +56,8 @@ def schema(kind: str) -> dict:
 
 @functools.cache
 def _validator(kind: str, command: str | None = None) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     s = schema(kind)
     Draft202012Validator.check_schema(s)
     if command is not None:  # one command's arguments: its $defs entry
@@ -89,6 +92,8 @@ def check(kind: str, payload: bytes | str, *, command: str | None = None) -> dic
         raise ValueError(f"unknown payload kind {kind!r} (known: {', '.join(KINDS + LOCAL_KINDS)})")
     if command is not None and (kind != "command" or command not in COMMANDS):
         raise ValueError(f"unknown command {command!r} for kind {kind!r} (known: {', '.join(COMMANDS)})")
+    from jsonschema.exceptions import best_match
+
     doc = parse(payload, COMMAND_MAX_BYTES if kind == "command" else MAX_BYTES)
     error = best_match(_validator(kind, command).iter_errors(doc))
     if error is not None:
