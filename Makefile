@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/lane.py
+	$(BIN)/python bench/idle.py
 
 # The Raspberry Pi image's pieces (image/README.md). Both need root: debootstrap and chroot.
 # deb: build/appliance_<version>_<arch>.deb, its venv made inside a Debian bookworm build root

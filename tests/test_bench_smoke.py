@@ -1,6 +1,7 @@
-"""Benchmarks are not tests; this only runs bench/run.py, bench/lane.py and bench/ingest.py at smoke size so they
-cannot rot."""
+"""Benchmarks are not tests; this only runs bench/run.py, bench/lane.py, bench/idle.py and bench/ingest.py at smoke
+size so they cannot rot."""
 
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,19 @@ def test_ingest_bench_smoke():
                                                       "| postgresql, 1 process", "| postgresql, 2 processes"]
     shares = [float(row.rsplit("|", 2)[1].strip(" %")) for row in rows]  # one process's largest share
     assert shares[0] == shares[2] == 100 and shares[1] < 100 and shares[3] < 100, rows
+
+
+@pytest.mark.integration
+def test_idle_bench_smoke():
+    """bench/idle.py at smoke size (2 s idle, 200 payments): every figure is printed, and the lane
+    without an uplink sleeps (its wakeups are timers, so a loaded machine does not change them)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "idle.py"), "--smoke"], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode in (0, 1), r.stderr
+    figures = [line.split(":")[0] for line in r.stdout.splitlines()]
+    for figure in ("exec -> READY=1", "idle wakeups, mqtt disabled", "idle CPU, mqtt disabled",
+                   "watchdog, mqtt disabled", "idle wakeups, mqtt enabled, real mosquitto",
+                   "RSS after 200 payments", "RSS growth over the last 100"):
+        assert figure in figures, r.stdout
+    wakeups = float(re.search(r"idle wakeups, mqtt disabled: ([0-9.]+) /s", r.stdout).group(1))
+    assert wakeups <= 1.0, r.stdout
