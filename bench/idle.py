@@ -46,8 +46,11 @@ WAKEUPS_TARGET = 1.0
 CPU_TARGET_PCT = 0.1
 RSS_TARGET_MB = 30.0
 GROWTH_TARGET_MB = 0.5
-#: What a lane imports for its own work, for the idle ceiling (a process that imported them and sleeps).
-LANE_IMPORTS = "import appliance.service, appliance.uplink.mqtt, appliance.scan.stdin, appliance.payments.sandbox"
+#: What the footprint's lane (stdin scanner, sandbox, no uplink) imports, for the ceilings: a process
+#: that imported them and sleeps (its wakeups, its RSS). As `appliance run` does, without psycopg2.
+LANE_IMPORTS = ("import sys; sys.modules.setdefault('psycopg2', None); import appliance.cli, appliance.service, "
+                "appliance.logs, appliance.scan.stdin, appliance.payments.sandbox, appliance.indicator.log; "
+                "appliance.cli.build_parser()")
 IMPORT_CEILING = "import peewee, gpiozero, serial, paho.mqtt.client"
 
 
@@ -193,8 +196,7 @@ def python_ceiling(seconds: float) -> dict:
 
 def imports_rss_mb() -> float:
     """VmRSS of a Python process that imported what the lane imports (the floor under the lane's RSS)."""
-    proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.modules.setdefault('psycopg2', None); "
-                             f"{LANE_IMPORTS}; print(flush=True); import signal; signal.pause()"],
+    proc = subprocess.Popen([sys.executable, "-c", f"{LANE_IMPORTS}; print(flush=True); import signal; signal.pause()"],
                             stdout=subprocess.PIPE, cwd=str(ROOT))
     try:
         proc.stdout.readline()
