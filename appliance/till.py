@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from appliance import logs
-from appliance.classify import Classifier
+from appliance.classify import Classification, Classifier
 from appliance.errors import (BadInput, IllegalTransition, JournalError, JournalFull, JournalLost,
                               ProviderError, ProviderMisconfigured, ProviderUnavailable, Refused)
 from appliance.indicator import Indicator, Signal
@@ -396,7 +396,7 @@ class Till:
         self._show(Signal.WORKING)
         # The ticket's order was checked when it was scanned; open_payment checks it again, in the
         # transaction that opens the payment, against whatever another process did since.
-        result = self._charge(order, amount, scan.text, scan.source, check_order=False)
+        result = self._charge(order, amount, scan.text, scan.source, check_order=False, classified=c)
         if result.txn is None:
             if self._faults.keys() & {"journal", "journal-lost"}:  # nothing can be paid now: show why
                 self.lane = _Ready()
@@ -512,13 +512,15 @@ class Till:
         """
         return self._charge(order, amount_fen, code, source, check_order=True)
 
-    def _charge(self, order: str, amount_fen: int, code: str, source: str, *, check_order: bool) -> Result:
+    def _charge(self, order: str, amount_fen: int, code: str, source: str, *, check_order: bool,
+                classified: Classification | None = None) -> Result:
         """`charge`; `check_order=False` when the order was checked already (its ticket's scan),
-        which leaves the journal's own check inside the transaction that opens the payment."""
+        which leaves the journal's own check inside the transaction that opens the payment;
+        `classified`: the code's classification, when the scan that brought it made one."""
         try:
             if check_order:
                 self._check_order(order, amount_fen)
-            c = self.classifier.classify(code)
+            c = classified or self.classifier.classify(code)
             if c.kind != "payment":
                 raise BadInput(f"{c.masked} is not a payment code: {c.reason or c.kind}")
             provider = self.router.route(c.payment_type)
