@@ -145,6 +145,7 @@ def scan_to_paid(n: int, state_dir: Path) -> list[float]:
     from appliance import logs, service
     from appliance.config import from_dict
     from appliance.scan.stdin import StdinScanner
+    from appliance.wakeup import Stop
 
     cfg = from_dict({"terminal": {"store_id": "S0001", "terminal_id": "L01", "state_dir": str(state_dir)},
                      "providers": {"sandbox": {"kind": "sandbox"}}, "routing": {"wechat": "sandbox"}})
@@ -154,7 +155,7 @@ def scan_to_paid(n: int, state_dir: Path) -> list[float]:
     lane = service.build(cfg, indicator=watch, uplink=False)
     rfd, wfd = os.pipe()
     scanner = StdinScanner(rfd)
-    stop = threading.Event()
+    stop = Stop()  # what `appliance run` stops its threads with (appliance/wakeup.py)
     # the threads `appliance run` starts for a lane (appliance/service.py), but the control socket
     till = threading.Thread(target=lane.till.run, args=(stop,), name="till", daemon=True)
     resolver = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
