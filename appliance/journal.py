@@ -2,17 +2,19 @@
 
 SQLite, WAL mode, `synchronous=FULL`: a transition that returned is on disk and survives power
 loss. peewee holds the schema, its migrations and the cold paths; a payment's own reads and writes
-are plain SQL on the thread's sqlite3 connection, compiled once (see `_TXN_COLUMNS`). Each transition writes its head-office event (an outbox row) in the same
-transaction, so a state change and its event can never diverge.
+are plain SQL on the thread's sqlite3 connection, compiled once (see `_TXN_COLUMNS`). Each
+transition writes its head-office event (an outbox row) in the same transaction, so a state change
+and its event can never diverge.
 
 The outbox is head office's queue (schema 3). Every row gets the lane's next `seq` (strictly
 increasing, never reused: the outbox's highest + 1, and `prune` keeps a floor in `meta` so that an
-outbox it emptied cannot bring an old number back) and the exact JSON text that goes on the wire, so a row sent twice is the same message twice and head
-office de-duplicates it by `event_id`. The uplink `claim`s queued rows in seq order and `ack`s them
-once the broker acknowledged them, each a batch in one commit; `prune` deletes rows acknowledged
-some days ago and never a queued one. Rows of no payment fit in too: lane events (`lane_event`) and
-each business day's closing totals (`close_days`). A state dir nearly full (`min_free_bytes`)
-refuses new payments instead: the queue is bounded by the disk alone, and nothing is ever dropped.
+outbox it emptied cannot bring an old number back) and the exact JSON text that goes on the wire,
+so a row sent twice is the same message twice and head office de-duplicates it by `event_id`. The
+uplink `claim`s queued rows in seq order and `ack`s them once the broker acknowledged them, each a
+batch in one commit; `prune` deletes rows acknowledged some days ago and never a queued one. Rows
+of no payment fit in too: lane events (`lane_event`) and each business day's closing totals
+(`close_days`). A state dir nearly full (`min_free_bytes`) refuses new payments instead: the queue
+is bounded by the disk alone, and nothing is ever dropped.
 
 States and the only legal moves (anything else raises IllegalTransition):
 
