@@ -3,6 +3,8 @@ bounded rejects, and database errors translated."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from appliance.errors import ConfigError
@@ -118,6 +120,14 @@ def test_a_url_it_cannot_use_is_a_config_error(url, reason):
     with pytest.raises(ConfigError, match=reason) as e:
         Store(url)
     assert e.value.key == "hq.db"
+
+
+def test_postgresql_without_the_hq_extra_is_a_config_error(monkeypatch):
+    """The lane's image installs no psycopg2 (image/requirements.lock): say which extra brings it."""
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # import psycopg2 raises ImportError, as where it is absent
+    with pytest.raises(ConfigError, match=r"lane-appliance\[hq\]") as e:
+        Store("postgresql://hq:s3cret@127.0.0.1:1/hq")
+    assert e.value.key == "hq.db" and "s3cret" not in str(e.value)
 
 
 def test_a_reader_does_not_create_a_missing_sqlite_file(tmp_path):

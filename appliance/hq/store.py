@@ -88,6 +88,11 @@ def open_database(url: str, *, create: bool = True) -> pw.Database:
                 raise ConfigError("hq.db", f"no head-office database at {path} (run appliance hq ingest first)")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             return connect(url, pragmas=SQLITE_PRAGMAS)
+        try:
+            import psycopg2  # noqa: F401  (peewee would only say "driver not installed" at the first query)
+        except ImportError:
+            raise ConfigError("hq.db", "PostgreSQL needs the head-office extra: pip install 'lane-appliance[hq]' "
+                                       "(psycopg2; the lane's image leaves it out)") from None
         return connect(url)
     except (ValueError, RuntimeError) as e:
         raise ConfigError("hq.db", f"{redacted(url)}: {e}") from None
