@@ -6,7 +6,8 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
-BUILD=${BUILD:-$REPO/build}
+HOST_ARCH=$(dpkg --print-architecture)
+BUILD=${BUILD:-$REPO/build$([ "${ARCH:-$HOST_ARCH}" = "$HOST_ARCH" ] || echo "/$ARCH")}
 export BUILD
 START=$(date +%s)
 failed=0
@@ -180,7 +181,16 @@ boot_check() {
     t2=$(date +%s)
     echo "      (booted: copy and boot to active $((t1 - t0))s, checks and poweroff $((t2 - t1))s)"
 }
-if [ "${IMAGE_CHECK_BOOT:-1}" = 1 ]; then boot_check; else echo "SKIP  booted checks (IMAGE_CHECK_BOOT=0)"; fi
+if [ "${IMAGE_CHECK_BOOT:-1}" != 1 ]; then
+    echo "SKIP  booted checks (IMAGE_CHECK_BOOT=0)"
+elif [ "${ARCH:-$HOST_ARCH}" != "$HOST_ARCH" ]; then
+    # tried: an arm64 systemd under qemu-user boots, but cannot set up the unit's credentials
+    # ("Failed to set up credentials: Invalid argument", status 243/CREDENTIALS): qemu-user does not
+    # translate the mount calls systemd uses for them. That says nothing about a Pi.
+    echo "SKIP  booted checks: ${ARCH} under qemu-user cannot boot the unit (its credential mounts)"
+else
+    boot_check
+fi
 
 elapsed=$(( $(date +%s) - START ))
 if [ "$failed" = 0 ]; then
