@@ -50,7 +50,6 @@ promised below the files (blocks the filesystem freed, flash wear levelling).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import hashlib
@@ -326,6 +325,9 @@ _CODE_USED = "SELECT id FROM payment WHERE code_digest = ? LIMIT 1"
 _DAY_SEQ = "SELECT last FROM day_sequence WHERE day = ?"
 _DAY_LAST_NUMBER = "SELECT max(out_trade_no) FROM payment WHERE out_trade_no BETWEEN ? AND ?"
 _LAST_SEQ = "SELECT max(seq) FROM outbox"
+_DAY_NUMBERS = f"SELECT ({_DAY_LAST_NUMBER}), ({_DAY_SEQ})"  # one statement for both
+_LAST_SEQ_OR_FLOOR = (f"SELECT max(coalesce(({_LAST_SEQ}), 0), "
+                      "coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'outbox_seq'), 0))")
 _INSERT_PAYMENT = ('INSERT INTO payment (out_trade_no, "order", amount_fen, payment_type, platform, code_masked, '
                    "code_digest, auth_code, state, reason, platform_txn_id, funding_source, business_date, "
                    "created_at, updated_at, attempts, next_attempt_at, retry_note, source) "
@@ -432,9 +434,12 @@ def txn_kind(state: str, previous_state: str | None) -> str:
     return "pay"
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _json(payload: dict) -> str:
     """The bytes head office gets: compact, keys sorted, UTF-8 (no escapes)."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(payload)
 
 
 def _reading(method):
@@ -723,7 +728,7 @@ class Journal:
         31 characters of [A-Za-z0-9_], valid for WeChat Pay (<= 32) and Alipay (<= 64).
         """
         now = self._clock()
-        day = now.strftime("%Y%m%d")
+        day = f"{now.year:04d}{now.month:02d}{now.day:02d}"  # UTC; strftime costs 10 times as much
         digest = self.digest(code)
         self._check_room()
         with self._writing("open") as conn:
@@ -772,10 +777,10 @@ class Journal:
             if to not in TRANSITIONS[current]:
                 raise IllegalTransition(f"txn {txn_id}: {current} -> {to} is not allowed")
             stamp = rfc3339(self._clock())
-            new = dataclasses.replace(
-                old, state=to, reason=reason[:200], updated_at=stamp, attempts=0, next_attempt_at=0.0,
-                retry_note="", platform_txn_id=platform_txn_id or old.platform_txn_id,
-                funding_source=funding_source[:64] if funding_source else old.funding_source, auth_code=auth_code)
+            new = Txn(old.txn_id, old.out_trade_no, old.order, old.amount_fen, old.payment_type, old.platform,
+                      old.code_masked, to, reason[:200], platform_txn_id or old.platform_txn_id, old.created_at,
+                      stamp, 0, 0.0, "", old.source, funding_source[:64] if funding_source else old.funding_source,
+                      old.business_date, auth_code)
             conn.execute(_MOVE_PAYMENT, (to.value, new.reason, stamp, new.platform_txn_id, new.funding_source,
                                          auth_code, txn_id))
             self._event(conn, new, previous=current, at=stamp)
@@ -798,18 +803,15 @@ class Journal:
         transaction. Read from the day's highest out_trade_no (payments are never deleted), in the
         unique index that keeps them apart; and from day_sequence, where journals before schema 4
         counted them. Nothing is written for it: a counter row would be one more page per payment."""
-        highest = conn.execute(_DAY_LAST_NUMBER, (prefix + "000000", prefix + "999999")).fetchone()[0]
-        counted = conn.execute(_DAY_SEQ, (day,)).fetchone()
-        return max(int(highest[-6:]) if highest else 0, counted[0] if counted else 0) + 1
+        highest, counted = conn.execute(_DAY_NUMBERS, (prefix + "000000", prefix + "999999", day)).fetchone()
+        return max(int(highest[-6:]) if highest else 0, counted or 0) + 1
 
     @staticmethod
     def _last_seq(conn: sqlite3.Connection) -> int:
         """The highest outbox seq ever given out: the outbox's highest, or, when pruning emptied
         it, the floor `prune` keeps in meta (`outbox_seq`), so that no seq is ever given twice. Its
         rows on the hot path write no counter of their own."""
-        highest = conn.execute(_LAST_SEQ).fetchone()[0]
-        floor = conn.execute(_META_GET, ("outbox_seq",)).fetchone()
-        return max(highest or 0, int(floor[0]) if floor else 0)
+        return conn.execute(_LAST_SEQ_OR_FLOOR).fetchone()[0]
 
     def _event(self, conn: sqlite3.Connection, txn: Txn, previous: State | None, at: str) -> None:
         public = txn.as_dict()
