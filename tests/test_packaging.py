@@ -13,6 +13,9 @@ from conftest import ROOT
 
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "appliance.service"
+#: Head office's ingest unit: not on the lane, kept to the same sandbox standard.
+HQ_UNIT = SYSTEMD / "appliance-hq-ingest.service"
+UNITS = pytest.mark.parametrize("unit", [UNIT, HQ_UNIT], ids=lambda p: p.name)
 #: The most exposure `systemd-analyze security` may give the unit (issue 9), in its tenths.
 MAX_EXPOSURE_TENTHS = 15
 
@@ -20,14 +23,14 @@ needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is No
                                            reason="systemd-analyze is not installed")
 
 
-def unit_with_stub(tmp_path: Path) -> Path:
+def unit_with_stub(tmp_path: Path, unit: Path = UNIT) -> Path:
     """The unit, its /usr/bin/appliance replaced by an executable stub (verify wants one)."""
     stub = tmp_path / "appliance"
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
-    unit = tmp_path / "appliance.service"
-    unit.write_text(UNIT.read_text().replace("/usr/bin/appliance", str(stub)))
-    return unit
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace("/usr/bin/appliance", str(stub)))
+    return copy
 
 
 def settings() -> dict[str, list[str]]:
@@ -44,17 +47,19 @@ def settings() -> dict[str, list[str]]:
 
 
 @needs_systemd_analyze
-def test_unit_passes_systemd_analyze_verify(tmp_path):
-    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_with_stub(tmp_path))],
+@UNITS
+def test_unit_passes_systemd_analyze_verify(tmp_path, unit):
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_with_stub(tmp_path, unit))],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
 
 
 @needs_systemd_analyze
-def test_unit_exposure_is_at_most_1_5(tmp_path):
+@UNITS
+def test_unit_exposure_is_at_most_1_5(tmp_path, unit):
     """systemd's own verdict, by its own comparison (--threshold, in tenths; systemd >= 250)."""
     r = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--threshold={MAX_EXPOSURE_TENTHS}",
-                        "--no-pager", str(unit_with_stub(tmp_path))], capture_output=True, text=True, timeout=60)
+                        "--no-pager", str(unit_with_stub(tmp_path, unit))], capture_output=True, text=True, timeout=60)
     overall = re.search(r"Overall exposure level for \S+: (\d+\.\d)", r.stdout)
     assert overall, r.stdout + r.stderr
     assert r.returncode == 0 and float(overall.group(1)) <= MAX_EXPOSURE_TENTHS / 10, (
@@ -129,6 +134,27 @@ def test_unit_runs_commands_the_cli_has(capsys):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args([command, "--help"])
         assert e.value.code == 0
+
+
+def test_hq_unit_runs_ingest_with_its_config_and_a_credential_for_the_password(tmp_path, monkeypatch):
+    """The ingest unit's command line parses, and a config naming its password as a credential of
+    the unit's LoadCredential=secrets:... directory loads inside the service."""
+    from appliance.cli import build_parser
+    from appliance.hq.config import load
+
+    (argv,) = re.findall(r"^ExecStart=/usr/bin/appliance (.+)$", HQ_UNIT.read_text(), re.M)
+    args = build_parser().parse_args(argv.split())
+    assert (args.command, args.hq_command, str(args.config)) == ("hq", "ingest", "/etc/appliance-hq/hq.toml")
+    (source,) = re.findall(r"^LoadCredential=secrets:(\S+)$", HQ_UNIT.read_text(), re.M)
+    assert source == "/etc/appliance-hq/secrets"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "secrets_mqtt-password").write_text("s3cret\n")
+    (creds / "secrets_mqtt-password").chmod(0o600)
+    conf = tmp_path / "hq.toml"
+    conf.write_text('[hq]\nusername = "hq"\npassword_file = "credential:mqtt-password"\n')
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert load(conf).hq.password_file.read() == "s3cret"
 
 
 def test_unit_stops_within_the_service_grace():
