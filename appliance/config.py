@@ -28,7 +28,8 @@ from appliance.money import format_amount
 # The schema machinery lives in schema.py (adapters import it from there, never from here); its
 # names are re-exported for the callers of the sections.
 from appliance.schema import (ANY_AMOUNT, DAY, GPIO_PIN, HOUR, SECONDS, TCP_PORT, YUAN, Amount,  # noqa: F401
-                              FieldError, NoOptions, Range, SecretFile, between, build, join, opt, tname)
+                              FieldError, NoOptions, Range, SecretFile, between, build, join, opt, secrets_checked,
+                              secrets_unchecked, tname)
 
 DEFAULT_PATH = Path("/etc/appliance/appliance.toml")
 ENV_VAR = "APPLIANCE_CONFIG"
@@ -296,7 +297,7 @@ class MqttConfig:
             missing = "key_file" if self.key_file is None else "cert_file"
             raise FieldError(missing, "is required with mqtt." + ("cert_file" if missing == "key_file" else "key_file")
                              + " (a client certificate and its private key go together)")
-        if self.cert_file is not None:
+        if self.cert_file is not None and secrets_checked():
             _check_key_pair(self.cert_file, self.key_file)
 
 
@@ -339,12 +340,16 @@ def config_path(cli_path: str | None) -> Path:
     return Path(cli_path or os.environ.get(ENV_VAR) or DEFAULT_PATH)
 
 
-def load(path: Path) -> Config:
+def load(path: Path, *, check_secrets: bool = True) -> Config:
     """Read and validate a config file. Raises ConfigError naming the dotted key, or the file.
 
     Whatever the file holds (not UTF-8, not TOML, nested too deeply, absurd numbers), the
-    answer is a ConfigError, never another exception.
+    answer is a ConfigError, never another exception. `check_secrets=False` (a command that
+    never uses a secret) leaves the secret files unopened: see schema.secrets_unchecked.
     """
+    if not check_secrets:
+        with secrets_unchecked():
+            return from_dict(read_toml(path), base_dir=path.parent)
     return from_dict(read_toml(path), base_dir=path.parent)
 
 

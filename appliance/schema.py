@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import contextmanager
+from contextvars import ContextVar
 import math
 import os
 import re
@@ -69,6 +71,27 @@ SECRETS_DIR_ENV = "APPLIANCE_SECRETS_DIR"
 #: the credential of each file in it `secrets_<file name>`.
 SECRETS_CREDENTIAL = "secrets"
 _CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,199}")
+#: False while a config is built for a command that never reads a secret (`appliance status`).
+_check_secrets: ContextVar[bool] = ContextVar("check_secrets", default=True)
+
+
+def secrets_checked() -> bool:
+    """Whether secret files are being checked (opened, their format and their pairs verified).
+    A schema's cross-field rule that opens a secret asks this first."""
+    return _check_secrets.get()
+
+
+@contextmanager
+def secrets_unchecked():
+    """Build configs without opening their secrets: each `*_file` secret is resolved to its path
+    (a credential name still validated) but neither opened nor checked. For commands that never
+    use a secret, so that a technician in group appliance can run them though the secret files
+    are root's 0600."""
+    token = _check_secrets.set(False)
+    try:
+        yield
+    finally:
+        _check_secrets.reset(token)
 
 
 class Amount(int):
@@ -166,7 +189,7 @@ def build(cls, raw: Any, path: str, base: Path):
             continue
         value = _convert(hints[f.name], raw[f.name], key, base)
         check = f.metadata.get("check")
-        if check is not None:
+        if check is not None and (secrets_checked() or not isinstance(value, SecretFile)):
             try:
                 value = check(value)
             except ValueError as e:
@@ -264,6 +287,8 @@ def _secret_file(value: Any, key: str, base: Path) -> SecretFile:
     else:
         p = _convert(Path, value, key, base)
         what = f"secret file {p}"
+    if not secrets_checked():
+        return SecretFile(p, key, ref)
     try:
         if p.is_dir():
             raise ConfigError(key, f"{what} is a directory, not a file")

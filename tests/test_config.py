@@ -455,6 +455,40 @@ def test_fail__credential_name_that_is_not_a_file_name(tmp_path, monkeypatch, na
     assert e.value.key == "mqtt.password_file" and e.value.reason.startswith("credential name ")
 
 
+def test_secrets_unopened_for_commands_that_use_none(tmp_path, monkeypatch):
+    """`appliance status` loads the config with check_secrets=False: a technician in group appliance
+    cannot read root's secret files, and needs none. Paths are still resolved, names still checked."""
+    secrets_dir, _ = _credential_dirs(tmp_path, monkeypatch, in_service=False)
+    doc = lane_dict(tmp_path / "state", mqtt={"password_file": "credential:mqtt-password"})
+    conf = write_config(tmp_path / "a.toml", doc)
+    with pytest.raises(ConfigError) as e:
+        load(conf)
+    assert e.value.key == "mqtt.password_file"
+    assert load(conf, check_secrets=False).mqtt.password_file.path == secrets_dir / "mqtt-password"
+    with pytest.raises(ConfigError):  # the next load checks again
+        load(conf)
+    _put(secrets_dir / "mqtt-password", "")  # there but not one line: the field's check is skipped too
+    assert load(conf, check_secrets=False).mqtt.password_file.key == "mqtt.password_file"
+    bad = write_config(tmp_path / "b.toml", lane_dict(tmp_path / "state", mqtt={"password_file": "credential:../pw"}))
+    with pytest.raises(ConfigError) as e:
+        load(bad, check_secrets=False)
+    assert e.value.reason.startswith("credential name ")
+
+
+def test_cli_status_runs_without_reading_the_secrets(tmp_path):
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    conf = write_config(tmp_path / "appliance.toml", lane_dict(tmp_path / "state",
+                                                               mqtt={"password_file": "credential:pw"}))
+    env = subprocess_env(**{SECRETS_DIR_ENV: str(secrets_dir)})
+    r = subprocess.run(appliance_cmd() + ["status", "--config", str(conf)], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 1 and "config error" not in r.stderr, r.stderr  # 1: the service does not run
+    r = subprocess.run(appliance_cmd() + ["check-config", "--config", str(conf)], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 2 and "mqtt.password_file: credential pw" in r.stderr
+
+
 def test_cli_check_config_reads_credentials_in_and_outside_the_service(tmp_path):
     """The real CLI: as systemd's ExecStartPre (credentials given), as a root technician (none:
     the secrets dir), and with the secret nowhere (exit 2, the key named)."""

@@ -58,7 +58,7 @@ from appliance.errors import NoAnswer, ProviderMisconfigured
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url, gateway_urls, loopback_host
 from appliance.payments.keys import ALNUM, certificate_file, load_private_key, private_key_file, secret_text
-from appliance.schema import FieldError, SecretFile, opt
+from appliance.schema import FieldError, SecretFile, opt, secrets_checked
 
 #: WeChat's rule: never reverse sooner than this after the pay call (payments.md §2.5).
 MIN_REVERSE_AFTER_S = 15.0
@@ -238,7 +238,8 @@ class WechatV2Options(HttpOptions):
             raise FieldError("reverse_after_s", f"WeChat forbids reversing sooner than {MIN_REVERSE_AFTER_S:g} s "
                                                 f"after the pay call, got {self.reverse_after_s:g} (lower values "
                                                 "are for a loopback simulator only)")
-        _check_pair(self.client_cert_file, self.client_key_file)
+        if secrets_checked():
+            _check_pair(self.client_cert_file, self.client_key_file)
 
 
 def _check_pair(cert: Path, key: SecretFile) -> None:
