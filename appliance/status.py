@@ -25,7 +25,8 @@ the journal read-only (counts by state, the open payments, the outbox), the free
 clock itself. Schema of its JSON: appliance/schemas/status_report.json.
 
 The clock: the service reads only systemd-timesyncd's flag file `TIMESYNCD_FLAG` (the unit's
-SystemCallFilter=@system-service does not allow adjtimex: a call would kill the service); the
+SystemCallFilter=@system-service does not allow adjtimex: with SystemCallErrorNumber=EPERM a call
+fails with EPERM, it does not kill the service); the
 CLI asks the kernel with adjtimex(2) (read-only, any NTP daemon: TIME_ERROR or STA_UNSYNC mean
 not synchronized), and falls back to the flag file when adjtimex is refused.
 """
