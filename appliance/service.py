@@ -209,6 +209,7 @@ def _run_locked(cfg: Config, stop: Stop, scanner: Scanner | None, lane: Lane | N
         cfg, config_path=config_path, health=lane.till.health, platforms=lane.router.health, uplink=lane.uplink.state,
         uplink_kind=lane.uplink.kind, journal=lane.journal, version=appliance.__version__, started_at=rfc3339(utc_now())),
         notify=lambda summary: sd_notify(f"STATUS={summary}"))
+    lane.journal.on_commit(status.poke)  # the backlog shown follows the uplink's acks, no timer
     watch = FileWatch(lane.journal.path, lane.till.post_journal_check)  # a lost journal shown at once, no timer
     resolver_thread = threading.Thread(target=lane.resolver.run, args=(stop,), name="resolver", daemon=True)
     till_thread = threading.Thread(

@@ -9,11 +9,15 @@ appliance/schemas/service_status.json. The file is replaced atomically (a tempor
 rename), mode 0640 whatever the umask (the unit's UMask=0077), so that the service's group can
 read it; nothing in it is secret (no payment code, no key, reasons masked).
 
-Timing: the writer wakes every `EVERY_S` seconds (no faster: the idle service is kept to about one
-wakeup a second) and rewrites the file each time, so its age says whether the service still
-runs; a reader calls it stale after `stale_after_s(every_s)`. The till pokes it after each event
-it handles (a scan, a command, a resolved payment): the file is then rewritten within `MIN_GAP_S`,
-which also bounds a burst of events to one write a second. Each time the one-line summary
+Timing: the writer wakes every `EVERY_S` seconds and rewrites the file each time, so its age
+says whether the service still runs; a reader calls it stale after `stale_after_s(every_s)`. The
+timer is slow on purpose: an idle lane wakes less than once a second in all (issue 10), and this
+timer was most of it at 5 s. Changes do not wait for it: the till pokes the writer after each
+event it handles (a scan, a command, a resolved payment) and the journal after each commit (a
+payment's step, the uplink's acknowledged rows, so the backlog shown is current); the file is then
+rewritten within `MIN_GAP_S`, which also bounds a burst of events to one write a second. What
+changes without a commit or an event (the uplink's connection lost, free space, the clock) shows
+at the next timer write. Each time the one-line summary
 ("ready · backlog 0 · uplink connected · 2 open", plus "scanner fault" ... when faults are
 raised) changes, it is sent to systemd as STATUS= (`systemctl status appliance` shows it), never
 twice the same. At a stop the file is written once more with state "stopped", and nothing is
@@ -49,8 +53,8 @@ from appliance.redact import mask_digit_runs
 log = logging.getLogger(__name__)
 
 FILENAME = "status.json"
-#: Seconds between rewrites of the status file while the service runs.
-EVERY_S = 5.0
+#: Seconds between rewrites of the status file while the service runs (changes come sooner: pokes).
+EVERY_S = 30.0
 #: A poke (the till handled an event) rewrites the file this many seconds later, with every change
 #: made meanwhile: a burst of scans makes one write a second, not one per scan.
 MIN_GAP_S = 1.0

@@ -272,3 +272,40 @@ def test_print_status_aligns_and_ages():
         "uplink:    mqtt connected since 2026-11-29T08:00:00.000Z (2h 0m ago)",
         "state dir: /var/lib/appliance: 5120 MiB free of 28672 MiB",
         "clock:     synchronized (kernel: synchronized, max error 16 ms)"]
+
+
+class _BacklogSource:
+    """A StatusSource that reports only the journal's backlog (the writer's own contract:
+    snapshot(state, every_s) -> document, release())."""
+
+    def __init__(self, journal):
+        self.journal = journal
+
+    def snapshot(self, state, every_s):
+        backlog = self.journal.outbox_state().backlog
+        return {"state": state, "every_s": every_s, "summary": f"backlog {backlog}", "backlog": backlog}
+
+    def release(self):
+        pass
+
+
+def test_a_journal_commit_rewrites_the_file_long_before_the_timer(tmp_path):
+    """The service hooks the writer to the journal's commits: the backlog shown follows the
+    uplink's acknowledgements (or new events) within about MIN_GAP_S, while the timer sleeps."""
+    from appliance.journal import Journal
+    from appliance.status import MIN_GAP_S, StatusWriter
+
+    journal = Journal(tmp_path / "state", "S001", "01")
+    sent = []
+    writer = StatusWriter(tmp_path, _BacklogSource(journal), notify=sent.append, every_s=3600.0)
+    journal.on_commit(writer.poke)
+    writer.start()
+    try:
+        assert wait_for(lambda: sent == ["backlog 0"])
+        journal.lane_event("started", {})
+        assert wait_for(lambda: json.loads((tmp_path / FILENAME).read_text())["backlog"] == 1,
+                        timeout=MIN_GAP_S + 5)
+        assert sent == ["backlog 0", "backlog 1"]
+    finally:
+        writer.stop()
+        journal.close()
