@@ -216,9 +216,9 @@ def test_the_lane_head_office_and_the_broker_stopped_mid_drain_store_every_event
         # what lanes send before head office subscribes again reaches nobody. Wait for it.
         _wait(lambda: (tmp_path / "hq.log").read_bytes().count(b"subscribed:") >= 2, 30,
               "head office to subscribe again")
+        before = len(stored())  # taken before the lane starts: a quick drain may be over by the next line
         lane = start(lane_cmd, "lane")
-        before = len(stored())
-        _wait(lambda: len(stored()) > before + 50, 60, "the restarted lane's events at head office")
+        _wait(lambda: len(stored()) > before, 60, "the restarted lane's events at head office")
         hq.kill()  # mid-drain: what it had not committed it had not acknowledged, and comes again
         hq.wait()
         hq = start(hq_cmd, "hq")
