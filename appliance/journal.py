@@ -1,9 +1,10 @@
 """The journal: every payment and every state change, durable on the Pi before anything else.
 
 SQLite, WAL mode, `synchronous=FULL`: a transition that returned is on disk and survives power
-loss. peewee holds the schema, its migrations and the cold paths; a payment's own reads and writes
-are plain SQL on the thread's sqlite3 connection, compiled once (see `_TXN_COLUMNS`). Each
-transition writes its head-office event (an outbox row) in the same transaction, so a state change
+loss. All of it is plain SQL on the thread's sqlite3 connection (the sqlite3 module keeps each
+connection's statements compiled; see `_TXN_COLUMNS`), with no ORM on the lane: peewee, which
+created the schema up to schema 4, costs 7 MB resident (issue 10), and tests/test_journal_schema.py
+holds the schema created here to the one it created. Each transition writes its head-office event (an outbox row) in the same transaction, so a state change
 and its event can never diverge.
 
 The outbox is head office's queue (schema 3). Every row gets the lane's next `seq` (strictly
@@ -67,8 +68,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import quote
-
-import peewee as pw
 
 from appliance import failpoints, statedir
 from appliance.business_day import business_date
@@ -203,89 +202,45 @@ TOPICS = {"txn": "txn", "lane": "event", "day_close": "daily"}
 CURRENCY = "CNY"
 
 
-def _models(db: pw.Database, schema: int = SCHEMA_VERSION):
-    """The peewee models of a journal of `schema` (older ones only for a read-only open)."""
-    class Base(pw.Model):
-        class Meta:
-            database = db
-
-    class Meta_(Base):
-        """Journal-wide facts: the epoch that keeps out_trade_no unique across journal re-creation,
-        the floor of the outbox's seqs (`outbox_seq`, see `_last_seq`), the last acknowledged one,
-        the last business day closed."""
-        key = pw.CharField(primary_key=True)
-        value = pw.CharField()
-
-        class Meta:
-            table_name = "meta"
-
-    class DaySequence(Base):
-        """Each day's last out_trade_no number, as journals before schema 4 kept it; since then the
-        numbers are read from the payments themselves (`_next_number`) and this is only read."""
-        day = pw.CharField(primary_key=True)  # YYYYMMDD, UTC
-        last = pw.IntegerField()
-
-        class Meta:
-            table_name = "day_sequence"
-
-    class Payment(Base):
-        out_trade_no = pw.CharField(unique=True)
-        order = pw.CharField(index=True)
-        amount_fen = pw.IntegerField()
-        payment_type = pw.CharField()
-        platform = pw.CharField()
-        code_masked = pw.CharField()
-        code_digest = pw.CharField()  # unique: payment_code_once
-        auth_code = pw.CharField(null=True)
-        state = pw.CharField()  # open ones indexed: payment_open
-        reason = pw.CharField(default="")
-        platform_txn_id = pw.CharField(null=True)
-        if schema >= 2:
-            funding_source = pw.CharField(null=True)
-        if schema >= 3:
-            business_date = pw.CharField(index=True)  # YYYY-MM-DD in the store's zone and cut-off
-        created_at = pw.CharField()
-        updated_at = pw.CharField()
-        attempts = pw.IntegerField(default=0)
-        next_attempt_at = pw.FloatField(default=0.0)  # wall-clock epoch seconds; display only (see inflight.py)
-        retry_note = pw.CharField(default="")  # why the last attempt changed nothing
-        source = pw.CharField(default="scan")
-
-        class Meta:
-            table_name = "payment"
-
-    if schema >= 3:
-        class Outbox(Base):
-            """Head office's events, a queue in `seq` order: queued until the broker acknowledged
-            them, then sent, and pruned some days later."""
-            seq = pw.IntegerField(unique=True)  # per lane, strictly increasing, never reused
-            event_id = pw.CharField(unique=True)  # head office's de-duplication key
-            txn = pw.ForeignKeyField(Payment, null=True, backref="events", index=False)  # None: no payment's
-            kind = pw.CharField()  # txn | lane | day_close
-            topic = pw.CharField()  # txn | event | daily
-            version = pw.IntegerField()  # of the payload's shape
-            payload = pw.TextField()  # the JSON text published, byte for byte
-            business_date = pw.CharField()
-            created_at = pw.CharField()
-            status = pw.CharField(default="queued")  # queued | sent
-            attempts = pw.IntegerField(default=0)  # times claimed again after the first (re-sends)
-            sent_at = pw.CharField(null=True)  # indexed once set: outbox_sent
-
-            class Meta:
-                table_name = "outbox"
-    else:
-        class Outbox(Base):
-            event_id = pw.CharField(unique=True)
-            txn = pw.ForeignKeyField(Payment, backref="events")
-            kind = pw.CharField()
-            payload = pw.TextField()
-            created_at = pw.CharField()
-            sent_at = pw.CharField(null=True, index=True)
-
-            class Meta:
-                table_name = "outbox"
-
-    return Meta_, DaySequence, Payment, Outbox
+#: The tables and their indexes as a new journal gets them (schema 4), in that order: the SQL
+#: peewee's models generated, kept word for word (tests/test_journal_schema.py). The columns have
+#: no SQL defaults: every INSERT names them all.
+#:
+#: meta: journal-wide facts: the epoch that keeps out_trade_no unique across journal re-creation,
+#: the floor of the outbox's seqs (`outbox_seq`, see `_last_seq`), the last acknowledged one, the
+#: last business day closed. day_sequence: each day's last out_trade_no number, as journals before
+#: schema 4 kept it; since then the numbers are read from the payments themselves (`_next_number`)
+#: and this is only read. payment: one row per payment; `next_attempt_at` is wall-clock epoch
+#: seconds, for display only (see inflight.py), `retry_note` why the last attempt changed nothing.
+_TABLES = (
+    'CREATE TABLE "day_sequence" ("day" VARCHAR(255) NOT NULL PRIMARY KEY, "last" INTEGER NOT NULL)',
+    'CREATE TABLE "meta" ("key" VARCHAR(255) NOT NULL PRIMARY KEY, "value" VARCHAR(255) NOT NULL)',
+    'CREATE TABLE "payment" ("id" INTEGER NOT NULL PRIMARY KEY, "out_trade_no" VARCHAR(255) NOT NULL, '
+    '"order" VARCHAR(255) NOT NULL, "amount_fen" INTEGER NOT NULL, "payment_type" VARCHAR(255) NOT NULL, '
+    '"platform" VARCHAR(255) NOT NULL, "code_masked" VARCHAR(255) NOT NULL, "code_digest" VARCHAR(255) NOT NULL, '
+    '"auth_code" VARCHAR(255), "state" VARCHAR(255) NOT NULL, "reason" VARCHAR(255) NOT NULL, '
+    '"platform_txn_id" VARCHAR(255), "funding_source" VARCHAR(255), "business_date" VARCHAR(255) NOT NULL, '
+    '"created_at" VARCHAR(255) NOT NULL, "updated_at" VARCHAR(255) NOT NULL, "attempts" INTEGER NOT NULL, '
+    '"next_attempt_at" REAL NOT NULL, "retry_note" VARCHAR(255) NOT NULL, "source" VARCHAR(255) NOT NULL)',
+    'CREATE UNIQUE INDEX "payment_out_trade_no" ON "payment" ("out_trade_no")',
+    'CREATE INDEX "payment_order" ON "payment" ("order")',
+    'CREATE INDEX "payment_business_date" ON "payment" ("business_date")',
+)
+#: Head office's events (schema 3), a queue in `seq` order: queued until the broker acknowledged
+#: them, then sent, and pruned some days later. `seq` is per lane, strictly increasing, never
+#: reused; `event_id` is head office's de-duplication key; `txn_id` is NULL for a row of no payment;
+#: `kind` txn | lane | day_close, `topic` txn | event | daily, `version` of the payload's shape,
+#: `payload` the JSON text published, byte for byte; `status` queued | sent; `attempts` the times
+#: claimed again after the first (re-sends); `sent_at` indexed once set (outbox_sent).
+_OUTBOX_TABLE = (
+    'CREATE TABLE "outbox" ("id" INTEGER NOT NULL PRIMARY KEY, "seq" INTEGER NOT NULL, '
+    '"event_id" VARCHAR(255) NOT NULL, "txn_id" INTEGER, "kind" VARCHAR(255) NOT NULL, '
+    '"topic" VARCHAR(255) NOT NULL, "version" INTEGER NOT NULL, "payload" TEXT NOT NULL, '
+    '"business_date" VARCHAR(255) NOT NULL, "created_at" VARCHAR(255) NOT NULL, "status" VARCHAR(255) NOT NULL, '
+    '"attempts" INTEGER NOT NULL, "sent_at" VARCHAR(255), FOREIGN KEY ("txn_id") REFERENCES "payment" ("id"))',
+    'CREATE UNIQUE INDEX "outbox_seq" ON "outbox" ("seq")',
+    'CREATE UNIQUE INDEX "outbox_event_id" ON "outbox" ("event_id")',
+)
 
 
 #: States in which a payment holds its order: no second payment may be opened for it.
@@ -310,10 +265,9 @@ _SENT_INDEX = "CREATE INDEX IF NOT EXISTS outbox_sent ON outbox (sent_at) WHERE 
 _HOT_PATH_INDEXES = (_OPEN_INDEX, _SENT_INDEX)
 _DROPPED_INDEXES = ("payment_code_digest", "payment_state", "outbox_sent_at", "outbox_txn_id")
 
-# The hot path (a payment opened, moved, read) in plain SQL on this thread's sqlite3 connection:
-# peewee builds a query's SQL text anew on every call (about 125 µs for a payment's select), while
-# the sqlite3 module keeps each connection's last 128 statements compiled. peewee keeps the schema,
-# the migrations and the cold paths; tests/test_journal_sql.py holds the two to the same schema.
+# The hot path (a payment opened, moved, read) in plain SQL on this thread's sqlite3 connection,
+# which keeps its last 128 statements compiled (an ORM built a payment's select anew on every call:
+# about 125 µs); tests/test_journal_sql.py holds the statements to the schema.
 
 #: A payment's columns in the order of Txn's fields; `_txn_select` leaves out what an old schema lacks.
 _TXN_COLUMNS = ("id", "out_trade_no", '"order"', "amount_fen", "payment_type", "platform", "code_masked", "state",
@@ -335,6 +289,32 @@ _INSERT_PAYMENT = ('INSERT INTO payment (out_trade_no, "order", amount_fen, paym
 _MOVE_PAYMENT = ("UPDATE payment SET state = ?, reason = ?, updated_at = ?, attempts = 0, next_attempt_at = 0.0, "
                  "retry_note = '', platform_txn_id = ?, funding_source = ?, auth_code = ? WHERE id = ?")
 _META_GET = "SELECT value FROM meta WHERE key = ?"
+_META_SET = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_CLAIM = ("SELECT seq, event_id, kind, topic, payload, attempts, created_at FROM outbox "
+          "WHERE status = 'queued' AND seq > ? ORDER BY seq LIMIT ?")
+
+
+def _in(states: Iterable[State]) -> str:
+    """`states` as the list of an SQL IN term."""
+    return "(" + ", ".join(f"'{s}'" for s in sorted(states)) + ")"
+
+
+def _count_in(states: Iterable[State]) -> str:
+    return f"sum(CASE WHEN state IN {_in(states)} THEN 1 ELSE 0 END)"
+
+
+def _amount_in(states: Iterable[State]) -> str:
+    return f"sum(CASE WHEN state IN {_in(states)} THEN amount_fen ELSE 0 END)"
+
+
+#: A business day's totals by payment type and funding source: payments held (paid, a cancel
+#: requested) and their amount, ended (declined, reversed), cancelled (cancelled, refunded) and
+#: their amount, still open (pending, unknown, deferred).
+_HELD, _CANCELLED = (S.PAID, S.CANCEL_REQUESTED), (S.CANCELLED, S.REFUNDED)
+_DAY_TOTALS = (f"SELECT payment_type, funding_source, {_count_in(_HELD)}, {_amount_in(_HELD)}, "
+               f"{_count_in((S.DECLINED, S.REVERSED))}, {_count_in(_CANCELLED)}, {_amount_in(_CANCELLED)}, "
+               f"{_count_in((S.PENDING, S.UNKNOWN, S.DEFERRED))} "
+               "FROM payment WHERE business_date = ? GROUP BY payment_type, funding_source")
 _INSERT_OUTBOX = ("INSERT INTO outbox (seq, event_id, txn_id, kind, topic, version, payload, business_date, "
                   "created_at, status, attempts, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, NULL)")
 
@@ -345,72 +325,77 @@ def _txn_of(row: tuple) -> "Txn":
 
 
 def _init_schema(path: Path) -> None:
-    """Create the tables and indexes in a new, empty database file."""
-    db = pw.SqliteDatabase(str(path))
-    with db.connection_context():
-        db.create_tables(_models(db))
-        for index in (_LIVE_ORDER_INDEX, _CODE_ONCE_INDEX, _QUEUED_INDEX, *_HOT_PATH_INDEXES):
-            db.execute_sql(index)
-        db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    """Create the tables and indexes in a new, empty database file, in one transaction."""
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in (*_TABLES, *_OUTBOX_TABLE, _LIVE_ORDER_INDEX, _CODE_ONCE_INDEX, _QUEUED_INDEX,
+                          *_HOT_PATH_INDEXES):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()  # uncommitted, the transaction goes with the connection
 
 
-def _payment_columns(db: pw.Database) -> set[str]:
-    return {row[1] for row in db.execute_sql("PRAGMA table_info(payment)").fetchall()}
+def _payment_columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(payment)").fetchall()}
 
 
-def _schema_of(db: pw.Database) -> int:
+def _schema_of(conn: sqlite3.Connection) -> int:
     """The schema a journal file holds (its `PRAGMA user_version`; 0 is schema 1)."""
-    return db.execute_sql("PRAGMA user_version").fetchone()[0]
+    return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
-def _migrate(db: pw.Database, day_of: Callable[[str], str]) -> None:
+def _migrate(conn: sqlite3.Connection, day_of: Callable[[str], str]) -> None:
     """Bring a journal written by an older version to SCHEMA_VERSION, keeping every row.
 
     `day_of(created_at)` gives the business date of a journaled time, for the rows written before
     business dates were kept. Idempotent and safe against a second process doing the same: the
     check and the change are one BEGIN IMMEDIATE transaction, so the second one finds the work done."""
-    if _schema_of(db) >= SCHEMA_VERSION:
+    if _schema_of(conn) >= SCHEMA_VERSION:
         return
-    db.execute_sql("BEGIN IMMEDIATE")
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        version = _schema_of(db)
+        version = _schema_of(conn)
         if version < 2:
-            if "funding_source" not in _payment_columns(db):
-                db.execute_sql("ALTER TABLE payment ADD COLUMN funding_source VARCHAR(255)")
-            db.execute_sql(_LIVE_ORDER_INDEX)  # fails on a journal that already charged twice
-            db.execute_sql(_CODE_ONCE_INDEX)
+            if "funding_source" not in _payment_columns(conn):
+                conn.execute("ALTER TABLE payment ADD COLUMN funding_source VARCHAR(255)")
+            conn.execute(_LIVE_ORDER_INDEX)  # fails on a journal that already charged twice
+            conn.execute(_CODE_ONCE_INDEX)
         if version < 3:
-            _migrate_to_outbox_queue(db, day_of)
+            _migrate_to_outbox_queue(conn, day_of)
         if version < 4:
             for index in _DROPPED_INDEXES:
-                db.execute_sql(f"DROP INDEX IF EXISTS {index}")
+                conn.execute(f"DROP INDEX IF EXISTS {index}")
             for index in _HOT_PATH_INDEXES:
-                db.execute_sql(index)
-        db.execute_sql(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        db.execute_sql("COMMIT")
+                conn.execute(index)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
     except BaseException:
-        db.execute_sql("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     log.info("journal schema migrated from version %d to %d", version, SCHEMA_VERSION)
 
 
-def _migrate_to_outbox_queue(db: pw.Database, day_of: Callable[[str], str]) -> None:
+def _migrate_to_outbox_queue(conn: sqlite3.Connection, day_of: Callable[[str], str]) -> None:
     """Schema 3: payments get their business date; the outbox table is rebuilt as a queue. Every
     event of schema 2 (none was ever sent: nothing sent them) is kept with its event_id, queued in
     its commit order, its payload rewritten in today's `txn` shape from what it recorded."""
-    db.execute_sql("ALTER TABLE payment ADD COLUMN business_date VARCHAR(255)")
+    conn.execute("ALTER TABLE payment ADD COLUMN business_date VARCHAR(255)")
     payments = {}
-    for pid, created_at in db.execute_sql("SELECT id, created_at FROM payment").fetchall():
+    for pid, created_at in conn.execute("SELECT id, created_at FROM payment").fetchall():
         payments[pid] = (created_at, day_of(created_at))
-        db.execute_sql("UPDATE payment SET business_date = ? WHERE id = ?", (payments[pid][1], pid))
-    old = db.execute_sql("SELECT id, event_id, txn_id, payload, created_at, sent_at FROM outbox ORDER BY id").fetchall()
-    db.execute_sql("ALTER TABLE outbox RENAME TO outbox_v2")
-    for index in ("outbox_event_id", "outbox_txn_id", "outbox_sent_at"):  # peewee's names, bound to the old table
-        db.execute_sql(f"DROP INDEX IF EXISTS {index}")
-    Outbox = _models(db)[3]
-    db.create_tables([Outbox])
-    db.execute_sql(_QUEUED_INDEX)
-    db.execute_sql("CREATE INDEX IF NOT EXISTS payment_business_date ON payment (business_date)")
+        conn.execute("UPDATE payment SET business_date = ? WHERE id = ?", (payments[pid][1], pid))
+    old = conn.execute("SELECT id, event_id, txn_id, payload, created_at, sent_at FROM outbox ORDER BY id").fetchall()
+    conn.execute("ALTER TABLE outbox RENAME TO outbox_v2")
+    for index in ("outbox_event_id", "outbox_txn_id", "outbox_sent_at"):  # schema 2's, bound to the old table
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    for statement in _OUTBOX_TABLE:
+        conn.execute(statement)
+    conn.execute(_QUEUED_INDEX)
+    conn.execute("CREATE INDEX IF NOT EXISTS payment_business_date ON payment (business_date)")
     for seq, (_, event_id, txn_id, payload, created_at, sent_at) in enumerate(old, start=1):
         was = json.loads(payload)
         created, day = payments[txn_id]
@@ -418,11 +403,73 @@ def _migrate_to_outbox_queue(db: pw.Database, day_of: Callable[[str], str]) -> N
                "seq": seq, "funding_source": was.get("funding_source"), "currency": CURRENCY,
                "txn_kind": txn_kind(was["state"], was.get("previous_state")), "business_date": day,
                "created_at": created}
-        Outbox.insert(seq=seq, event_id=event_id, txn=txn_id, kind="txn", topic=TOPICS["txn"],
-                      version=PAYLOAD_VERSIONS["txn"], payload=_json(now), business_date=day, created_at=created_at,
-                      status="sent" if sent_at else "queued", sent_at=sent_at).execute()
-    db.execute_sql("DROP TABLE outbox_v2")
-    db.execute_sql("INSERT OR REPLACE INTO meta (key, value) VALUES ('outbox_seq', ?)", (str(len(old)),))
+        conn.execute("INSERT INTO outbox (seq, event_id, txn_id, kind, topic, version, payload, business_date, "
+                     "created_at, status, attempts, sent_at) VALUES (?, ?, ?, 'txn', ?, ?, ?, ?, ?, ?, 0, ?)",
+                     (seq, event_id, txn_id, TOPICS["txn"], PAYLOAD_VERSIONS["txn"], _json(now), day, created_at,
+                      "sent" if sent_at else "queued", sent_at))
+    conn.execute("DROP TABLE outbox_v2")
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('outbox_seq', ?)", (str(len(old)),))
+
+
+class _Connections:
+    """A journal's SQLite connections, one per thread (a sqlite3 connection stays in the thread
+    that made it), each opened at its thread's first use with the journal's PRAGMAs, in autocommit
+    mode: every transaction is an explicit BEGIN. `timeout` is how long a statement waits for
+    another connection's lock, in seconds."""
+
+    def __init__(self, database: str, *, uri: bool = False, timeout: float = 5.0,
+                 pragmas: tuple[tuple[str, object], ...] = ()):
+        self.database = database
+        self.uri = uri
+        self.timeout = timeout
+        self.pragmas = pragmas
+        self._local = threading.local()
+
+    def connect(self) -> sqlite3.Connection:
+        """Open this thread's connection (closing one it had)."""
+        self.close()
+        conn = sqlite3.connect(self.database, timeout=self.timeout, isolation_level=None, uri=self.uri)
+        try:
+            for name, value in self.pragmas:
+                conn.execute(f"PRAGMA {name} = {value}")
+        except BaseException:
+            conn.close()
+            raise
+        self._local.conn = conn
+        return conn
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened if it has none."""
+        conn = getattr(self._local, "conn", None)
+        return conn if conn is not None else self.connect()
+
+    def is_closed(self) -> bool:
+        return getattr(self._local, "conn", None) is None
+
+    def close(self) -> None:
+        """Close this thread's connection, if open (an open transaction is rolled back)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            conn.close()
+
+    def execute_sql(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        return self.connection().execute(sql, params)
+
+    @contextmanager
+    def snapshot(self):
+        """Reads from one snapshot: a read transaction, or the caller's if one is open. Yields the
+        connection."""
+        conn = self.connection()
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")  # it only read
 
 
 def txn_kind(state: str, previous_state: str | None) -> str:
@@ -448,7 +495,7 @@ def _reading(method):
     def read(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except (pw.OperationalError, sqlite3.OperationalError) as e:
+        except sqlite3.OperationalError as e:
             raise _journal_error(e, "read", self.state_dir) from None
     return read
 
@@ -506,19 +553,21 @@ class Journal:
             # cache_size: 512 KiB of pages per connection (SQLite's default is 2 MiB, and each thread
             # has its own connection): a lane's reads touch a few index pages, the rest is in the OS's
             # page cache; on a 512 MB Pi the resident size matters more (issue 10).
-            self.db = pw.SqliteDatabase(str(self.path), timeout=BUSY_TIMEOUT_S, pragmas={
-                "journal_mode": "wal", "synchronous": "full", "foreign_keys": 1, "secure_delete": 1,
-                "cache_size": -512})
+            self.db = _Connections(str(self.path), timeout=BUSY_TIMEOUT_S, pragmas=(
+                ("journal_mode", "wal"), ("synchronous", "full"), ("foreign_keys", 1), ("secure_delete", 1),
+                ("cache_size", -512)))
         try:
-            self.db.connect()  # kept open: this thread's reads need no new file handles later
+            conn = self.db.connect()  # kept open: this thread's reads need no new file handles later
             if not readonly:
-                _migrate(self.db, lambda stamp: self._business_date(datetime.fromisoformat(stamp)))
+                _migrate(conn, lambda stamp: self._business_date(datetime.fromisoformat(stamp)))
             # A read-only open never migrates: it may see a journal of any older schema.
-            self.schema = SCHEMA_VERSION if not readonly else _schema_of(self.db)
-            if self.schema < 2 and "funding_source" in _payment_columns(self.db):
+            self.schema = SCHEMA_VERSION if not readonly else _schema_of(conn)
+            if self.schema < 2 and "funding_source" in _payment_columns(conn):
                 self.schema = 2  # written by a schema-1 version that already knew the column
-            self._Meta, self._Seq, self._Payment, self._Outbox = _models(self.db, self.schema)
-            self._epoch = self._Meta.get(self._Meta.key == "epoch").value
+            epoch = conn.execute(_META_GET, ("epoch",)).fetchone()
+            if epoch is None:
+                raise JournalError(f"the journal in {self.state_dir} has no epoch; it needs a technician")
+            self._epoch = epoch[0]
             missing = {"funding_source"} if self.schema < 2 else set()
             missing |= {"business_date"} if self.schema < 3 else set()
             self._txn_select = "SELECT " + ", ".join(f"NULL AS {c}" if c in missing else c
@@ -527,22 +576,21 @@ class Journal:
                 st = os.stat(self.path)
                 self._file_id = (st.st_dev, st.st_ino)
                 self.sync_counters()  # after a crash, before an older version could be put back
-        except pw.IntegrityError as e:
+        except sqlite3.IntegrityError as e:
             raise JournalIntegrityError(f"the journal in {self.state_dir} holds an order paid twice or a code "
                                         f"used twice ({e}); it needs a technician") from None
-        except (OSError, pw.DatabaseError) as e:
+        except (OSError, sqlite3.DatabaseError) as e:
             raise JournalError(f"cannot open the journal in {self.state_dir}: {e}") from None
         self.scrub()
 
-    def _open_readonly(self) -> pw.SqliteDatabase:
+    def _open_readonly(self) -> _Connections:
         if not self.path.is_file():
             raise JournalError(f"there is no journal in {self.state_dir} (the service has not run there yet)")
         uri = f"file:{quote(str(self.path))}?mode=ro"
-        probe = pw.SqliteDatabase(uri, uri=True)
+        probe = _Connections(uri, uri=True)
         try:
-            probe.connect()
-            probe.execute_sql("SELECT 1 FROM meta LIMIT 1")
-        except pw.DatabaseError as e:
+            probe.connect().execute("SELECT 1 FROM meta LIMIT 1")
+        except sqlite3.DatabaseError as e:
             # On a read-only filesystem SQLite cannot make the -shm file a WAL reader needs. With no
             # -wal file left and no writer possible there, the file alone is the whole journal.
             writable = os.access(self.state_dir, os.W_OK)
@@ -551,7 +599,7 @@ class Journal:
             uri += "&immutable=1"
         finally:
             probe.close()
-        return pw.SqliteDatabase(uri, uri=True)
+        return _Connections(uri, uri=True)
 
     def close(self) -> None:
         """Close this thread's connection (after a last try at a due scrub; in the thread that
@@ -579,7 +627,7 @@ class Journal:
                                      (str(self._last_seq(conn)),))
                         day, n = self._newest_number(conn)
                         conn.execute("INSERT OR REPLACE INTO day_sequence (day, last) VALUES (?, ?)", (day, n))
-        except (JournalError, Refused, sqlite3.Error, pw.DatabaseError) as e:
+        except (JournalError, Refused, sqlite3.Error) as e:
             log.debug("journal counters left for later: %s", e)
 
     def _counters_behind(self, conn: sqlite3.Connection) -> bool:
@@ -611,7 +659,7 @@ class Journal:
                 busy, _, _ = self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             finally:
                 self.db.execute_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        except (pw.DatabaseError, sqlite3.DatabaseError) as e:
+        except sqlite3.DatabaseError as e:
             log.debug("journal scrub left for later: %s", e)
             return False
         if busy:
@@ -674,9 +722,9 @@ class Journal:
                     conn.rollback()
                 except sqlite3.Error:
                     pass
-            if isinstance(e, (pw.IntegrityError, sqlite3.IntegrityError)):  # a unique index caught what the checks above missed
+            if isinstance(e, sqlite3.IntegrityError):  # a unique index caught what the checks above missed
                 raise Refused(f"refused by the journal's uniqueness rules: {e}") from None
-            if _disk_full(e) or isinstance(e, (pw.OperationalError, sqlite3.OperationalError)):
+            if _disk_full(e) or isinstance(e, sqlite3.OperationalError):
                 raise _journal_error(e, "write", self.state_dir) from None
             raise
         if pending is not None:
@@ -696,7 +744,7 @@ class Journal:
         anyway; other threads' connections (resolver, uplink) keep SQLite's own."""
         try:
             self.db.connection().execute("PRAGMA wal_autocheckpoint = 0")
-        except (pw.DatabaseError, sqlite3.Error) as e:  # the commits checkpoint as SQLite would
+        except sqlite3.Error as e:  # the commits checkpoint as SQLite would
             log.debug("journal checkpoints not deferred: %s", e)
             return
         self._local.pending = 0
@@ -792,10 +840,9 @@ class Journal:
 
     def schedule(self, txn_id: int, next_attempt_at: float, note: str = "") -> None:
         """Record a resolution attempt that changed nothing, and why (`note`); no outbox event."""
-        P = self._Payment
-        with self._writing("schedule"):
-            P.update(attempts=P.attempts + 1, next_attempt_at=next_attempt_at, retry_note=note[:200]).where(
-                P.id == txn_id).execute()
+        with self._writing("schedule") as conn:
+            conn.execute("UPDATE payment SET attempts = attempts + 1, next_attempt_at = ?, retry_note = ? WHERE id = ?",
+                         (next_attempt_at, note[:200], txn_id))
 
     @staticmethod
     def _next_number(conn: sqlite3.Connection, day: str, prefix: str) -> int:
@@ -865,20 +912,18 @@ class Journal:
         (`claimed_through` in meta), and only a row claimed again (after a reconnect, a restart, a
         refusal) has its stored count of re-sends raised, so a drain does not rewrite every row's
         page twice."""
-        O, M = self._Outbox, self._Meta
         through = 0
-        with self._writing("claim"):
-            rows = list(O.select(O.seq, O.event_id, O.kind, O.topic, O.payload, O.attempts, O.created_at).where(
-                O.status == "queued", O.seq > after_seq).order_by(O.seq).limit(limit).tuples())
+        with self._writing("claim") as conn:
+            rows = conn.execute(_CLAIM, (after_seq, limit)).fetchall()
             if rows:
-                done = M.get_or_none(M.key == "claimed_through")
-                through = int(done.value) if done else 0
+                done = conn.execute(_META_GET, ("claimed_through",)).fetchone()
+                through = int(done[0]) if done else 0
                 first, last = rows[0][0], rows[-1][0]
                 if first <= through:  # the queued rows in a seq range are exactly those claimed
-                    O.update(attempts=O.attempts + 1).where(
-                        O.status == "queued", O.seq.between(first, min(last, through))).execute()
+                    conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE status = 'queued' "
+                                 "AND seq BETWEEN ? AND ?", (first, min(last, through)))
                 if last > through:
-                    M.insert(key="claimed_through", value=str(last)).on_conflict_replace().execute()
+                    conn.execute(_META_SET, ("claimed_through", str(last)))
         return [OutboxRow(seq, event_id, kind, topic, payload, attempts + (2 if seq <= through else 1), created_at)
                 for seq, event_id, kind, topic, payload, attempts, created_at in rows]
 
@@ -888,27 +933,24 @@ class Journal:
         seqs = sorted(set(seqs))
         if not seqs:
             return 0
-        O, M = self._Outbox, self._Meta
         stamp = rfc3339(self._clock())
         changed = 0
-        with self._writing("ack"):
+        with self._writing("ack") as conn:
             for first, last in _runs(seqs):  # acknowledgements come in runs of consecutive seqs
-                changed += O.update(status="sent", sent_at=stamp).where(
-                    O.status == "queued", O.seq.between(first, last)).execute()
-            last = M.get_or_none(M.key == "last_ack_seq")
-            if last is None or int(last.value) < seqs[-1]:
-                M.insert_many([("last_ack_seq", str(seqs[-1])), ("last_ack_at", stamp)],
-                              fields=[M.key, M.value]).on_conflict_replace().execute()
+                changed += conn.execute("UPDATE outbox SET status = 'sent', sent_at = ? WHERE status = 'queued' "
+                                        "AND seq BETWEEN ? AND ?", (stamp, first, last)).rowcount
+            last = conn.execute(_META_GET, ("last_ack_seq",)).fetchone()
+            if last is None or int(last[0]) < seqs[-1]:
+                conn.executemany(_META_SET, (("last_ack_seq", str(seqs[-1])), ("last_ack_at", stamp)))
         return changed
 
     def prune(self, keep_days: float) -> int:
         """Delete sent rows acknowledged more than `keep_days` ago; never a queued one. Returns
         how many went."""
-        O = self._Outbox
         cutoff = rfc3339(self._clock() - timedelta(days=keep_days))
         with self._writing("prune") as conn:
-            self._Meta.insert(key="outbox_seq", value=str(self._last_seq(conn))).on_conflict_replace().execute()
-            return O.delete().where(O.status == "sent", O.sent_at < cutoff).execute()
+            conn.execute(_META_SET, ("outbox_seq", str(self._last_seq(conn))))
+            return conn.execute("DELETE FROM outbox WHERE status = 'sent' AND sent_at < ?", (cutoff,)).rowcount
 
     @_reading
     def outbox_state(self) -> "OutboxState":
@@ -916,15 +958,15 @@ class Journal:
         if self.schema < 3:
             raise JournalError(f"the journal in {self.state_dir} has schema {self.schema}, older than this "
                                "software's outbox; the service migrates it at its next start")
-        O = self._Outbox
-        with self.db.atomic():  # one snapshot
-            count = O.select().where(O.status == "queued").count()
-            oldest = O.select(O.seq, O.created_at).where(O.status == "queued").order_by(O.seq).first()
-            meta = dict(self._Meta.select(self._Meta.key, self._Meta.value).tuples())
-            last_seq = self._last_seq(self.db.connection())
+        with self.db.snapshot() as conn:
+            count = conn.execute("SELECT count(*) FROM outbox WHERE status = 'queued'").fetchone()[0]
+            oldest = conn.execute("SELECT seq, created_at FROM outbox WHERE status = 'queued' ORDER BY seq LIMIT 1"
+                                  ).fetchone()
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            last_seq = self._last_seq(conn)
         last_ack = meta.get("last_ack_seq")
-        return OutboxState(backlog=count, oldest_queued_seq=oldest.seq if oldest else None,
-                           oldest_queued_at=oldest.created_at if oldest else None,
+        return OutboxState(backlog=count, oldest_queued_seq=oldest[0] if oldest else None,
+                           oldest_queued_at=oldest[1] if oldest else None,
                            last_seq=last_seq,
                            last_ack_seq=int(last_ack) if last_ack else None, last_ack_at=meta.get("last_ack_at"))
 
@@ -944,25 +986,11 @@ class Journal:
     def daily(self, business_date: str, *, closed: bool = False) -> dict:
         """The `daily` payload of a business date as the journal has it now (docs/mqtt.md):
         totals per payment type and funding source, by each payment's current state."""
-        with self.db.atomic():  # the totals and as_of_seq from one snapshot
+        with self.db.snapshot():  # the totals and as_of_seq from one snapshot
             return self._daily(business_date, closed)
 
     def _daily(self, day: str, closed: bool) -> dict:
-        P = self._Payment
-
-        def where(states):
-            return P.state.in_([str(s) for s in states])
-
-        def count(states):
-            return pw.fn.SUM(pw.Case(None, [(where(states), 1)], 0))
-
-        def amount(states):
-            return pw.fn.SUM(pw.Case(None, [(where(states), P.amount_fen)], 0))
-
-        held, ended, cancelled = (S.PAID, S.CANCEL_REQUESTED), (S.DECLINED, S.REVERSED), (S.CANCELLED, S.REFUNDED)
-        rows = (P.select(P.payment_type, P.funding_source, count(held), amount(held), count(ended), count(cancelled),
-                         amount(cancelled), count((S.PENDING, S.UNKNOWN, S.DEFERRED)))
-                .where(P.business_date == day).group_by(P.payment_type, P.funding_source).tuples())
+        rows = self.db.connection().execute(_DAY_TOTALS, (day,)).fetchall()
         totals = [{"payment_type": t, "funding_source": f, "count": n, "amount_fen": a, "amount": format_amount(a),
                    "declined": d, "cancelled": c, "cancelled_amount_fen": ca, "cancelled_amount": format_amount(ca),
                    "open": o} for t, f, n, a, d, c, ca, o in rows]
@@ -976,20 +1004,18 @@ class Journal:
         `before` ("YYYY-MM-DD") that has payments and was not closed yet, oldest first, in one
         commit. Returns the dates closed. A day is closed once: a payment that ends after its
         day's close changes head office's totals through its txn events only."""
-        P, M = self._Payment, self._Meta
-        with self._writing("close_days"):
-            done = M.get_or_none(M.key == "closed_through")
-            q = P.select(P.business_date).distinct().where(P.business_date < before)
-            if done is not None:
-                q = q.where(P.business_date > done.value)
-            days = sorted(r.business_date for r in q)
+        with self._writing("close_days") as conn:
+            done = conn.execute(_META_GET, ("closed_through",)).fetchone()
+            days = sorted(day for day, in conn.execute(
+                "SELECT DISTINCT business_date FROM payment WHERE business_date < ? AND business_date > ?",
+                (before, done[0] if done else "")))
             at = rfc3339(self._clock())
             for day in days:
                 totals = self._daily(day, closed=True)
                 self._enqueue("day_close", day, at, None,
                               lambda seq, event_id, totals=totals: {**totals, "event_id": event_id, "seq": seq})
             if days:
-                M.insert(key="closed_through", value=days[-1]).on_conflict_replace().execute()
+                conn.execute(_META_SET, ("closed_through", days[-1]))
         return days
 
     # --- reading --------------------------------------------------------------------------
@@ -1012,8 +1038,8 @@ class Journal:
 
     @_reading
     def journal_id(self) -> str | None:
-        row = self._Meta.get_or_none(self._Meta.key == "journal_id")
-        return row.value if row else None
+        row = self.db.connection().execute(_META_GET, ("journal_id",)).fetchone()
+        return row[0] if row else None
 
     @_reading
     def get(self, txn_id: int) -> Txn | None:
@@ -1026,8 +1052,7 @@ class Journal:
 
     @_reading
     def code_used(self, code: str) -> bool:
-        P = self._Payment
-        return P.select().where(P.code_digest == self.digest(code)).exists()
+        return self.db.connection().execute(_CODE_USED, (self.digest(code),)).fetchone() is not None
 
     @_reading
     def recent(self, *, limit: int = 50, states: Iterable[State] | None = None) -> list[Txn]:
@@ -1046,8 +1071,7 @@ class Journal:
     @_reading
     def counts(self) -> dict[str, int]:
         """How many payments are in each state ({state: count}; states with none are left out)."""
-        P = self._Payment
-        return {state: n for state, n in P.select(P.state, pw.fn.COUNT(P.id)).group_by(P.state).tuples()}
+        return dict(self.db.connection().execute("SELECT state, count(id) FROM payment GROUP BY state").fetchall())
 
     @_reading
     def open_counts(self) -> dict[str, int]:
@@ -1068,11 +1092,10 @@ class Journal:
     @_reading
     def events(self, txn_id: int | None = None) -> list[dict]:
         """Outbox payloads in commit order (all, or one payment's), sent or not."""
-        O = self._Outbox
-        q = O.select(O.payload).order_by(O.seq if self.schema >= 3 else O.id)
-        if txn_id is not None:
-            q = q.where(O.txn == txn_id)
-        return [json.loads(r.payload) for r in q]
+        where, params = ("", ()) if txn_id is None else (" WHERE txn_id = ?", (txn_id,))
+        order = "seq" if self.schema >= 3 else "id"
+        return [json.loads(payload) for payload, in self.db.connection().execute(
+            f"SELECT payload FROM outbox{where} ORDER BY {order}", params)]
 
 
 def _runs(seqs: list[int]) -> list[tuple[int, int]]:

@@ -1,6 +1,5 @@
-"""The journal's hot path in plain SQL (schema 4): the statements and peewee's models describe the
-same tables, the queries find their indexes, cached statements outlive a schema change, a failed
-commit leaves neither the payment nor its outbox row, and the counters that are no longer
+"""The journal's hot path in plain SQL (schema 4): the statements name the tables' columns, the
+queries find their indexes, cached statements outlive a schema change, a failed commit leaves neither the payment nor its outbox row, and the counters that are no longer
 written (day numbers, outbox seqs) still never repeat."""
 
 import dataclasses
@@ -58,16 +57,19 @@ def test_the_raw_statements_name_exactly_the_columns_peewee_created(journal):
     conn.close()
 
 
-def test_a_raw_payment_reads_back_through_peewee_as_written(journal):
+def test_a_raw_payment_reads_back_by_column_name_as_written(journal):
     t = _pay(journal, 1, State.PAID)
-    row = journal._Payment.get_by_id(t.txn_id)  # peewee's view of what the plain SQL wrote
-    assert (row.out_trade_no, row.order, row.amount_fen, row.state, row.platform_txn_id, row.business_date,
-            row.attempts, row.next_attempt_at, row.retry_note, row.source, row.auth_code) == (
-        t.out_trade_no, "O1", 101, "paid", "421", "2026-11-29", 0, 0.0, "", "scan", None)
+    conn = _conn(journal)
+    conn.row_factory = sqlite3.Row  # each value by its column's name, not by the statements' order
+    row = conn.execute("SELECT * FROM payment WHERE id = ?", (t.txn_id,)).fetchone()
+    assert (row["out_trade_no"], row["order"], row["amount_fen"], row["state"], row["platform_txn_id"],
+            row["business_date"], row["attempts"], row["next_attempt_at"], row["retry_note"], row["source"],
+            row["auth_code"]) == (t.out_trade_no, "O1", 101, "paid", "421", "2026-11-29", 0, 0.0, "", "scan", None)
     assert journal.get(t.txn_id) == t and journal.recent() == [t] and journal.by_order("O1") == [t]
-    event = journal._Outbox.get(journal._Outbox.seq == 2)
-    assert (event.txn_id, event.kind, event.topic, event.status, event.attempts, event.sent_at) == (
+    event = conn.execute("SELECT * FROM outbox WHERE seq = 2").fetchone()
+    assert (event["txn_id"], event["kind"], event["topic"], event["status"], event["attempts"], event["sent_at"]) == (
         t.txn_id, "txn", "txn", "queued", 0, None)
+    conn.close()
 
 
 @pytest.mark.parametrize("query, params, index", [
