@@ -61,10 +61,11 @@ def _two_malloc_arenas() -> None:
 
 
 def cmd_run(args) -> int:
-    # The lane's journal is SQLite: keep peewee from loading its PostgreSQL driver, which only head
-    # office uses (psycopg2 with its own libpq, libssl and libcrypto: ~6 MB resident on a 512 MB
-    # Pi). Nothing in `appliance run` imports head-office code; in a process that already has
-    # psycopg2 (tests) this changes nothing.
+    # The lane's journal is plain sqlite3 (no peewee: tests/test_journal_schema.py); should anything
+    # bring peewee in after all, keep it from loading its PostgreSQL driver, which only head office
+    # uses (psycopg2 with its own libpq, libssl and libcrypto: ~6 MB resident on a 512 MB Pi).
+    # Nothing in `appliance run` imports head-office code; in a process that already has psycopg2
+    # (tests) this changes nothing.
     sys.modules.setdefault("psycopg2", None)
     _two_malloc_arenas()
     from appliance import service

@@ -65,6 +65,12 @@ class Registry:
             return factory
         return deco
 
+    def knows(self, kind: str) -> bool:
+        """Whether a config may name `kind`. Looks for plug-ins only for a kind not built in or
+        registered: a lane of built-in adapters never imports importlib.metadata (~1.5 MB resident
+        with email, zipfile, csv, pickle: issue 10)."""
+        return kind in self._builtins or kind in self._adapters or kind in _plugins()
+
     def known(self) -> list[str]:
         """Every kind a config may name: built-in, registered and offered by a plug-in (not loaded)."""
         return sorted(set(self._builtins) | set(self._adapters) | set(_plugins()))

@@ -38,7 +38,6 @@ not synchronized), and falls back to the flag file when adjtimex is refused.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -110,7 +109,8 @@ def kernel_clock() -> dict | None:
     """The kernel's view of the clock by adjtimex(2) with modes 0 (reads, changes nothing):
     {"synced", "source": "adjtimex", "detail"}; None when the call is not possible here."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them (ctypes.util
+        # would bring subprocess and its kin, issue 10)
         tx = _Timex()
         rc = libc.adjtimex(ctypes.byref(tx))
     except (OSError, AttributeError):

@@ -46,7 +46,7 @@ def _inserted(sql: str) -> list[str]:
     return [c.strip().strip('"') for c in sql.split("(", 1)[1].split(")", 1)[0].split(",")]
 
 
-def test_the_raw_statements_name_exactly_the_columns_peewee_created(journal):
+def test_the_raw_statements_name_exactly_the_columns_created(journal):
     conn = _conn(journal)
     payment, outbox = _columns(conn, "payment"), _columns(conn, "outbox")
     assert [c.strip('"') for c in jmod._TXN_COLUMNS][1:] == [f.name for f in dataclasses.fields(Txn)][1:]

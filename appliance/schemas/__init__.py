@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-from importlib import resources
 from typing import TYPE_CHECKING
 
 from appliance.errors import BadMessage
@@ -51,6 +50,8 @@ def schema(kind: str) -> dict:
     """The JSON Schema of `kind` (one of KINDS or LOCAL_KINDS), freshly parsed: the caller may change it."""
     if kind not in KINDS + LOCAL_KINDS:
         raise ValueError(f"unknown payload kind {kind!r} (known: {', '.join(KINDS + LOCAL_KINDS)})")
+    from importlib import resources  # here: a lane never reads a schema
+
     return json.loads(resources.files(__package__).joinpath(f"{kind}.json").read_text(encoding="utf-8"))
 
 
