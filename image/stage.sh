@@ -9,6 +9,8 @@
 #   /usr/lib/systemd/system/           appliance.service from systemd/ as is; appliance-firstboot.service;
 #                                      appliance.service.d/10-provisioned.conf (runs once provisioned)
 #   /usr/lib/sysusers.d/appliance.conf, /usr/lib/tmpfiles.d/appliance.conf   from systemd/ as is
+#   /usr/lib/modules-load.d/appliance.conf   from systemd/appliance.modules-load: the serial scanners'
+#                                      drivers loaded at boot, so the unit's DeviceAllow=char-ttyACM/-USB resolve
 #   /etc/udev/rules.d/99-appliance-scanner.rules   a conffile: the technician puts the scanner's IDs in
 #   /usr/lib/appliance/appliance-firstboot         first boot's provisioning script
 #   /usr/share/appliance/appliance.toml            the image's default config (provisioning's base)
@@ -20,7 +22,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
 
 install -d -m 0755 "$DEST"/DEBIAN "$DEST"/usr/bin "$DEST"/usr/lib/systemd/system/appliance.service.d \
-  "$DEST"/usr/lib/sysusers.d "$DEST"/usr/lib/tmpfiles.d "$DEST"/etc/udev/rules.d "$DEST"/usr/lib/appliance \
+  "$DEST"/usr/lib/sysusers.d "$DEST"/usr/lib/tmpfiles.d "$DEST"/usr/lib/modules-load.d "$DEST"/etc/udev/rules.d "$DEST"/usr/lib/appliance \
   "$DEST"/usr/share/appliance "$DEST"/usr/share/doc/appliance/examples
 ln -sfn /opt/appliance/bin/appliance "$DEST"/usr/bin/appliance
 
@@ -29,6 +31,7 @@ install -m 0644 "$HERE"/files/appliance-firstboot.service "$DEST"/usr/lib/system
 install -m 0644 "$HERE"/files/appliance.service.d/10-provisioned.conf "$DEST"/usr/lib/systemd/system/appliance.service.d/
 install -m 0644 "$REPO"/systemd/appliance.sysusers "$DEST"/usr/lib/sysusers.d/appliance.conf
 install -m 0644 "$REPO"/systemd/appliance.tmpfiles "$DEST"/usr/lib/tmpfiles.d/appliance.conf
+install -m 0644 "$REPO"/systemd/appliance.modules-load "$DEST"/usr/lib/modules-load.d/appliance.conf
 install -m 0644 "$HERE"/udev/99-appliance-scanner.rules "$DEST"/etc/udev/rules.d/
 install -m 0755 "$HERE"/files/appliance-firstboot "$DEST"/usr/lib/appliance/
 install -m 0644 "$HERE"/files/appliance.toml "$DEST"/usr/share/appliance/

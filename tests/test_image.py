@@ -52,6 +52,8 @@ def test_package_installs_the_repo_units_as_they_are(staged):
         (ROOT / "systemd/appliance.sysusers").read_bytes()
     assert (staged / "usr/lib/tmpfiles.d/appliance.conf").read_bytes() == \
         (ROOT / "systemd/appliance.tmpfiles").read_bytes()
+    assert (staged / "usr/lib/modules-load.d/appliance.conf").read_bytes() == \
+        (ROOT / "systemd/appliance.modules-load").read_bytes()
     assert (staged / "etc/udev/rules.d/99-appliance-scanner.rules").read_bytes() == \
         (IMAGE / "udev/99-appliance-scanner.rules").read_bytes()
     # the unit's ExecStart and Documentation= resolve inside the package
