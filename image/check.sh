@@ -148,8 +148,12 @@ boot_check() {
           -e 's/^host = .*/host = "127.0.0.1"/' -e 's/^port = .*/port = 9/' -e 's/^tls = true/tls = false/' \
           "$HERE"/files/appliance-provision.example.toml
       printf '\n[indicator]\nkind = "log"\n'; } > "$boot"/boot/firmware/appliance-provision.toml
-    # --register=no --keep-unit: the host need not run systemd (this VM's PID 1 is not systemd)
-    systemd-nspawn -D "$boot" --boot --register=no --keep-unit --console=pipe --machine=appliance-check \
+    # --register=no --keep-unit: the host need not run systemd (this VM's PID 1 is not systemd).
+    # The unified cgroup hierarchy with the bpf() call and its capabilities: there the container's
+    # systemd enforces DevicePolicy=/DeviceAllow= with a BPF program; on a cgroup v1 host without
+    # them it silently does not, and the device sandbox would go untested.
+    SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1 systemd-nspawn -D "$boot" --boot --register=no --keep-unit \
+        --system-call-filter=bpf --capability=CAP_BPF,CAP_PERFMON --console=pipe --machine=appliance-check \
         > "$BUILD"/boot-root.log 2>&1 < /dev/null &
     nspawn=$!
     for i in $(seq 90); do pid=$(pgrep -P $nspawn | head -1) && [ -n "$pid" ] && break; sleep 1; done
@@ -175,6 +179,15 @@ boot_check() {
         "$@" journalctl -b -u appliance -p warning --no-pager | grep -q "scanner not found" || exit 1
         "$@" journalctl -b -u appliance-firstboot -p info -o verbose --no-pager | grep -B30 "MESSAGE=appliance-firstboot: provisioned" | grep -q "PRIORITY=6"' \
         sh nsenter -t "$pid" -a
+    check "booted: the serial scanners' drivers are listed for boot (modules-load.d)" \
+        sh -c '"$@" systemd-analyze cat-config modules-load.d | grep -qx cdc_acm' sh nsenter -t "$pid" -a
+    # The device sandbox is enforced: a device node the unit does not list (/dev/net/tun, which
+    # nspawn gives every container) opens for a plain transient service and not under the policy.
+    check "booted: DevicePolicy=closed refuses a device the unit does not allow" bash -c '
+        "$@" systemd-run --quiet --wait --pipe -- sh -c "exec 3<>/dev/net/tun" || { echo "no /dev/net/tun to try"; exit 1; }
+        out=$("$@" systemd-run --quiet --wait --pipe -p DevicePolicy=closed -p "DeviceAllow=char-input rw" \
+              -- sh -c "exec 3<>/dev/net/tun" 2>&1) && { echo "opened under DevicePolicy=closed"; exit 1; }
+        echo "$out"; grep -q "Operation not permitted" <<< "$out"' sh nsenter -t "$pid" -a
     [ -n "$pid" ] && inside systemctl poweroff >/dev/null 2>&1
     for i in $(seq 30); do kill -0 $nspawn 2>/dev/null || break; sleep 1; done
     kill $nspawn 2>/dev/null; wait $nspawn 2>/dev/null
