@@ -188,7 +188,7 @@ boot_check() {
         for p in plain closed; do
             { echo "[Service]"; echo "Type=oneshot"
               [ $p = closed ] && grep -E "^(DevicePolicy|DeviceAllow)=" "$1"/usr/lib/systemd/system/appliance.service
-              echo "ExecStart=/bin/sh -c \"exec 3<>/dev/net/tun\""; } > "$1"/run/systemd/system/devtest-$p.service
+              echo "ExecStart=/bin/sh -c \"exec 3<>/dev/net/tun\""; } > "$1"/etc/systemd/system/devtest-$p.service
         done
         shift; "$@" systemctl daemon-reload
         "$@" systemctl start devtest-plain.service || { echo "/dev/net/tun does not open even without the policy"; exit 1; }
