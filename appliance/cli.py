@@ -466,7 +466,8 @@ def _hq_config(args):
              "username": getattr(args, "username", None), "password_file": getattr(args, "password_file", None),
              "tls": getattr(args, "tls", None), "ca_file": getattr(args, "ca_file", None),
              "topic_prefix": getattr(args, "topic_prefix", None), "group": getattr(args, "group", None),
-             "client_id": getattr(args, "client_id", None)}
+             "client_id": getattr(args, "client_id", None), "listen": getattr(args, "listen", None),
+             "token_file": getattr(args, "token_file", None)}
     return load(Path(args.config) if args.config else None, {k: v for k, v in flags.items() if v is not None})
 
 
@@ -488,6 +489,15 @@ def cmd_hq_report(args) -> int:
     cfg = _hq_config(args).hq
     day = args.date or business_date(utc_now(), cfg.time_zone, cfg.day_cutoff_hour).isoformat()
     return report.run(Store(cfg.db or None, create=False), day, args.store, args.json)
+
+
+def cmd_hq_serve(args) -> int:
+    from appliance.hq import web
+    from appliance.logs import setup
+
+    file = _hq_config(args)
+    setup(file.logging.level)
+    return web.run(file.hq)
 
 
 def _date(text: str) -> str:
@@ -538,6 +548,11 @@ def add_hq(sub) -> None:
     sp.add_argument("--date", type=_date, help="business date YYYY-MM-DD (default: today in [hq] time_zone)")
     sp.add_argument("--store", type=_store_id, help="only this store")
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    sp = add("serve", cmd_hq_serve, "a read-only web day view of the database: the day's figures, lanes, "
+             "payments and a CSV export")
+    sp.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080; beyond loopback it needs "
+                                                         "--token-file")
+    sp.add_argument("--token-file", dest="token_file", metavar="PATH", help="file holding the token users give")
 
 
 class NumberArg(NamedTuple):

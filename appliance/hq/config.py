@@ -14,6 +14,8 @@ validation, so `--port 0` is refused exactly as `port = 0` in the file would be.
     username = "hq"
     password_file = "/etc/appliance-hq/mqtt-password"
     group = "hq"
+    listen = "0.0.0.0:8080"        # hq serve; beyond loopback it needs token_file
+    token_file = "/etc/appliance-hq/web-token"
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ def _client_id(v: str) -> str:
     return v
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """"HOST:PORT" (IPv6 as [::1]:PORT) -> (host, port). Raises ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65_536:
+        raise ValueError(f"must be HOST:PORT with a port 1-65535, got {text[:60]!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ValueError("needs a host (127.0.0.1 for this machine only)")
+    return host, int(port)
+
+
+def _listen(v: str) -> str:
+    parse_listen(v)
+    return v
+
+
 @dataclass(frozen=True)
 class HqConfig:
     db: str = opt("", doc="sqlite:///path or postgresql://user@host:port/db; empty: hq.sqlite in "
@@ -77,6 +95,9 @@ class HqConfig:
     reconnect_max_s: float = opt(60.0, check=between(0.1, DAY, SECONDS))
     time_zone: str = opt("Asia/Shanghai", check=time_zone, doc="the stores' time zone: report's default date")
     day_cutoff_hour: int = opt(0, check=between(0, 23, "(an hour of the local day)"))
+    listen: str = opt("127.0.0.1:8080", check=_listen, doc="`hq serve`: HOST:PORT of the web day view")
+    token_file: SecretFile | None = opt(None, doc="`hq serve`: the token its users give (at least 16 "
+                                                  "characters); required to listen beyond loopback")
 
     def effective_client_id(self) -> str:
         return self.client_id or f"hq-{socket.gethostname()[:40]}-{self.group}"[:64]
