@@ -18,7 +18,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 # the keymap tables are checked against, libfaketime (a service process's wall clock stepped), and
 # mosquitto with its clients (tests start their own brokers on free ports; the system broker that
 # Debian's package starts on 1883 is never used), and systemd's journald, journalctl and systemd-cat
-# (tests/test_logs.py runs a journald of its own in a private mount namespace, as root).
+# (tests/test_logs.py runs a journald of its own in a private mount namespace, as root), and Debian's
+# chromium with chromium-driver (tests/test_hq_browser.py drives the head-office web view headless).
 apt-deps:
 	@missing=""; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
@@ -28,6 +29,8 @@ apt-deps:
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	{ [ -x /usr/sbin/mosquitto ] && command -v mosquitto_passwd >/dev/null; } || missing="$$missing mosquitto"; \
 	command -v mosquitto_sub >/dev/null || missing="$$missing mosquitto-clients"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	{ [ -x /lib/systemd/systemd-journald ] && command -v systemd-cat >/dev/null; } || missing="$$missing systemd"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	[ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || missing="$$missing python3-dev"; \

@@ -10,7 +10,7 @@ Pages (server-rendered HTML, CSS and a 15-line script shipped in appliance/hq/st
   per payment type and funding source, and every store -> lane with its status;
 * `/lane/STORE/TERMINAL?date=`: that lane's payments (masked codes only), lane events, last faults;
 * `/payments.csv?date=[&store=&terminal=]`: the day's payments, one row each (latest state);
-* any page with `part=main` gives its <main> only: the script polls it every 3 s.
+* any page with `part=main` gives its <main> only: the script polls it every 2 s.
 
 Read-only: SQLite is opened `mode=ro` with `query_only`; a PostgreSQL session is
 `default_transaction_read_only`. Nothing here writes. Every query goes through peewee (bound

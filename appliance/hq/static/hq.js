@@ -1,4 +1,4 @@
-// Self-refresh: every 3 s fetch this page's <main> again (?part=main) and swap it in when it changed.
+// Self-refresh: every 2 s fetch this page's <main> again (?part=main) and swap it in when it changed.
 (function () {
   var main = document.querySelector("main");
   if (!main || !main.dataset.refresh) return;
@@ -8,7 +8,7 @@
       return r.ok ? r.text() : null;
     }).then(function (html) {
       if (html !== null && html !== main.innerHTML) main.innerHTML = html;
-    }).catch(function () {}).then(function () { setTimeout(tick, 3000); });
+    }).catch(function () {}).then(function () { setTimeout(tick, 2000); });
   }
-  setTimeout(tick, 3000);
+  setTimeout(tick, 2000);
 })();
