@@ -93,17 +93,25 @@ def _entry(payment_type, funding_source, n, a, d, c, ca, o, **ids) -> dict:
             "cancelled_amount": format_amount(ca), "open": o}
 
 
+_SUMMED = ("count", "amount_fen", "declined", "cancelled", "cancelled_amount_fen", "open")
+
+
+def sum_lines(lines: list[dict], **ids) -> dict:
+    """The sums of `lines`' counts and amounts (zeros when there are none), with `ids` beside them."""
+    s = {**ids, **dict.fromkeys(_SUMMED, 0)}
+    for t in lines:
+        for k in _SUMMED:
+            s[k] += t[k]
+    s["amount"], s["cancelled_amount"] = format_amount(s["amount_fen"]), format_amount(s["cancelled_amount_fen"])
+    return s
+
+
 def store_sums(totals: list[dict]) -> list[dict]:
     """Per store: the sums of its lines' counts and amounts."""
-    sums: dict[str, dict] = {}
+    by_store: dict[str, list[dict]] = {}
     for t in totals:
-        s = sums.setdefault(t["store_id"], {"store_id": t["store_id"], "count": 0, "amount_fen": 0, "declined": 0,
-                                            "cancelled": 0, "cancelled_amount_fen": 0, "open": 0})
-        for k in ("count", "amount_fen", "declined", "cancelled", "cancelled_amount_fen", "open"):
-            s[k] += t[k]
-    for s in sums.values():
-        s["amount"], s["cancelled_amount"] = format_amount(s["amount_fen"]), format_amount(s["cancelled_amount_fen"])
-    return [sums[k] for k in sorted(sums)]
+        by_store.setdefault(t["store_id"], []).append(t)
+    return [sum_lines(by_store[k], store_id=k) for k in sorted(by_store)]
 
 
 def attention(store: Store, store_id: str | None = None) -> list[dict]:

@@ -70,9 +70,8 @@ def read_only_store(url: str) -> Store:
 # --- the figures (report.py's functions; the per-payment rows for chart, lane page and CSV) ----------
 
 def headline(totals: list[dict]) -> dict:
-    """The sums over every store: report.store_sums with every line under one key."""
-    sums = report.store_sums([{**t, "store_id": ""} for t in totals])
-    return sums[0] if sums else report.store_sums([report._entry("", None, 0, 0, 0, 0, 0, 0, store_id="")])[0]
+    """The sums over every store's lines (zeros on a day without payments), as report.py sums a store."""
+    return report.sum_lines(totals, store_id="")
 
 
 def grouped(totals: list[dict], key: str) -> list[dict]:
