@@ -39,16 +39,20 @@ Contract for adapters (one per file, chosen by `[providers.<name>] kind`):
   * Third-party exceptions never leave an adapter. `ProviderMisconfigured` signals our own
     credentials or request shape are wrong (a fault for the technician, not a decline).
   * `policy` tells the resolver how this platform wants uncertain trades driven to an end.
+  * `bill(day)`, optional (`has_bill`): the platform's daily bill of one Beijing day, for head
+    office's reconciliation; its contract is in appliance/payments/bills.py. The lane never calls it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from appliance.errors import Refused
+from appliance.payments.bills import Bill, BillError
 from appliance.registry import Registry
 
 
@@ -98,6 +102,8 @@ class Provider(ABC):
     """A payment platform account (see the module docstring for the contract)."""
 
     kind = "abstract"
+    #: Whether `bill(day)` is implemented: the platform has a daily bill API.
+    has_bill = False
 
     def __init__(self, name: str, policy: ResolutionPolicy):
         self.name = name
@@ -117,6 +123,11 @@ class Provider(ABC):
 
     @abstractmethod
     def query_refund(self, out_trade_no: str, out_refund_no: str) -> Outcome: ...
+
+    def bill(self, day: dt.date) -> Bill:
+        """The platform's bill of one Beijing day (contract: appliance/payments/bills.py). Here: the
+        platform has none, BillError; head office reconciles such a platform by query."""
+        raise BillError(self.name, day, f"{self.kind} has no bill API: reconcile its orders by query")
 
     def close(self) -> None:
         """Release connections. Idempotent."""

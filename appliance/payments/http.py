@@ -154,16 +154,22 @@ class Gateway:
             follow_redirects=False, trust_env=False)  # no proxy from the environment, no redirect to elsewhere
 
     def request(self, method: str, path: str = "", *, body: bytes | None = None,
-                headers: dict[str, str] | None = None, params: dict[str, str] | None = None) -> Reply:
+                headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                max_bytes: int = MAX_ANSWER_BYTES, answer_s: float | None = None) -> Reply:
         """Send to the first address that accepts a connection; return its complete answer, whatever
         its HTTP status. Raises ProviderUnavailable (nothing sent anywhere), NoAnswer (maybe sent,
-        no complete answer) or ProviderMisconfigured (the address itself is unusable)."""
+        no complete answer) or ProviderMisconfigured (the address itself is unusable).
+
+        `max_bytes` and `answer_s` (the whole answer's time, from the request) are raised only for
+        head office's bill downloads; a lane's calls keep the defaults, bounded by `call_limit_s`.
+        `path` may be a full http(s) URL (a bill's download link): then it is the only address."""
         refused = []
-        for base in self.urls:
+        urls = [""] if path.startswith(("https://", "http://")) else self.urls
+        for base in urls:
             try:
-                return self._once(base, method, path, body, headers, params)
+                return self._once(base, method, path, body, headers, params, max_bytes, answer_s)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
-                refused.append(f"{base}: {_why(e)}")  # nothing was sent: the next address may take it
+                refused.append(f"{base or path}: {_why(e)}")  # nothing was sent: the next address may take it
             except httpx.UnsupportedProtocol as e:
                 raise ProviderMisconfigured(f"{base}: {e}") from None
             except (httpx.TransportError, httpx.DecodingError) as e:  # timeout, reset, protocol or
@@ -171,17 +177,17 @@ class Gateway:
                 raise NoAnswer(f"{base}{path}: {_why(e)}") from None
         raise ProviderUnavailable("; ".join(refused))
 
-    def _once(self, base, method, path, body, headers, params) -> Reply:
-        deadline = time.monotonic() + self._answer_s
+    def _once(self, base, method, path, body, headers, params, max_bytes, answer_s) -> Reply:
+        deadline = time.monotonic() + (answer_s or self._answer_s)
         with self._client.stream(method, base + path, content=body, headers=headers, params=params) as r:
             chunks, size = [], 0
             for chunk in r.iter_bytes():
                 chunks.append(chunk)
                 size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    raise NoAnswer(f"{base}{path}: answer larger than {MAX_ANSWER_BYTES} bytes")
+                if size > max_bytes:
+                    raise NoAnswer(f"{base}{path}: answer larger than {max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise NoAnswer(f"{base}{path}: answer still arriving after {self._read_s:g} s")
+                    raise NoAnswer(f"{base}{path}: answer still arriving after {answer_s or self._read_s:g} s")
             return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, b"".join(chunks), base)
 
     def close(self) -> None:

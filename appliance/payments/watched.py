@@ -44,6 +44,7 @@ class Watched(Provider):
     name = property(lambda self: self.wrapped.name)
     policy = property(lambda self: self.wrapped.policy)
     kind = property(lambda self: self.wrapped.kind)  # type: ignore[assignment]
+    has_bill = property(lambda self: self.wrapped.has_bill)  # type: ignore[assignment]
 
     def __getattr__(self, name: str):  # only for names Watched itself lacks (adapter extras)
         return getattr(self.__dict__["wrapped"], name)
@@ -87,6 +88,9 @@ class Watched(Provider):
 
     def query_refund(self, out_trade_no: str, out_refund_no: str) -> Outcome:
         return self._call("query_refund", self.wrapped.query_refund, out_trade_no, out_refund_no)
+
+    def bill(self, day):
+        return self.wrapped.bill(day)  # head office's call: not a lane's platform health
 
     def close(self) -> None:
         self.wrapped.close()
