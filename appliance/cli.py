@@ -491,6 +491,20 @@ def cmd_hq_report(args) -> int:
     return report.run(Store(cfg.db or None, create=False), day, args.store, args.json)
 
 
+def cmd_hq_reconcile(args) -> int:
+    import datetime as dt
+
+    from appliance.hq import reconcile
+    from appliance.hq.store import Store
+    from appliance.logs import setup
+
+    file = _hq_config(args)
+    setup(file.logging.level)
+    day = dt.date.fromisoformat(args.date) if args.date else None
+    return reconcile.run(Store(file.hq.db or None), file, day=day, platform=args.platform, scheduled=args.due,
+                         as_json_=args.json)
+
+
 def cmd_hq_serve(args) -> int:
     from appliance.hq import web
     from appliance.logs import setup
@@ -518,8 +532,9 @@ def _store_id(text: str) -> str:
 
 
 def add_hq(sub) -> None:
-    """`appliance hq ingest|report`: head office's side (appliance/hq/). Needs no lane config."""
-    help_ = "head office: store every lane's MQTT messages (ingest) and report the day's volume (report)"
+    """`appliance hq ingest|report|reconcile|serve`: head office's side (appliance/hq/). Needs no lane config."""
+    help_ = ("head office: store every lane's MQTT messages (ingest), report the day's volume (report), match "
+             "the platforms' bills (reconcile), show it on the web (serve)")
     hq = sub.add_parser("hq", help=help_, description=help_).add_subparsers(dest="hq_command", required=True,
                                                                             metavar="HQ_COMMAND")
 
@@ -548,6 +563,15 @@ def add_hq(sub) -> None:
     sp.add_argument("--date", type=_date, help="business date YYYY-MM-DD (default: today in [hq] time_zone)")
     sp.add_argument("--store", type=_store_id, help="only this store")
     sp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    sp = add("reconcile", cmd_hq_reconcile, "match each platform's daily bill (Beijing day) against the payments "
+             "head office holds, and store the result; exit 0 no differences, 3 differences, 4 a bill error, "
+             "75 not yet available (tried again by --due)")
+    when = sp.add_mutually_exclusive_group()
+    when.add_argument("--date", type=_date, help="the Beijing day YYYY-MM-DD (default: yesterday there)")
+    when.add_argument("--due", action="store_true", help="what the schedule wants now: yesterday and earlier "
+                                                         "days not yet reconciled whose next try has come")
+    sp.add_argument("--platform", metavar="NAME", help="only this [providers.NAME]")
+    sp.add_argument("--json", action="store_true", help="print the results as one JSON object")
     sp = add("serve", cmd_hq_serve, "a read-only web day view of the database: the day's figures, lanes, "
              "payments and a CSV export")
     sp.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:8080; beyond loopback it needs "

@@ -16,6 +16,13 @@ validation, so `--port 0` is refused exactly as `port = 0` in the file would be.
     group = "hq"
     listen = "0.0.0.0:8080"        # hq serve; beyond loopback it needs token_file
     token_file = "/etc/appliance-hq/web-token"
+
+    [reconcile]                    # hq reconcile
+    retry_every_s = 1800
+
+    [providers.wechat]             # the merchant accounts, named as the lanes name them
+    kind = "wechat_v3"             # (the same keys as a lane's [providers.NAME])
+    ...
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.business_day import time_zone
-from appliance.config import read_toml
+from appliance.config import ProviderConfig, read_toml
 from appliance.schema import DAY, HOUR, SECONDS, TCP_PORT, SecretFile, between, build, opt
 
 _SHARE_GROUP_CHARS = frozenset("+#/")
@@ -109,9 +116,22 @@ class HqLogging:
 
 
 @dataclass(frozen=True)
+class ReconcileConfig:
+    """`appliance hq reconcile`: when to ask again for a bill that is not there yet or failed."""
+
+    retry_every_s: float = opt(1800.0, check=between(60.0, DAY, SECONDS),
+                               doc="wait between attempts at one day's bill (WeChat: every half hour)")
+    retry_for_days: int = opt(3, check=between(1, 90, "days"),
+                              doc="a day still not reconciled after this many days is left to a person")
+
+
+@dataclass(frozen=True)
 class HqFile:
     hq: HqConfig = opt(HqConfig())
     logging: HqLogging = opt(HqLogging())
+    reconcile: ReconcileConfig = opt(ReconcileConfig())
+    providers: dict[str, ProviderConfig] = opt({}, doc="the merchant accounts whose bills `hq reconcile` "
+                                                        "fetches, named as in the lanes' [providers]")
 
 
 def load(path: Path | None, overrides: dict | None = None) -> HqFile:

@@ -20,6 +20,9 @@ Tables:
 * `daily`: each lane's latest `daily` per business date; a closed day is never replaced by running
   totals, and running totals only by ones as new (`as_of_seq`, then `at`).
 * `reject`: messages that failed their schema, with the reason and a bounded, masked excerpt.
+* `reconciliation`, `reconciliation_difference`, `bill_line`: `appliance hq reconcile`'s result
+  per (Beijing day, platform), its differences, and the bill's lines as fetched (appliance/hq/
+  reconcile.py); a re-run replaces the three together, in one transaction.
 
 Every write is idempotent (insert-or-ignore, conditional upsert), the same on both databases, so
 a redelivered message changes nothing. Third-party errors: peewee's OperationalError and
@@ -127,7 +130,8 @@ def _models(db: pw.Database):
             table_name = "event"
             indexes = ((("store_id", "terminal_id", "seq"), False),
                        (("business_date", "kind", "store_id"), False),
-                       (("store_id", "terminal_id", "out_trade_no", "seq"), False))
+                       (("store_id", "terminal_id", "out_trade_no", "seq"), False),
+                       (("out_trade_no",), False))  # reconcile: a bill's orders
 
     class Lane(Base):
         store_id = pw.CharField(max_length=8)
@@ -166,7 +170,61 @@ def _models(db: pw.Database):
         class Meta:
             table_name = "reject"
 
-    return Event, Lane, Daily, Reject
+    class Reconciliation(Base):
+        """One platform's reconciliation of one Beijing day (appliance/hq/reconcile.py)."""
+
+        day = pw.CharField(max_length=10)
+        platform = pw.CharField(max_length=64)
+        kind = pw.CharField(max_length=32)  # the adapter kind
+        method = pw.CharField(max_length=8)  # bill | query
+        state = pw.CharField(max_length=16)  # reconcile.Outcome: fetched, no_transactions, by_query, not_yet, error
+        differences = pw.IntegerField()
+        attempts = pw.IntegerField()
+        checked_at = pw.CharField(max_length=24)
+        next_try_at = pw.CharField(max_length=24, null=True)  # not_yet/error: when the schedule asks again
+        error = pw.TextField(null=True)
+        summary = pw.TextField()  # JSON: matched, fees, the bill's totals
+
+        class Meta:
+            table_name = "reconciliation"
+            primary_key = pw.CompositeKey("day", "platform")
+
+    class Difference(Base):
+        day = pw.CharField(max_length=10)
+        platform = pw.CharField(max_length=64)
+        kind = pw.CharField(max_length=16)  # not_at_hq | not_on_bill | amount | state
+        out_trade_no = pw.CharField(max_length=64)
+        store_id = pw.CharField(max_length=8, null=True)  # known when head office has the order
+        terminal_id = pw.CharField(max_length=4, null=True)
+        movement = pw.CharField(max_length=8)  # payment | refund | revoked (what moved, or should have)
+        hq_state = pw.CharField(max_length=32, null=True)
+        hq_amount_fen = pw.BigIntegerField(null=True)
+        bill_amount_fen = pw.BigIntegerField(null=True)
+        platform_txn_id = pw.CharField(max_length=128, null=True)
+        at = pw.CharField(max_length=24, null=True)  # the bill line's time (Beijing) or head office's event time
+        detail = pw.TextField()
+
+        class Meta:
+            table_name = "reconciliation_difference"
+            indexes = ((("day", "platform"), False),)
+
+    class BillLine(Base):
+        day = pw.CharField(max_length=10)
+        platform = pw.CharField(max_length=64)
+        out_trade_no = pw.CharField(max_length=64, index=True)
+        platform_txn_id = pw.CharField(max_length=128)
+        movement = pw.CharField(max_length=8)  # payment | refund | revoked
+        amount_fen = pw.BigIntegerField()
+        fee_fen = pw.BigIntegerField()
+        at = pw.CharField(max_length=19)  # Beijing, "YYYY-MM-DD HH:MM:SS"
+        state = pw.CharField(max_length=64)
+        out_refund_no = pw.CharField(max_length=64)
+
+        class Meta:
+            table_name = "bill_line"
+            indexes = ((("day", "platform"), False),)
+
+    return Event, Lane, Daily, Reject, Reconciliation, Difference, BillLine
 
 
 def excerpt(payload: bytes) -> str:
@@ -207,7 +265,8 @@ class Store:
         """`create` False (a reader): an SQLite file must exist already (ConfigError otherwise)."""
         self.url = url or default_url()
         self.db = open_database(self.url, create=create)
-        self.Event, self.Lane, self.Daily, self.Reject = _models(self.db)
+        (self.Event, self.Lane, self.Daily, self.Reject,
+         self.Reconciliation, self.Difference, self.BillLine) = _models(self.db)
         if create:
             self.create_tables()
 
@@ -216,7 +275,8 @@ class Store:
         with self.guard():
             for attempt in range(3):
                 try:
-                    self.db.create_tables([self.Event, self.Lane, self.Daily, self.Reject], safe=True)
+                    self.db.create_tables([self.Event, self.Lane, self.Daily, self.Reject, self.Reconciliation,
+                                           self.Difference, self.BillLine], safe=True)
                     return
                 except (pw.IntegrityError, pw.ProgrammingError):  # PostgreSQL: a concurrent CREATE won
                     self.db.rollback() if self.db.in_transaction() else None
