@@ -206,3 +206,43 @@ def test_a_token_is_required_when_set_and_beyond_loopback(filled, tmp_path):
         assert status == 200 and figures(html)["count"] == "3"
     finally:
         s.stop()
+
+
+def test_the_day_page_shows_each_platforms_reconciliation(filled):
+    import datetime as dt
+
+    from appliance.hq import reconcile
+    from appliance.hq.reconcile import Difference, Kind, Outcome, Result
+
+    day = dt.date.fromisoformat(DAY)
+    store = Store(filled)
+    try:
+        for r in (Result(day, "wx", "wechat_v3", "bill", Outcome.FETCHED, fee_fen=74,
+                         matched={"payments": 3, "paid_fen": 6583, "returns": 1, "returned_fen": 100}),
+                  Result(day, "ali", "alipay", "bill", Outcome.FETCHED, fee_fen=12, differences=[
+                      Difference(Kind.NOT_ON_BILL, "S0001_L02_7", "payment", "paid at head office, not on the bill",
+                                 store_id="S0001", terminal_id="L02", hq_state="paid", hq_amount_fen=2583),
+                      Difference(Kind.NOT_AT_HQ, "X99", "payment", "on the bill only", bill_amount_fen=500)]),
+                  Result(day, "jp", "jeepay", "query", Outcome.ERROR, error="1 of 2 queries had no definite answer",
+                         next_try_at=1_900_000_000.0, note="jeepay has no bill API")):
+            reconcile.save(store, r, 1_800_000_000.0)
+    finally:
+        store.close()
+    s = Server(filled)
+    try:
+        status, html, _ = s.get(f"/?date={DAY}")
+    finally:
+        s.stop()
+    assert status == 200
+    assert re.search(r'<p class="rec ok" id="rec-wx">&#10004; wx \(wechat_v3\): bill fetched; 3 payment\(s\) 65.83 '
+                     r'and 1 return\(s\) 1.00 matched, fees 0.74</p>', html)
+    assert '<p class="rec bad" id="rec-ali">&#10008; ali (alipay): bill fetched;' in html and "2 difference(s)" in html
+    assert '<a href="/lane/S0001/L02?date=2026-12-01">S0001/L02</a>' in html  # the lane of a difference, linked
+    assert "at head office, not on the bill" in html and "on the bill, not at head office" in html
+    assert re.search(r'id="rec-jp">&#8230; jp \(jeepay\): failed: 1 of 2 queries had no definite answer; next try '
+                     r'2030-03-17T17:46:40.000Z', html)
+    s = Server(filled)
+    try:
+        assert 'id="rec-none"' in s.get("/?date=2026-12-02")[1]  # a day without one
+    finally:
+        s.stop()

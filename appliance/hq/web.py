@@ -7,7 +7,9 @@ Pages (server-rendered HTML, CSS and a 15-line script shipped in appliance/hq/st
 
 * `/?date=YYYY-MM-DD`: the day (default: today in `[hq] time_zone`): headline figures (the sums of
   report.day_totals, so they equal `appliance hq report --json`), volume per hour (inline SVG),
-  per payment type and funding source, and every store -> lane with its status;
+  per payment type and funding source, every store -> lane with its status, and the stored
+  reconciliation of the Beijing day of that date (appliance/hq/reconcile.py): per platform a tick,
+  or its differences with links to the lanes' pages, or why it is not done yet;
 * `/lane/STORE/TERMINAL?date=`: that lane's payments (masked codes only), lane events, last faults;
 * `/payments.csv?date=[&store=&terminal=]`: the day's payments, one row each (latest state);
 * any page with `part=main` gives its <main> only: the script polls it every 2 s.
@@ -39,7 +41,7 @@ import bottle
 
 from appliance.business_day import business_date
 from appliance.errors import ConfigError
-from appliance.hq import report
+from appliance.hq import reconcile, report
 from appliance.hq.config import parse_listen
 from appliance.hq.store import Store, redacted
 from appliance.journal import utc_now
@@ -198,7 +200,46 @@ def day_main(store: Store, day: str, zone: str) -> str:
             f'<div class="figures" id="headline">{fig}</div><h2>Volume per hour ({escape(zone)})</h2>'
             f'{_svg_hours(per_hour(pays, zone))}<h2>Per payment type</h2>{_table(["type", *cols[1:]], kinds, num)}'
             f'<h2>Per funding source</h2>{_table(["funding source", *cols[1:]], funds, num)}'
-            f'<h2>Lanes</h2>{_table(["store", "lane", "status", "last seen", "backlog", "open"], lane_rows, {4, 5})}')
+            f'<h2>Lanes</h2>{_table(["store", "lane", "status", "last seen", "backlog", "open"], lane_rows, {4, 5})}'
+            + reconciliation_main(store, day))
+
+
+def reconciliation_main(store: Store, day: str) -> str:
+    """The day's stored reconciliation per platform (the Beijing day of the same date)."""
+    with store.guard():
+        if not store.db.table_exists("reconciliation"):  # a database from before `hq reconcile`
+            return '<h2>Reconciliation</h2><p id="rec-none">(not reconciled: run appliance hq reconcile)</p>'
+    out = ['<h2>Reconciliation (Beijing day)</h2>']
+    for r in reconcile.stored(store, dt.date.fromisoformat(day)):
+        m, p = r["summary"]["matched"], escape(r["platform"])
+        words = escape(reconcile.STATE_WORDS[reconcile.Outcome(r["state"])])
+        fee = r["summary"]["fee_fen"]
+        facts = (f'{m["payments"]} payment(s) {format_amount(m["paid_fen"])} and {m["returns"]} return(s) '
+                 f'{format_amount(m["returned_fen"])} matched' + (f', fees {format_amount(fee)}' if fee is not None
+                                                                 else ""))
+        if r["final"] and not r["differences"]:
+            out.append(f'<p class="rec ok" id="rec-{p}">&#10004; {p} ({escape(r["kind"])}): {words}; {facts}</p>')
+        elif r["final"]:
+            out.append(f'<p class="rec bad" id="rec-{p}">&#10008; {p} ({escape(r["kind"])}): {words}; {facts}; '
+                       f'{len(r["differences"])} difference(s)</p>')
+            rows = [[escape(reconcile.MEANING[reconcile.Kind(d["kind"])]), escape(d["movement"]),
+                     escape(d["out_trade_no"]), escape(d["hq_state"] or ""),
+                     "" if d["hq_amount_fen"] is None else format_amount(d["hq_amount_fen"]),
+                     "" if d["bill_amount_fen"] is None else format_amount(d["bill_amount_fen"]),
+                     f'<a href="/lane/{d["store_id"]}/{d["terminal_id"]}?date={day}">{escape(d["store_id"])}/'
+                     f'{escape(d["terminal_id"])}</a>' if d["store_id"] else "", escape(d["detail"])]
+                    for d in r["differences"]]
+            out.append(_table(["difference", "movement", "out_trade_no", "state here", "amount here", "on the bill",
+                               "lane", "detail"], rows, {4, 5}))
+        else:
+            then = f'; next try {escape(r["next_try_at"])}' if r["next_try_at"] else "; no more tries scheduled"
+            out.append(f'<p class="rec wait" id="rec-{p}">&#8230; {p} ({escape(r["kind"])}): {words}'
+                       f'{": " + escape(r["error"]) if r["error"] else ""}{then}</p>')
+        if r["summary"]["note"] and r["method"] == "query":
+            out.append(f'<p class="note">{escape(r["summary"]["note"])}</p>')
+    if len(out) == 1:
+        out.append('<p id="rec-none">(not reconciled yet: bills are fetched the next morning)</p>')
+    return "".join(out)
 
 
 def lane_main(store: Store, store_id: str, terminal_id: str, day: str) -> str:
