@@ -15,7 +15,9 @@ SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "appliance.service"
 #: Head office's ingest unit: not on the lane, kept to the same sandbox standard.
 HQ_UNIT = SYSTEMD / "appliance-hq-ingest.service"
-UNITS = pytest.mark.parametrize("unit", [UNIT, HQ_UNIT], ids=lambda p: p.name)
+RECONCILE_UNIT = SYSTEMD / "appliance-hq-reconcile.service"
+RECONCILE_TIMER = SYSTEMD / "appliance-hq-reconcile.timer"
+UNITS = pytest.mark.parametrize("unit", [UNIT, HQ_UNIT, RECONCILE_UNIT], ids=lambda p: p.name)
 #: The most exposure `systemd-analyze security` may give the unit (issue 9), in its tenths.
 MAX_EXPOSURE_TENTHS = 15
 
@@ -155,6 +157,37 @@ def test_hq_unit_runs_ingest_with_its_config_and_a_credential_for_the_password(t
     conf.write_text('[hq]\nusername = "hq"\npassword_file = "credential:mqtt-password"\n')
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     assert load(conf).hq.password_file.read() == "s3cret"
+
+
+def test_reconcile_unit_runs_the_due_reconciliations_and_shares_the_ingest_units_user():
+    from appliance.cli import build_parser
+    from appliance.hq.reconcile import EXIT_LATER
+
+    text = RECONCILE_UNIT.read_text()
+    (argv,) = re.findall(r"^ExecStart=/usr/bin/appliance (.+)$", text, re.M)
+    args = build_parser().parse_args(argv.split())
+    assert (args.hq_command, args.due, str(args.config)) == ("reconcile", True, "/etc/appliance-hq/hq.toml")
+    assert re.findall(r"^SuccessExitStatus=(\d+)$", text, re.M) == [str(EXIT_LATER)]
+    for setting in ("User=appliance-hq", "StateDirectory=appliance-hq", "LoadCredential=secrets:/etc/appliance-hq/secrets"):
+        assert re.search(rf"^{setting}$", text, re.M) and re.search(rf"^{setting}$", HQ_UNIT.read_text(), re.M)
+
+
+@needs_systemd_analyze
+def test_reconcile_timer_fires_every_half_hour_from_ten_beijing(tmp_path):
+    unit_with_stub(tmp_path, RECONCILE_UNIT)
+    timer = tmp_path / RECONCILE_TIMER.name
+    timer.write_text(RECONCILE_TIMER.read_text())
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(timer)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
+    (spec,) = re.findall(r"^OnCalendar=(.+)$", timer.read_text(), re.M)
+    r = subprocess.run(["systemd-analyze", "calendar", "--iterations=30", "--base-time=2026-11-29 00:00 UTC", spec],
+                       capture_output=True, text=True, timeout=60, env={"TZ": "UTC", "PATH": "/usr/bin:/bin"})
+    times = re.findall(r"(?:Next elapse|Iter\. #\d+): \w{3} (\S+ \S+) UTC", r.stdout)
+    assert r.returncode == 0 and len(times) == 30, r.stdout + r.stderr
+    # 10:00, 10:30 ... 23:30 Beijing = 02:00 ... 15:30 UTC: 28 a day, then the next day's 10:00
+    assert times[:2] == ["2026-11-29 02:00:00", "2026-11-29 02:30:00"]
+    assert times[27:] == ["2026-11-29 15:30:00", "2026-11-30 02:00:00", "2026-11-30 02:30:00"]
 
 
 def test_unit_stops_within_the_service_grace():
