@@ -36,11 +36,22 @@ out_request_no then decides, which costs time but never money.
 
 The auth_code is sent only in the pay form; it is scrubbed from every text an answer could echo
 (Alipay's invalid-signature answer quotes the whole string it checked).
+
+The daily bill (`bill(day)`, head office only): alipay.data.dataservice.bill.downloadurl.query,
+biz_content {bill_type: trade, bill_date: yyyy-MM-dd}, signed and verified like the five calls;
+then one unsigned GET of the `bill_download_url` it answers (https, or http to loopback only;
+valid 30 s), a zip that appliance/payments/alipay_bill.py parses. Answers: 10000 -> the bill;
+40004 isp.bill_not_exist -> NOT_YET (Alipay does not tell a bill not generated yet from a day
+without trades: which one it was is head office's scheduler's call, not this adapter's); 20000,
+HTTP 5xx, no answer, or a download that is not a zip (the link expired) -> BillUnavailable;
+anything else (isv.invalid_arguments for a day not over, our keys or permission) -> BillError.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -48,14 +59,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured
+from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured, ProviderUnavailable
 from appliance.money import format_amount
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
+from appliance.payments.bills import MAX_BILL_BYTES, Bill, BillError, BillState, BillUnavailable
+from appliance.payments.alipay_bill import DOWNLOAD_S, is_zip, link_problem, parse_bill, without_query
 from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url
 from appliance.payments.keys import (load_private_key, load_public_key, private_key_file, public_key_file,
                                      rsa_sign, rsa_verify)
 from appliance.redact import mask
 from appliance.schema import QUERY_EVERY, RETRY_EVERY, REVERSE_AFTER, SecretFile, opt
+
+log = logging.getLogger(__name__)
 
 GATEWAY = "https://openapi.alipay.com/gateway.do"
 SANDBOX_GATEWAY = "https://openapi-sandbox.dl.alipaydev.com/gateway.do"
@@ -309,6 +324,7 @@ _SUCCESS = {"pay": _paid, "query": _query_success, "reverse": _cancel_success, "
 _REFUSALS = {"pay": PAY_DECLINES, "query": {"ACQ.TRADE_NOT_EXIST"}, "reverse": CANCEL_REFUSALS,
              "refund": REFUND_REFUSALS, "query_refund": {"ACQ.TRADE_NOT_EXIST"}}
 
+BILL_METHOD = "alipay.data.dataservice.bill.downloadurl.query"
 _METHODS = {"pay": "alipay.trade.pay", "query": "alipay.trade.query", "reverse": "alipay.trade.cancel",
             "refund": "alipay.trade.refund", "query_refund": "alipay.trade.fastpay.refund.query"}
 
@@ -333,6 +349,7 @@ class AlipayProvider(Provider):
     and the keys are shared, nothing per call is kept on the instance."""
 
     kind = "alipay"
+    has_bill = True
 
     def __init__(self, name: str, options: AlipayOptions, state_dir: Path | None = None):
         super().__init__(name, options.policy())
@@ -366,6 +383,63 @@ class AlipayProvider(Provider):
     def query_refund(self, out_trade_no: str, out_refund_no: str) -> Outcome:
         biz = {"out_trade_no": out_trade_no, "out_request_no": out_refund_no}
         return self._ask(_Ask("query_refund", biz, out_trade_no, out_refund_no))
+
+    def bill(self, day: dt.date) -> Bill:
+        """The trade bill of Beijing `day` (contract: appliance/payments/bills.py; this platform's
+        answers: the module docstring). At most two requests: the signed call, the download."""
+        form = self.signed_form(BILL_METHOD, {"bill_type": "trade", "bill_date": day.isoformat()})
+        try:
+            reply = self._gateway.request("POST", body=urlencode(form).encode("ascii"), headers=FORM_HEADERS)
+            body = reply.text()
+        except (NoAnswer, ProviderUnavailable) as e:
+            raise BillUnavailable(self.name, day, f"no answer from Alipay: {e}") from None
+        except ProviderMisconfigured as e:
+            raise BillError(self.name, day, str(e)) from None
+        if reply.status != 200:
+            raise (BillUnavailable if reply.status >= 500 else BillError)(self.name, day,
+                                                                          f"HTTP {reply.status} from Alipay")
+        try:
+            answer = response_text(body, BILL_METHOD)
+        except (ValueError, RecursionError) as e:
+            raise BillError(self.name, day, f"answer not understood: {e}") from None
+        doubt = self._unverified(answer, answer.fields)
+        if doubt:
+            log.error("SECURITY: platform %s: the bill answer for %s does not verify (%s); not trusted",
+                      self.name, day.isoformat(), doubt)
+            raise BillError(self.name, day, f"answer not trusted: signature does not verify ({doubt})")
+        a = answer.fields
+        code, sub = _text(a.get("code")), _text(a.get("sub_code"))
+        if code == "10000":
+            url = a.get("bill_download_url")
+            if not isinstance(url, str) or not url:
+                raise BillError(self.name, day, "a success without bill_download_url")
+            return self._download_bill(day, url)
+        if code == "40004" and sub == "isp.bill_not_exist":
+            return Bill(self.name, day, BillState.NOT_YET,
+                        detail=f"{says(a)}: not generated yet, or no trade that day (Alipay does not say which)")
+        if code == "20000":
+            raise BillUnavailable(self.name, day, f"Alipay: {says(a)}")
+        hint = {"isv.invalid_arguments": " (a day not over yet in Beijing, or older than Alipay keeps)"}.get(sub, "")
+        if code in CONFIG_CODES:
+            hint = f" ({CONFIG_CODES[code]}; check app_id, the app's keys and its permission for the bill API)"
+        raise BillError(self.name, day, f"Alipay refused: {says(a)}{hint}")
+
+    def _download_bill(self, day: dt.date, url: str) -> Bill:
+        """GET the link at once (no signature: the zip is not signed) and parse what it gives."""
+        why = link_problem(url)
+        if why:
+            raise BillError(self.name, day, f"bill_download_url not fetched: {why}")
+        try:
+            reply = self._gateway.request("GET", url, max_bytes=MAX_BILL_BYTES, answer_s=DOWNLOAD_S)
+        except (NoAnswer, ProviderUnavailable) as e:
+            raise BillUnavailable(self.name, day, f"the download failed: {without_query(str(e), url)}") from None
+        except ProviderMisconfigured as e:
+            raise BillError(self.name, day, f"the download failed: {without_query(str(e), url)}") from None
+        if reply.status != 200 or not is_zip(reply.body):
+            got = f"HTTP {reply.status}" if reply.status != 200 else f"{len(reply.body)} bytes that are not a zip"
+            raise BillUnavailable(self.name, day, f"the download link answered {got}: the link expired (it works "
+                                                  f"once, for 30 s): ask again")
+        return parse_bill(self.name, day, reply.body)
 
     def close(self) -> None:
         self._gateway.close()
@@ -410,11 +484,9 @@ class AlipayProvider(Provider):
     def _doubt(self, answer: SignedAnswer, fields: dict, ask: _Ask) -> str:
         """Why the answer cannot be trusted, or "" when it verifies and is about this request.
         `fields`: the answer's, with the auth_code scrubbed (for the words of the verdict)."""
-        claim = says(fields)
-        if answer.sign is None:
-            return f"unsigned {answer.key}" + (f" claiming {claim}" if claim else "")
-        if not rsa_verify(self._alipay_key, answer.text.encode("utf-8"), answer.sign):
-            return f"the signature of {answer.key} does not verify with alipay_public_key_file"
+        unverified = self._unverified(answer, fields)
+        if unverified:
+            return unverified
         for name, ours in (("out_trade_no", ask.out_trade_no), ("out_request_no", ask.out_request_no)):
             theirs = fields.get(name)
             if ours is not None and theirs is not None and theirs != ours:
@@ -425,6 +497,16 @@ class AlipayProvider(Provider):
         amount = ask.biz.get("total_amount")
         if success and ask.call == "pay" and fields.get("total_amount") not in (None, amount):
             return f"signed success for {_text(str(fields['total_amount']))[:20]} yuan, not {amount}"
+        return ""
+
+
+    def _unverified(self, answer: SignedAnswer, fields: dict) -> str:
+        """Why the answer's signature is not Alipay's, or "" when it verifies."""
+        claim = says(fields)
+        if answer.sign is None:
+            return f"unsigned {answer.key}" + (f" claiming {claim}" if claim else "")
+        if not rsa_verify(self._alipay_key, answer.text.encode("utf-8"), answer.sign):
+            return f"the signature of {answer.key} does not verify with alipay_public_key_file"
         return ""
 
 

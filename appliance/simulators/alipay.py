@@ -23,7 +23,13 @@ The ledger's scenarios in Alipay's words:
   * cancel: action close or refund; "retry" (81) is 40004 ACQ.SYSTEM_ERROR with retry_flag=Y;
     outside the window: ACQ.TRADE_CANCEL_TIME_OUT;
   * refund: fund_change=Y only for the call that moved the money (a repeat answers N, as Alipay
-    does); a refund still processing (98) answers N and its query has no refund_status yet.
+    does); a refund still processing (98) answers N and its query has no refund_status yet;
+  * the daily bill (alipay.data.dataservice.bill.downloadurl.query, bill_type trade): a day not
+    over yet by the ledger's clock -> 40004 isv.invalid_arguments; a day whose bill is not ready
+    (`ledger.bill_ready`) or that moved no money -> 40004 isp.bill_not_exist; else a link
+    `GET /bill/download?token=...` that works once within `bill_link_valid_s` real seconds, then
+    answers the page "下载超时，请重新下载". The zip: appliance/simulators/alipay_bill.py;
+    `bill_fault` damages it, `bill_link_base` makes the link point elsewhere (tests).
 """
 
 from __future__ import annotations
@@ -39,15 +45,18 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from appliance.payments.alipay import BEIJING, TIMESTAMP_FORMAT, beijing_time, response_key
+from appliance.payments.alipay import BEIJING, BILL_METHOD, TIMESTAMP_FORMAT, beijing_time, response_key
+from appliance.payments.bills import beijing_day
 from appliance.payments.keys import generate_rsa, load_private_key, load_public_key, rsa_sign, rsa_verify
 from appliance.schema import SecretFile
 from appliance.simulators import Answer, Request, Simulator
+from appliance.simulators.alipay_bill import ACCOUNT, EXPIRED_PAGE, LINK_VALID_S, DownloadLinks, bill_zip, file_name
 from appliance.simulators.ledger import Decline, RefundError, Reverse, Trade
 
 #: The simulated app's APPID (a sandbox-style number).
 APP_ID = "9021000158600001"
 PATH = "/gateway.do"
+BILL_PATH = "/bill/download"
 #: How far the request's timestamp may be from the simulator's clock.
 CLOCK_SKEW = timedelta(minutes=30)
 
@@ -93,6 +102,10 @@ class AlipaySimulator(Simulator):
         self._alipay_private = load_private_key(SecretFile(self.keys_dir / "alipay_private_key.pem"))
         self.requests: deque[tuple[str, dict]] = deque(maxlen=200)  # (method, form) as received, for tests
         self._lock = threading.Lock()
+        self.bill_fault: str | None = None  # see appliance/simulators/alipay_bill.py FAULTS
+        self.bill_link_valid_s = LINK_VALID_S
+        self.bill_link_base: str | None = None  # the download link's scheme://host:port (default: this server)
+        self._links = DownloadLinks()
 
     # --- keys ---------------------------------------------------------------------------------------
 
@@ -135,6 +148,8 @@ class AlipaySimulator(Simulator):
     # --- the gateway --------------------------------------------------------------------------------
 
     def handle(self, req: Request) -> Answer:
+        if req.method == "GET" and req.path == BILL_PATH:
+            return self._download(req.query.get("token", ""))
         if req.method != "POST" or req.path != PATH:
             return Answer(404, b"not found")
         form = req.form()
@@ -144,7 +159,7 @@ class AlipaySimulator(Simulator):
         key = response_key(method) if method in self._CALLS else "error_response"
         try:
             self._check(form, method)
-            biz = self._biz(form)
+            biz = self._biz(form, trade=method != BILL_METHOD)
             fields, trade, new = getattr(self, self._CALLS[method])(biz)
         except _Refusal as e:
             return self._answer(e.key or key, e.fields, signed=e.signed)
@@ -176,12 +191,13 @@ class AlipaySimulator(Simulator):
                            f"非法的时间戳参数 (gateway time {beijing_time()})")
 
     @staticmethod
-    def _biz(form: dict) -> dict:
+    def _biz(form: dict, trade: bool = True) -> dict:
         try:
             biz = json.loads(form.get("biz_content") or "")
         except ValueError:
             biz = None
-        if not isinstance(biz, dict) or not isinstance(biz.get("out_trade_no"), str) or not biz["out_trade_no"]:
+        if not isinstance(biz, dict) or trade and (not isinstance(biz.get("out_trade_no"), str)
+                                                   or not biz["out_trade_no"]):
             raise _Refusal("40004", "Business Failed", "ACQ.INVALID_PARAMETER", "biz_content 或 out_trade_no 无效")
         return biz
 
@@ -301,8 +317,33 @@ class AlipaySimulator(Simulator):
             fields["refund_status"] = "REFUND_SUCCESS"
         return fields, None, False
 
+    def _bill_url(self, biz: dict):
+        self.ledger.count("bill")
+        try:
+            day = datetime.strptime(biz.get("bill_date") or "", "%Y-%m-%d").date()
+        except (TypeError, ValueError):
+            day = None
+        if biz.get("bill_type") != "trade" or day is None or day >= beijing_day(self.ledger.clock()):
+            return _business("isv.invalid_arguments", "入参不合法"), None, False
+        if not self.ledger.bill_ready(day) or not self.ledger.bill_lines(day, refunds_by_completion=True):
+            return _business("isp.bill_not_exist", "账单不存在"), None, False
+        token = self._links.issue(day, self.bill_link_valid_s)
+        url = (f"{self.bill_link_base or self.url}{BILL_PATH}?token={token}&bizType=trade&userId={ACCOUNT}"
+               f"&fileType=csv.zip&bizDates={day:%Y%m%d}&downloadFileName={file_name(day)}")
+        return {"code": "10000", "msg": "Success", "bill_download_url": url}, None, False
+
+    def _download(self, token: str) -> Answer:
+        """The zip once, within the link's time; else the page Alipay shows for a dead link."""
+        day = self._links.take(token)
+        if day is None or self.bill_fault == "not_zip":
+            return Answer(200, EXPIRED_PAGE, {"Content-Type": "text/html;charset=utf-8"})
+        return Answer(200, bill_zip(self.ledger, day, fault=self.bill_fault),
+                      {"Content-Type": "application/oct-stream",
+                       "Content-Disposition": f"attachment;filename={file_name(day)}"})
+
     _CALLS = {"alipay.trade.pay": "_pay", "alipay.trade.query": "_query", "alipay.trade.cancel": "_cancel",
-              "alipay.trade.refund": "_refund", "alipay.trade.fastpay.refund.query": "_refund_query"}
+              "alipay.trade.refund": "_refund", "alipay.trade.fastpay.refund.query": "_refund_query",
+              BILL_METHOD: "_bill_url"}
 
 
 def _write_private(path: Path, data: bytes) -> None:
