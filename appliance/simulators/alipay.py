@@ -159,7 +159,7 @@ class AlipaySimulator(Simulator):
         key = response_key(method) if method in self._CALLS else "error_response"
         try:
             self._check(form, method)
-            biz = self._biz(form, trade=method != BILL_METHOD)
+            biz = self._bill_biz(form) if method == BILL_METHOD else self._biz(form)
             fields, trade, new = getattr(self, self._CALLS[method])(biz)
         except _Refusal as e:
             return self._answer(e.key or key, e.fields, signed=e.signed)
@@ -191,13 +191,12 @@ class AlipaySimulator(Simulator):
                            f"非法的时间戳参数 (gateway time {beijing_time()})")
 
     @staticmethod
-    def _biz(form: dict, trade: bool = True) -> dict:
+    def _biz(form: dict) -> dict:
         try:
             biz = json.loads(form.get("biz_content") or "")
         except ValueError:
             biz = None
-        if not isinstance(biz, dict) or trade and (not isinstance(biz.get("out_trade_no"), str)
-                                                   or not biz["out_trade_no"]):
+        if not isinstance(biz, dict) or not isinstance(biz.get("out_trade_no"), str) or not biz["out_trade_no"]:
             raise _Refusal("40004", "Business Failed", "ACQ.INVALID_PARAMETER", "biz_content 或 out_trade_no 无效")
         return biz
 
@@ -316,6 +315,16 @@ class AlipaySimulator(Simulator):
         if refund.state == "SUCCESS":
             fields["refund_status"] = "REFUND_SUCCESS"
         return fields, None, False
+
+    @staticmethod
+    def _bill_biz(form: dict) -> dict:
+        try:
+            biz = json.loads(form.get("biz_content") or "")
+        except ValueError:
+            biz = None
+        if not isinstance(biz, dict):
+            raise _Refusal("40004", "Business Failed", "isv.invalid_arguments", "入参不合法")
+        return biz
 
     def _bill_url(self, biz: dict):
         self.ledger.count("bill")
