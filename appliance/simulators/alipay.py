@@ -192,10 +192,7 @@ class AlipaySimulator(Simulator):
 
     @staticmethod
     def _biz(form: dict) -> dict:
-        try:
-            biz = json.loads(form.get("biz_content") or "")
-        except ValueError:
-            biz = None
+        biz = _biz_content(form)
         if not isinstance(biz, dict) or not isinstance(biz.get("out_trade_no"), str) or not biz["out_trade_no"]:
             raise _Refusal("40004", "Business Failed", "ACQ.INVALID_PARAMETER", "biz_content 或 out_trade_no 无效")
         return biz
@@ -318,10 +315,7 @@ class AlipaySimulator(Simulator):
 
     @staticmethod
     def _bill_biz(form: dict) -> dict:
-        try:
-            biz = json.loads(form.get("biz_content") or "")
-        except ValueError:
-            biz = None
+        biz = _biz_content(form)
         if not isinstance(biz, dict):
             raise _Refusal("40004", "Business Failed", "isv.invalid_arguments", "入参不合法")
         return biz
@@ -353,6 +347,14 @@ class AlipaySimulator(Simulator):
     _CALLS = {"alipay.trade.pay": "_pay", "alipay.trade.query": "_query", "alipay.trade.cancel": "_cancel",
               "alipay.trade.refund": "_refund", "alipay.trade.fastpay.refund.query": "_refund_query",
               BILL_METHOD: "_bill_url"}
+
+
+def _biz_content(form: dict):
+    """biz_content's JSON, or None when it is not JSON."""
+    try:
+        return json.loads(form.get("biz_content") or "")
+    except ValueError:
+        return None
 
 
 def _write_private(path: Path, data: bytes) -> None:
