@@ -129,9 +129,11 @@ class DownloadLinks:
         self._lock = threading.Lock()
 
     def issue(self, day: dt.date, valid_s: float) -> str:
-        token = secrets.token_hex(16)
+        token, now = secrets.token_hex(16), time.monotonic()
         with self._lock:
-            self._days[token] = (day, time.monotonic() + valid_s)
+            for old in [t for t, (_, until) in self._days.items() if until < now]:  # never used: forgotten
+                del self._days[old]
+            self._days[token] = (day, now + valid_s)
         return token
 
     def take(self, token: str) -> dt.date | None:
