@@ -31,10 +31,26 @@ Every outcome is one of the tables' rows; a code not in a table is UNKNOWN, so a
 the platform is resolved by a (signed) query instead of being guessed. Amounts are integer fen
 (`amount.total`, `amount.refund`). Hazard: a device clock more than 5 minutes off makes every
 answer untrusted (and WeChat refuses our requests): the lane then answers UNKNOWN until NTP fixes it.
+
+The daily bill (`bill`, head office's call; payments.md §8.1, contract in bills.py): apply with a
+signed `GET /v3/bill/tradebill?bill_date=YYYY-MM-DD&bill_type=ALL&tar_type=GZIP`, then `GET` the
+`download_url` it answers, signed over the link's path and query. The apply answer is verified as
+every answer; an answer that does not verify is a `BillError` (one SECURITY log line), not a
+retry: like a download whose SHA-1 differs, it is a wrong answer a person must look at, and a clock
+more than 5 minutes off does not mend itself by retrying. Its error codes are read whether signed
+or not (WeChat's SDKs verify 2xx answers only): a forged "no statement" or "creating" can only
+make head office report the day's payments unmatched or ask again later, never hide a payment.
+The download is the one answer WeChat does not sign: its integrity is the SHA-1 of the unpacked
+file announced in the (verified) apply answer. The link must be https, or http to a loopback
+simulator. Answers: 400 NO_STATEMENT_EXIST -> NO_TRANSACTIONS, 400 STATEMENT_CREATING -> NOT_YET;
+5xx, 429, no answer, an expired link (download 400 INVALID_REQUEST) -> BillUnavailable; any other
+refusal (INVALID_REQUEST: out of range, PARAM_ERROR, NO_AUTH, SIGN_ERROR) -> BillError.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import logging
 import re
@@ -43,12 +59,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from appliance import __version__
-from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured
+from appliance.errors import ConfigError, NoAnswer, ProviderError, ProviderMisconfigured, ProviderUnavailable
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
-from appliance.payments.http import Gateway, HttpOptions, Reply, UntrustedAnswers, gateway_url, gateway_urls
+from appliance.payments.bills import MAX_BILL_BYTES, Bill, BillError, BillState, BillUnavailable, check_day
+from appliance.payments.http import Gateway, HttpOptions, Reply, UntrustedAnswers, gateway_url, gateway_urls, \
+    loopback_host
+from appliance.payments.wechat_bill import parse_bill, unpacked
 from appliance.payments.keys import load_private_key, load_public_key, private_key_file, public_key_file, rsa_sign, \
     rsa_verify
 from appliance.schema import FIRST_QUERY_AFTER, QUERY_EVERY, RETRY_EVERY, REVERSE_AFTER, SecretFile, opt
@@ -63,6 +82,9 @@ DESCRIPTION_MAX = 127
 
 PAY_PATH = "/v3/pay/transactions/codepay"
 REFUND_PATH = "/v3/refund/domestic/refunds"
+BILL_PATH = "/v3/bill/tradebill"
+#: The whole bill download may take this long, in seconds (head office's call, not a lane's).
+BILL_DOWNLOAD_S = 120.0
 
 
 def trade_path(out_trade_no: str) -> str:
@@ -228,6 +250,15 @@ class Answer:
             f"HTTP {self.http_status} {self.code or '(no code)'}"
 
 
+def _json_object(body: bytes) -> dict:
+    """An answer's JSON object, or {} when the body is none."""
+    try:
+        doc = json.loads(body.decode("utf-8")) if body.strip() else {}
+    except (UnicodeDecodeError, ValueError, RecursionError):  # json: too deeply nested is a RecursionError
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def _text(v) -> str:
     return v if isinstance(v, str) else ""
 
@@ -351,6 +382,7 @@ class WechatV3Provider(Provider):
     cryptography objects) and the Gateway (an httpx Client, shared across threads)."""
 
     kind = "wechat_v3"
+    has_bill = True
 
     def __init__(self, name: str, options: WechatV3Options, state_dir: Path | None = None):
         super().__init__(name, options.policy())
@@ -399,6 +431,80 @@ class WechatV3Provider(Provider):
 
     def close(self) -> None:
         self._gateway.close()
+
+    # --- the daily bill (head office) ---
+
+    def bill(self, day: dt.date) -> Bill:
+        """The bill of Beijing `day` (see the module docstring). Raises BillError, BillUnavailable."""
+        try:
+            check_day(day, time.time())
+        except ValueError as e:
+            raise BillError(self.name, day, str(e)) from None
+        url = f"{BILL_PATH}?bill_date={day.isoformat()}&bill_type=ALL&tar_type=GZIP"
+        answer = self._bill_answer(day, self._bill_request(day, url))
+        if not answer.ok:
+            return self._bill_refused(day, answer)
+        hash_value, link = _text(answer.doc.get("hash_value")).lower(), _text(answer.doc.get("download_url"))
+        if answer.doc.get("hash_type") != "SHA1" or not re.fullmatch(r"[0-9a-f]{40}", hash_value):
+            raise BillError(self.name, day, f"the apply answer has no SHA1 hash_value ({answer.describe()})")
+        parts = urlsplit(link)
+        if not (parts.scheme == "https" or (parts.scheme == "http" and loopback_host(parts.hostname or ""))) \
+                or parts.username or parts.password:
+            raise BillError(self.name, day, f"download_url refused: https only (plain http to a loopback simulator), "
+                                            f"got {_shown(link, 120)!r}")
+        signed_url = parts.path + (f"?{parts.query}" if parts.query else "")
+        download = self._bill_request(day, link, signed_url, max_bytes=MAX_BILL_BYTES, answer_s=BILL_DOWNLOAD_S)
+        if download.status != 200:
+            self._bill_download_refused(day, download)
+        data = unpacked(self.name, day, download.body)
+        if hashlib.sha1(data).hexdigest() != hash_value:
+            raise BillError(self.name, day, f"hash mismatch: the download's SHA-1 is not the {hash_value} announced "
+                                            f"(a broken download: apply again)")
+        return parse_bill(self.name, day, data)
+
+    def _bill_request(self, day: dt.date, url: str, signed_url: str | None = None, **limits) -> Reply:
+        """One signed GET (`url` a path, or the full download link signed as `signed_url`)."""
+        try:
+            return self._gateway.request("GET", url, headers=self._headers("GET", signed_url or url, b""), **limits)
+        except (ProviderUnavailable, NoAnswer) as e:
+            raise BillUnavailable(self.name, day, f"no answer from WeChat Pay: {e}") from None
+        except ProviderError as e:  # ProviderMisconfigured: an address that cannot be used
+            raise BillError(self.name, day, str(e)) from None
+
+    def _bill_answer(self, day: dt.date, reply: Reply) -> Answer:
+        """The apply answer, verified when signed; a 2xx must be signed. Raises BillError otherwise,
+        BillUnavailable for a 5xx or 429."""
+        signed = "wechatpay-signature" in reply.headers
+        why = signature_problem(reply.headers, reply.body, self._platform_key, self.options.platform_public_key_id,
+                                time.time()) if signed else None
+        if why is None and not signed and 200 <= reply.status < 300:
+            why = "a 2xx answer without Wechatpay-Signature"
+        if why is not None:
+            log.error("SECURITY: platform %s: the bill answer for %s does not verify (HTTP %s: %s); not trusted",
+                      self.name, day.isoformat(), reply.status, why)
+            raise BillError(self.name, day, f"the apply answer does not verify (HTTP {reply.status}: {why})")
+        answer = Answer(reply.status, _json_object(reply.body), signed)
+        if reply.status >= 500 or reply.status == 429:
+            raise BillUnavailable(self.name, day, f"{answer.describe()}: ask again later")
+        return answer
+
+    def _bill_refused(self, day: dt.date, answer: Answer) -> Bill:
+        """A 4xx apply answer: the day's state, or BillError."""
+        trust = "" if answer.signed else " (unsigned)"
+        if answer.code == "NO_STATEMENT_EXIST":
+            return Bill(self.name, day, BillState.NO_TRANSACTIONS, detail=answer.describe() + trust)
+        if answer.code == "STATEMENT_CREATING":
+            return Bill(self.name, day, BillState.NOT_YET, detail=answer.describe() + trust)
+        raise BillError(self.name, day, f"WeChat Pay refused the bill request: {answer.describe()}{trust}")
+
+    def _bill_download_refused(self, day: dt.date, reply: Reply) -> None:
+        """A download that did not give the file: raises BillUnavailable when the link expired or the
+        platform failed (apply again later), else BillError."""
+        answer = Answer(reply.status, _json_object(reply.body), False)
+        if reply.status >= 500 or reply.status == 429 or (reply.status == 400 and answer.code == "INVALID_REQUEST"):
+            raise BillUnavailable(self.name, day, f"download: {answer.describe()} (the link expired or the "
+                                                  f"platform failed: apply again later)")
+        raise BillError(self.name, day, f"download refused: {answer.describe()}")
 
     # --- one signed exchange ---
 

@@ -25,14 +25,33 @@ The ledger's outcomes in WeChat's words:
 
 The pay answer of scenario 80 goes out with a damaged signature; 96 and 97 are delivered by
 `Simulator.deliver` (dropped, late).
+
+The daily bill (payments.md §8.1), the file written by appliance/simulators/wechat_bill.py:
+
+    tradebill          GET /v3/bill/tradebill?bill_date=YYYY-MM-DD[&bill_type=ALL][&tar_type=GZIP]:
+                       200 {hash_type SHA1, hash_value, download_url}; 400 PARAM_ERROR (a malformed
+                       date, another bill_type or tar_type); 400 INVALID_REQUEST (older than three
+                       months); 400 STATEMENT_CREATING (today or later, or before 09:00 of the next day,
+                       by the ledger's clock); 400 NO_STATEMENT_EXIST (no money moved)
+    billdownload       GET /v3/billdownload/file?token=...: the file (gzip if asked), unsigned, no
+                       Wechatpay-* headers; the request's Authorization is checked over path and
+                       query. 400 INVALID_REQUEST once the link is older than `bill_link_s`
+                       (30 s, real time).
+
+Test switches: `bill_fault` (wechat_bill.BILL_FAULTS: a wrong hash announced, a summary that
+disagrees, a file that is not UTF-8, a plain file when gzip was asked), `bill_link_base` (the
+address the download link names, default this simulator's).
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import hashlib
 import json
 import re
 import secrets
+import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlencode
@@ -41,6 +60,7 @@ from appliance.payments.keys import generate_rsa, load_private_key, load_public_
 from appliance.schema import SecretFile
 from appliance.simulators import Answer, Request, Simulator
 from appliance.simulators.ledger import Decline, Refund, RefundError, Reverse, Trade
+from appliance.simulators.wechat_bill import Refusal, bill_text, packed, refusal
 
 MCHID = "1900000109"
 APPID = "wxd678efh567hg6787"
@@ -50,6 +70,13 @@ SIGNATURE_TYPE = "WECHATPAY2-SHA256-RSA2048"
 
 _AUTH = re.compile(r'(\w+)="([^"]*)"')
 _TRADE = re.compile(r"/v3/pay/transactions/out-trade-no/(?P<number>[^/]+)(?P<reverse>/reverse)?")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+BILL_PATH = "/v3/bill/tradebill"
+DOWNLOAD_PATH = "/v3/billdownload/file"
+#: The bill's answers when the day has none to give.
+BILL_REFUSALS = {Refusal.OUT_OF_RANGE: ("INVALID_REQUEST", "账单日期超出可下载范围（近三个月）"),
+                 Refusal.CREATING: ("STATEMENT_CREATING", "账单生成中"),
+                 Refusal.EMPTY: ("NO_STATEMENT_EXIST", "请求的账单文件不存在")}
 
 #: Ledger declines -> (HTTP status, code, message).
 DECLINES = {
@@ -64,6 +91,15 @@ BANK_TYPES = {"wallet": "OTHERS", "card": "CMB_DEBIT"}
 
 class WechatV3Simulator(Simulator):
     kind = "wechat_v3"
+    #: How long a bill's download link works, in real seconds.
+    bill_link_s = 30.0
+    bill_fault: str | None = None
+    bill_link_base: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._links: dict[str, tuple[float, bytes]] = {}  # token -> (made, monotonic; the file as served)
+        self._links_lock = threading.Lock()
 
     # --- keys ---
 
@@ -114,6 +150,8 @@ class WechatV3Simulator(Simulator):
         wrong = self._wrong_account(call, doc, req.query)
         if wrong is not None:
             return wrong
+        if call in ("bill", "bill_download"):
+            return getattr(self, f"_{call}")(req.query)
         return getattr(self, f"_{call}")(doc, number)
 
     @staticmethod
@@ -122,6 +160,8 @@ class WechatV3Simulator(Simulator):
             return "pay", ""
         if req.method == "POST" and req.path == "/v3/refund/domestic/refunds":
             return "refund", ""
+        if req.method == "GET" and req.path in (BILL_PATH, DOWNLOAD_PATH):
+            return ("bill" if req.path == BILL_PATH else "bill_download"), ""
         if req.method == "GET" and req.path.startswith("/v3/refund/domestic/refunds/"):
             return "query_refund", req.path.rsplit("/", 1)[1]
         trade = _TRADE.fullmatch(req.path)
@@ -220,6 +260,36 @@ class WechatV3Simulator(Simulator):
         if refund is None:
             return self._signed(404, {"code": "RESOURCE_NOT_EXISTS", "message": "退款单不存在"})
         return self._signed(200, self._refund_doc(refund))
+
+    def _bill(self, query: dict[str, str]) -> Answer:
+        date, kind, tar = query.get("bill_date", ""), query.get("bill_type", "ALL"), query.get("tar_type", "")
+        try:
+            day = dt.date.fromisoformat(date) if _DATE.fullmatch(date) else None
+        except ValueError:
+            day = None
+        if day is None or kind != "ALL" or tar not in ("", "GZIP"):
+            return self._signed(400, {"code": "PARAM_ERROR", "message": "bill_date 须为 yyyy-MM-dd，本模拟器只提供 "
+                                                                        "bill_type=ALL，tar_type 为空或 GZIP"})
+        why = refusal(self.ledger, day)
+        if why is not None:
+            code, message = BILL_REFUSALS[why]
+            return self._signed(400, {"code": code, "message": message})
+        text = bill_text(self.ledger, day, appid=APPID, mchid=MCHID, fault=self.bill_fault)
+        digest = hashlib.sha1(text + (b"x" if self.bill_fault == "hash" else b"")).hexdigest()
+        token = secrets.token_urlsafe(24)
+        with self._links_lock:
+            self._links = {t: v for t, v in self._links.items() if time.monotonic() - v[0] <= self.bill_link_s}
+            self._links[token] = (time.monotonic(), packed(text, tar == "GZIP" and self.bill_fault != "plain"))
+        link = f"{self.bill_link_base or self.url}{DOWNLOAD_PATH}?token={token}" + ("&tartype=gzip" if tar else "")
+        return self._signed(200, {"hash_type": "SHA1", "hash_value": digest, "download_url": link})
+
+    def _bill_download(self, query: dict[str, str]) -> Answer:
+        with self._links_lock:
+            made, body = self._links.get(query.get("token", ""), (float("-inf"), b""))
+        if time.monotonic() - made > self.bill_link_s:
+            return Answer(400, json.dumps({"code": "INVALID_REQUEST", "message": "下载链接已失效，请重新申请"},
+                                          ensure_ascii=False).encode(), {"Content-Type": "application/json"})
+        return Answer(200, body, {"Content-Type": "application/octet-stream"})
 
     # --- answers ---
 
