@@ -9,6 +9,7 @@ of the simulator changes that one answer on its way out.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import logging
 import re
@@ -25,15 +26,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from appliance.config import load
 from appliance.errors import ConfigError, ProviderMisconfigured, ProviderUnavailable
 from appliance.payments import PayRequest, Status, providers
-from appliance.payments.keys import generate_rsa, rsa_sign, rsa_verify
+from appliance.payments.bills import BillError, BillState, BillUnavailable, beijing_day
+from appliance.payments.keys import generate_rsa, load_private_key, rsa_sign, rsa_verify
 from appliance.payments.wechat_v3 import (Answer, MAX_CLOCK_SKEW_S, WechatV3Options, WechatV3Provider, answer_message,
                                           authorization, pay_outcome, query_outcome, refund_outcome, request_message,
                                           reverse_outcome, signature_problem)
-from appliance.schema import build
+from appliance.schema import SecretFile, build
 from appliance.simulators import Request, simulator_class
 from appliance.simulators.ledger import Ledger
-from appliance.simulators.wechat_v3 import MCHID, PUBLIC_KEY_ID, WechatV3Simulator
+from appliance.simulators.wechat_v3 import MCHID, MERCHANT_SERIAL, PUBLIC_KEY_ID, WechatV3Simulator
 from conftest import ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
+from test_wechat_bill import Clock, a_day_of_payments, check_fetched, next_morning, past_day
 
 NAME = "wx"  # the [providers.NAME] the tests configure
 _numbers = iter(range(1, 10**9))
@@ -890,3 +893,140 @@ def test_an_answer_that_cannot_be_decompressed_is_unknown_not_an_httpx_exception
             assert sim.ledger.charges(req.out_trade_no) == 1
         finally:
             wx.close()
+
+
+# --- the daily bill (head office's call) ------------------------------------------------------------
+
+
+@pytest.fixture
+def clock(sim):
+    """The simulator's ledger on a settable clock (the bill's day is `past_day()`)."""
+    sim.ledger.clock = Clock()
+    return sim.ledger.clock
+
+
+def test_the_bill_of_a_day_lists_its_payments_refunds_and_reversals(wx, sim, clock):
+    day = past_day()
+    expected = a_day_of_payments(wx, clock, day)
+    clock.t = next_morning(day)
+    bill = wx.bill(day)
+    check_fetched(bill, expected, sim.ledger)
+    assert sim.ledger.calls["bill"] == sim.ledger.calls["bill_download"] == 1
+
+
+@pytest.mark.parametrize("fault", [None, "plain"], ids=["gzip", "plain"])
+def test_a_bill_is_read_gzipped_or_plain(wx, sim, clock, fault):
+    day = past_day()
+    expected = a_day_of_payments(wx, clock, day)
+    clock.t, sim.bill_fault = next_morning(day), fault
+    check_fetched(wx.bill(day), expected, sim.ledger)
+
+
+def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_day(wx, sim, clock):
+    day = past_day()
+    a_day_of_payments(wx, clock, day)
+    clock.t = next_morning(day, hour=8.99)
+    assert wx.bill(day).state is BillState.NOT_YET
+    clock.t = next_morning(day, hour=9)
+    assert wx.bill(day).state is BillState.FETCHED
+    assert wx.bill(day - dt.timedelta(days=1)).state is BillState.NO_TRANSACTIONS
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("hash", "hash mismatch"),
+    ("summary", "the bill's summary disagrees with its lines: paid_fen"),
+    ("garbled", "line 1: not UTF-8"),
+])
+def test_a_wrong_file_is_a_bill_error_naming_the_platform_and_the_day(wx, sim, clock, fault, words):
+    day = past_day()
+    a_day_of_payments(wx, clock, day)
+    clock.t, sim.bill_fault = next_morning(day), fault
+    with pytest.raises(BillError) as e:
+        wx.bill(day)
+    assert not isinstance(e.value, BillUnavailable)
+    assert str(e.value).startswith(f"platform {NAME}: bill of {day.isoformat()}: ") and words in str(e.value)
+
+
+def test_an_expired_download_link_is_unavailable_not_an_error(wx, sim, clock):
+    day = past_day()
+    a_day_of_payments(wx, clock, day)
+    clock.t, sim.bill_link_s = next_morning(day), -1.0
+    with pytest.raises(BillUnavailable, match="INVALID_REQUEST"):
+        wx.bill(day)
+    sim.bill_link_s = 30.0
+    assert wx.bill(day).state is BillState.FETCHED  # apply again: a fresh link
+
+
+@pytest.mark.parametrize("base", ["http://192.0.2.10:8080", "ftp://127.0.0.1:21", "http://user:pw@127.0.0.1:1"])
+def test_a_download_link_that_is_not_https_or_loopback_is_refused_unfetched(wx, sim, clock, base):
+    day = past_day()
+    a_day_of_payments(wx, clock, day)
+    clock.t, sim.bill_link_base = next_morning(day), base
+    with pytest.raises(BillError, match="download_url refused"):
+        wx.bill(day)
+    assert "bill_download" not in sim.ledger.calls
+
+
+def test_the_download_needs_a_signature_over_its_path_and_query(tmp_path):
+    with Recording(tmp_path / "keys", Ledger(clock=Clock())) as sim:
+        wx = WechatV3Provider(NAME, options(sim, tmp_path), tmp_path)
+        try:
+            day = past_day()
+            a_day_of_payments(wx, sim.ledger.clock, day)
+            sim.ledger.clock.t = next_morning(day)
+            wx.bill(day)
+        finally:
+            wx.close()
+        apply, download = [r for r in sim.seen if "bill" in r.path]
+        assert (apply.path, apply.query) == ("/v3/bill/tradebill", {"bill_date": day.isoformat(), "bill_type": "ALL",
+                                                                    "tar_type": "GZIP"})
+        assert download.path == "/v3/billdownload/file" and download.query["tartype"] == "gzip"
+        link = f"{sim.url}{download.path}?token={download.query['token']}&tartype=gzip"
+        unsigned = httpx.get(link)
+        assert unsigned.status_code == 401 and "wechatpay-signature" not in unsigned.headers
+        key = load_private_key(SecretFile(sim.merchant_key_file))
+        over_path_only = authorization(key, mchid=MCHID, serial=MERCHANT_SERIAL, method="GET", url=download.path,
+                                       body=b"", timestamp=str(int(time.time())), nonce="N1")
+        assert httpx.get(link, headers={"Authorization": over_path_only}).status_code == 401
+        answer = httpx.get(link, headers={"Authorization": download.headers["authorization"]})
+        assert answer.status_code == 200 and not any(k.lower().startswith("wechatpay") for k in answer.headers)
+
+
+@pytest.mark.parametrize("days_back, error, words", [
+    (0, BillError, "is not over yet"),
+    (-1, BillError, "is not over yet"),
+    (100, BillError, "INVALID_REQUEST"),
+])
+def test_days_that_cannot_have_a_bill(wx, sim, clock, days_back, error, words):
+    clock.t = time.time()
+    with pytest.raises(error, match=words):
+        wx.bill(beijing_day(time.time()) - dt.timedelta(days=days_back))
+
+
+def test_an_unreachable_platform_is_unavailable(wx, sim, clock):
+    sim.stop()
+    with pytest.raises(BillUnavailable, match=f"platform {NAME}: bill of"):
+        wx.bill(past_day())
+
+
+def test_an_apply_answer_that_does_not_verify_is_an_error_and_a_security_event(sim, make, tmp_path, clock, caplog):
+    generate_rsa(tmp_path / "other.pem", tmp_path / "other_pub.pem")
+    wx = make(platform_public_key_file=str(tmp_path / "other_pub.pem"))
+    clock.t = next_morning(past_day())
+    with pytest.raises(BillError, match="does not verify") as e:
+        wx.bill(past_day())
+    assert not isinstance(e.value, BillUnavailable)
+    assert len(security_lines(caplog)) == 1 and "bill" in security_lines(caplog)[0]
+    assert "bill_download" not in sim.ledger.calls
+
+
+def test_a_refused_request_signature_is_an_error(sim, make, tmp_path, clock):
+    generate_rsa(tmp_path / "wrong.pem", tmp_path / "wrong_pub.pem")
+    wx = make(merchant_key_file=str(tmp_path / "wrong.pem"))
+    with pytest.raises(BillError, match="SIGN_ERROR") as e:
+        wx.bill(past_day())
+    assert not isinstance(e.value, BillUnavailable)
+
+
+def test_the_adapter_says_it_has_a_bill(wx):
+    assert wx.has_bill

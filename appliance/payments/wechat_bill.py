@@ -151,11 +151,12 @@ def _line(reader: _Reader, n: int, row: dict[str, str]) -> BillLine:
     kind = KINDS.get(status)
     if kind is None:
         raise reader.error(n, f"交易状态 {status[:24]!r} is not SUCCESS, REFUND or REVOKED")
-    ordered = next(reader.fen(n, row, c) for c in AMOUNT_COLUMNS if c in row)
+    amounts = {c: reader.fen(n, row, c) for c in AMOUNT_COLUMNS + RETURNED_COLUMNS if c in row}  # all must parse
+    ordered = next(amounts[c] for c in AMOUNT_COLUMNS if c in amounts)
     if kind is LineKind.PAYMENT:
         amount, state, out_refund_no = ordered, status, ""
     else:
-        returned = [reader.fen(n, row, c) for c in RETURNED_COLUMNS if c in row]
+        returned = [amounts[c] for c in RETURNED_COLUMNS if c in amounts]
         amount = next((a for a in returned if a), ordered if kind is LineKind.REVOKED else 0)
         refund_state = row.get("退款状态", "")
         state = f"{status}/{refund_state}" if refund_state else status

@@ -32,6 +32,16 @@ How an answer is read (§2.4), in this order:
 within 7 days of the pay; after that REVERSE_EXPIRE (DECLINED) means refund instead. A refund
 answer only means "accepted": refund answers UNKNOWN and `query_refund` says when it succeeded.
 
+The daily bill (`bill`, head office's call; payments.md §8.2, contract in bills.py): one signed
+POST /pay/downloadbill (bill_date yyyyMMdd, bill_type ALL, tar_type GZIP). It needs no client
+certificate; the one Gateway shows it anyway, which WeChat accepts. Success is a body that is not
+`<xml>`: the bill itself (gzip or text), unsigned; v2 announces no hash, so the summary checked
+against the lines is the only integrity check. Failure is an unsigned `<xml>`: "No Bill Exist"
+(20002) -> NO_TRANSACTIONS, "Bill Creating" -> NOT_YET, anything else (invalid bill_date 20001,
+SIGN ERROR, no permission, ...) -> BillError quoting it; no answer, HTTP 5xx -> BillUnavailable.
+Trusting the unsigned "no bill" is safe the way it is for v3 (see wechat_v3.py): at worst head
+office reports the day's payments unmatched, or asks again later.
+
 Thread-safe: calls share the Gateway (httpx's Client is thread-safe) and `UntrustedAnswers`
 (locked); nothing per call is kept on the adapter. The payment code goes into one request body
 and nowhere else: no log line, no reason, no exception text.
@@ -39,12 +49,14 @@ and nowhere else: no log line, no reason, no exception text.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import hmac
 import re
 import secrets
 import socket
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +66,12 @@ from xml.sax.saxutils import escape
 
 from cryptography import x509
 
-from appliance.errors import NoAnswer, ProviderMisconfigured
+from appliance.errors import NoAnswer, ProviderError, ProviderMisconfigured, ProviderUnavailable
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
+from appliance.payments.bills import MAX_BILL_BYTES, Bill, BillError, BillState, BillUnavailable, check_day
 from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url, gateway_urls, loopback_host
 from appliance.payments.keys import ALNUM, certificate_file, load_private_key, private_key_file, secret_text
+from appliance.payments.wechat_bill import parse_bill, unpacked
 from appliance.schema import FieldError, SecretFile, opt, secrets_checked
 
 #: WeChat's rule: never reverse sooner than this after the pay call (payments.md §2.5).
@@ -69,6 +83,12 @@ SIGN_TYPES = ("HMAC-SHA256", "MD5")
 
 PAY, QUERY, REVERSE, REFUND, QUERY_REFUND = ("/pay/micropay", "/pay/orderquery", "/secapi/pay/reverse",
                                              "/secapi/pay/refund", "/pay/refundquery")
+DOWNLOAD_BILL = "/pay/downloadbill"
+#: The whole bill download may take this long, in seconds (head office's call, not a lane's).
+BILL_DOWNLOAD_S = 120.0
+#: The failure texts (return_msg, or error_code) that are a day's state rather than an error.
+BILL_STATES = {"no bill exist": BillState.NO_TRANSACTIONS, "20002": BillState.NO_TRANSACTIONS,
+               "bill creating": BillState.NOT_YET}
 
 
 # --- the protocol, pure: signature and XML ------------------------------------------------------
@@ -280,6 +300,7 @@ class WechatV2Provider(Provider):
     """WeChat Pay v2 micropay (see the module docstring for how answers are read)."""
 
     kind = "wechat_v2"
+    has_bill = True
 
     def __init__(self, name: str, options: WechatV2Options, state_dir: Path):
         """Raises ConfigError (naming `providers.NAME.<option>`) when a key file cannot be used."""
@@ -363,6 +384,44 @@ class WechatV2Provider(Provider):
     def close(self) -> None:
         self._gateway.close()
 
+    # --- the daily bill (head office) ---------------------------------------------------------
+
+    def bill(self, day: dt.date) -> Bill:
+        """The bill of Beijing `day` (see the module docstring). Raises BillError, BillUnavailable."""
+        try:
+            check_day(day, time.time())
+        except ValueError as e:
+            raise BillError(self.name, day, str(e)) from None
+        fields = {"bill_date": f"{day:%Y%m%d}", "bill_type": "ALL", "tar_type": "GZIP"}
+        try:
+            reply = self._gateway.request("POST", DOWNLOAD_BILL, body=self._signed(fields),
+                                          headers={"Content-Type": "text/xml; charset=utf-8"},
+                                          max_bytes=MAX_BILL_BYTES, answer_s=BILL_DOWNLOAD_S)
+        except (ProviderUnavailable, NoAnswer) as e:
+            raise BillUnavailable(self.name, day, f"no answer from WeChat Pay: {e}") from None
+        except ProviderError as e:  # ProviderMisconfigured: an address that cannot be used
+            raise BillError(self.name, day, str(e)) from None
+        if reply.status >= 500 or reply.status == 429:
+            raise BillUnavailable(self.name, day, f"HTTP {reply.status} from {DOWNLOAD_BILL}: ask again later")
+        if reply.status != 200:
+            raise BillError(self.name, day, f"HTTP {reply.status} from {DOWNLOAD_BILL}")
+        if reply.body.lstrip().startswith(b"<xml>"):
+            return self._bill_failure(day, reply.body)
+        return parse_bill(self.name, day, unpacked(self.name, day, reply.body))
+
+    def _bill_failure(self, day: dt.date, body: bytes) -> Bill:
+        """A failure `<xml>`: the day's state (no bill, not yet), or BillError quoting WeChat."""
+        try:
+            answer = from_xml(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BillError(self.name, day, f"a failure answer that is not WeChat's XML: {e}") from None
+        said = [answer.get(k, "").strip() for k in ("return_msg", "error_code", "err_code", "err_code_des")]
+        text = " ".join(_printable(v) for v in said if v) or "(no message)"
+        state = next((BILL_STATES[v.lower()] for v in said if v.lower() in BILL_STATES), None)
+        if state is None:
+            raise BillError(self.name, day, f"WeChat Pay refused the bill request: {text}")
+        return Bill(self.name, day, state, detail=f"{text} (unsigned)")
+
     # --- one exchange -----------------------------------------------------------------------
 
     def _call(self, call: str, path: str, out_trade_no: str, fields: dict[str, str], *,
@@ -404,6 +463,11 @@ class WechatV2Provider(Provider):
             full["sign_type"] = self._sign_type
         full["sign"] = sign(full, self._api_key, self._sign_type)
         return to_xml(full)
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """A platform text for a reason: at most `limit` characters, control characters as spaces."""
+    return "".join(c if c.isprintable() else " " for c in text[:limit])
 
 
 def _paid(answer: dict[str, str]) -> Outcome:

@@ -10,6 +10,13 @@ reverse's `recall=Y` while the ledger says retry (81: once with result SUCCESS, 
 SYSTEMERROR, both of which WeChat sends), REVERSE_EXPIRE outside the reverse window, and
 REVOKED for a trade reversed before it was paid.
 
+The daily bill, /pay/downloadbill (payments.md §8.2): the file of appliance/simulators/wechat_bill.py
+(gzip when tar_type=GZIP), unsigned; or an unsigned failure `<xml>` (return_code FAIL, return_msg,
+error_code): "invalid bill_date" 20001 (malformed, older than three months), "invalid bill_type",
+"invalid tar_type", "Bill Creating" (today or later, or before 09:00 of the next day by the
+ledger's clock), "No Bill Exist" 20002 (no money moved). `bill_fault` (wechat_bill.BILL_FAULTS,
+"hash" aside: v2 announces none) makes the file wrong for a test.
+
 Keys in `keys_dir`, made on the first start: `apiv2-key.txt` (the 32-character API key, 0600),
 and a self-signed API certificate `apiclient_cert.pem` with its key `apiclient_key.pem` (0600),
 for the adapter's two-way TLS.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import secrets
 import ssl
 from pathlib import Path
@@ -36,10 +44,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.payments.keys import ALNUM
-from appliance.payments.wechat_v2 import (PAY, QUERY, QUERY_REFUND, REFUND, REVERSE, SIGN_TYPES, from_xml,
-                                          sign, signed_correctly, to_xml)
+from appliance.payments.wechat_v2 import (DOWNLOAD_BILL, PAY, QUERY, QUERY_REFUND, REFUND, REVERSE, SIGN_TYPES,
+                                          from_xml, sign, signed_correctly, to_xml)
 from appliance.simulators import Answer, Request, Simulator
 from appliance.simulators.ledger import Decline, Ledger, Refund, RefundError, Reverse, Trade
+from appliance.simulators.wechat_bill import Refusal, bill_text, packed, refusal
 
 #: The merchant this simulator serves (WeChat's own documentation examples).
 MCH_ID = "1900000109"
@@ -58,6 +67,10 @@ TRADE_STATES = {"PAYING": "USERPAYING", "SUCCESS": "SUCCESS", "PAYERROR": "PAYER
 #: The funding source of a paid trade, as WeChat's bank_type.
 BANK_TYPES = {"wallet": "CFT", "card": "CMB_DEBIT"}
 
+#: The bill's failure answers when the day has none to give: (return_msg, error_code).
+BILL_REFUSALS = {Refusal.OUT_OF_RANGE: ("invalid bill_date", "20001"), Refusal.CREATING: ("Bill Creating", ""),
+                 Refusal.EMPTY: ("No Bill Exist", "20002")}
+
 _NO_CLIENT_CERT = (b"<html><head><title>400 No required SSL certificate was sent</title></head><body>"
                    b"<center><h1>400 Bad Request</h1></center><center>No required SSL certificate was sent"
                    b"</center></body></html>")
@@ -67,6 +80,7 @@ class WechatV2Simulator(Simulator):
     """WeChat Pay v2's micropay API for one merchant (see the module docstring)."""
 
     kind = "wechat_v2"
+    bill_fault: str | None = None
 
     def __init__(self, keys_dir: Path, ledger: Ledger | None = None, *, port: int = 0,
                  tls: ssl.SSLContext | None = None):
@@ -99,7 +113,7 @@ class WechatV2Simulator(Simulator):
         """One call, checked in the platform's order: path, client certificate (TLS mode), method,
         XML, sign_type, merchant, sign (each refused unsigned), then appid (a signed refusal)."""
         calls = {PAY: self._pay, QUERY: self._query, REVERSE: self._reverse, REFUND: self._refund,
-                 QUERY_REFUND: self._query_refund}
+                 QUERY_REFUND: self._query_refund, DOWNLOAD_BILL: self._bill}
         call = calls.get(req.path)
         if call is None:
             return Answer(404, b"Not Found")
@@ -208,6 +222,21 @@ class WechatV2Simulator(Simulator):
             "out_refund_no_0": refund.out_refund_no, "refund_id_0": refund.refund_id,
             "refund_fee_0": str(refund.amount_fen), "refund_status_0": refund.state})
 
+    def _bill(self, fields: dict[str, str], _: str) -> Answer:
+        self.ledger.count("bill")
+        date, kind, tar = fields.get("bill_date", ""), fields.get("bill_type", "ALL"), fields.get("tar_type", "")
+        try:
+            day = datetime.datetime.strptime(date, "%Y%m%d").date() if re.fullmatch(r"[0-9]{8}", date) else None
+        except ValueError:
+            day = None
+        why = refusal(self.ledger, day) if day is not None else Refusal.OUT_OF_RANGE
+        if kind != "ALL" or tar not in ("", "GZIP"):
+            return _bill_refusal("invalid bill_type" if kind != "ALL" else "invalid tar_type", "")
+        if why is not None:
+            return _bill_refusal(*BILL_REFUSALS[why])
+        text = bill_text(self.ledger, day, appid=APPID, mchid=MCH_ID, fault=self.bill_fault)
+        return Answer(200, packed(text, tar == "GZIP" and self.bill_fault != "plain"), {"Content-Type": "text/plain"})
+
     def _refund_fields(self, refund: Refund) -> dict[str, str]:
         trade = self.ledger.trades[refund.out_trade_no]
         return {"out_trade_no": trade.out_trade_no, "transaction_id": trade.transaction_id,
@@ -232,6 +261,12 @@ def _paid(trade: Trade) -> dict[str, str]:
             "cash_fee": str(trade.amount_fen), "fee_type": "CNY", "trade_type": "MICROPAY",
             "openid": "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o", "is_subscribe": "N",
             "time_end": datetime.datetime.fromtimestamp(trade.paid_at or trade.created).strftime("%Y%m%d%H%M%S")}
+
+
+def _bill_refusal(return_msg: str, error_code: str) -> Answer:
+    """downloadbill's failure: unsigned, return_code FAIL, with error_code when WeChat gives one."""
+    fields = {"return_code": "FAIL", "return_msg": return_msg} | ({"error_code": error_code} if error_code else {})
+    return Answer(200, to_xml(fields, cdata=True), {"Content-Type": "text/plain"})
 
 
 def _refusal(return_msg: str) -> Answer:
