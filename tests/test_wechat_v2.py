@@ -8,6 +8,7 @@ the real one, talking HTTP.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import logging
 import ssl
@@ -25,12 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from appliance.config import from_dict, load
 from appliance.errors import ConfigError, ProviderError, ProviderMisconfigured, ProviderUnavailable
 from appliance.payments import PayRequest, Status, make_provider
+from appliance.payments.bills import BillError, BillState, BillUnavailable, beijing_day
 from appliance.payments.wechat_v2 import (MISCONFIGURED, PAY_DECLINED, PAY_UNKNOWN, WechatV2Options, from_xml, sign,
                                           signed_correctly, to_xml)
 from appliance.simulators import Answer, Request
 from appliance.simulators.ledger import Ledger
 from appliance.simulators.wechat_v2 import APPID, MCH_ID, WechatV2Simulator, new_certificate, private_pem
 from conftest import ALL_TYPES, ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
+from test_wechat_bill import Clock, a_day_of_payments, check_fetched, next_morning, past_day
 
 CODE = "134567890123456700"  # paid at once (the ledger's scenario table: the last two digits)
 
@@ -823,3 +826,130 @@ def test_an_answer_that_cannot_be_decompressed_is_unknown_not_an_httpx_exception
         assert s.ledger.charges("S0001_L01_A1") == 1
     finally:
         s.stop()
+
+
+# --- the daily bill (head office's call) ------------------------------------------------------------
+
+
+@pytest.fixture
+def clock(sim):
+    """The simulator's ledger on a settable clock (the bill's day is `past_day()`)."""
+    sim.ledger.clock = Clock()
+    return sim.ledger.clock
+
+
+def test_the_bill_of_a_day_lists_its_payments_refunds_and_reversals(wx, sim, clock):
+    day = past_day()
+    expected = a_day_of_payments(wx, clock, day)
+    clock.t = next_morning(day)
+    check_fetched(wx.bill(day), expected, sim.ledger)
+    assert sim.ledger.calls["bill"] == 1
+
+
+@pytest.mark.parametrize("fault", [None, "plain"], ids=["gzip", "plain"])
+def test_a_bill_is_read_gzipped_or_plain(wx, sim, clock, fault):
+    day = past_day()
+    expected = a_day_of_payments(wx, clock, day)
+    clock.t, sim.bill_fault = next_morning(day), fault
+    check_fetched(wx.bill(day), expected, sim.ledger)
+
+
+def test_the_bill_request_is_signed_xml_for_one_day_gzipped(lab, tmp_path):
+    sim = Recording(tmp_path / "keys", Ledger(clock=Clock())).start()
+    try:
+        wx = lab.provider(sim.provider_options(), connect_timeout_s=0.5, read_timeout_s=0.5)
+        day = past_day()
+        sim.ledger.clock.t = next_morning(day)
+        assert wx.bill(day).state is BillState.NO_TRANSACTIONS
+        fields = sim.fields()
+        assert sim.seen[-1].path == "/pay/downloadbill"
+        assert {k: fields[k] for k in ("bill_date", "bill_type", "tar_type", "mch_id", "appid")} == {
+            "bill_date": f"{day:%Y%m%d}", "bill_type": "ALL", "tar_type": "GZIP", "mch_id": MCH_ID, "appid": APPID}
+        assert signed_correctly(fields, sim.api_key, fields["sign_type"])
+    finally:
+        sim.stop()
+
+
+def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_day(wx, sim, clock):
+    day = past_day()
+    a_day_of_payments(wx, clock, day)
+    clock.t = next_morning(day, hour=8.99)
+    assert wx.bill(day).state is BillState.NOT_YET
+    clock.t = next_morning(day, hour=9)
+    assert wx.bill(day).state is BillState.FETCHED
+    empty = wx.bill(day - dt.timedelta(days=1))
+    assert empty.state is BillState.NO_TRANSACTIONS and "No Bill Exist" in empty.detail
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("summary", "the bill's summary disagrees with its lines: paid_fen"),
+    ("garbled", "line 1: not UTF-8"),
+])
+def test_a_wrong_file_is_a_bill_error_naming_the_platform_and_the_day(wx, sim, clock, fault, words):
+    day = past_day()
+    a_day_of_payments(wx, clock, day)
+    clock.t, sim.bill_fault = next_morning(day), fault
+    with pytest.raises(BillError) as e:
+        wx.bill(day)
+    assert not isinstance(e.value, BillUnavailable)
+    assert str(e.value).startswith(f"platform wx: bill of {day.isoformat()}: ") and words in str(e.value)
+
+
+@pytest.mark.parametrize("days_back, words", [(0, "is not over yet"), (100, "invalid bill_date 20001")])
+def test_days_that_cannot_have_a_bill(wx, sim, clock, days_back, words):
+    clock.t = time.time()
+    with pytest.raises(BillError, match=words):
+        wx.bill(beijing_day(time.time()) - dt.timedelta(days=days_back))
+
+
+def test_a_wrong_api_key_is_an_error_quoting_wechat(lab, sim, clock, tmp_path):
+    other = tmp_path / "other-key"
+    other.write_text("A" * 32)
+    other.chmod(0o600)
+    wx = lab.provider(sim.provider_options(), api_key_file=str(other))
+    with pytest.raises(BillError, match="签名错误") as e:
+        wx.bill(past_day())
+    assert not isinstance(e.value, BillUnavailable)
+
+
+def test_an_unreachable_platform_is_unavailable(wx, sim, clock):
+    sim.stop()
+    with pytest.raises(BillUnavailable, match="platform wx: bill of"):
+        wx.bill(past_day())
+
+
+def _failure(**fields) -> Answer:
+    return Answer(200, to_xml({"return_code": "FAIL", **fields}, cdata=True), {"Content-Type": "text/plain"})
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (_failure(return_msg="No Bill Exist", error_code="20002"), BillState.NO_TRANSACTIONS),
+    (_failure(return_msg="NO Bill Exist"), BillState.NO_TRANSACTIONS),  # as the pages print it
+    (_failure(return_msg="Bill Creating"), BillState.NOT_YET),
+    (_failure(return_msg="当前商户号账单API权限已经关闭"), "当前商户号账单API权限已经关闭"),
+    (_failure(return_msg="CompressGZip Error"), "CompressGZip Error"),
+    (_failure(), "(no message)"),
+    (Answer(200, b"<xml><return_code>FAIL</return_code>"), "not WeChat's XML"),
+    (Answer(503, b"busy"), BillUnavailable),
+    (Answer(404, b"Not Found"), "HTTP 404"),
+    (Answer(200, b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\xff" * 20), "not a valid gzip stream"),
+    (Answer(200, b"\x1f\x8b\x08\x00garbage"), "truncated"),
+    (Answer(200, b""), "empty"),
+])
+def test_downloadbill_answers(scripted, answer, expected):
+    scripted.raw = answer
+    try:
+        if isinstance(expected, BillState):
+            assert scripted.wx.bill(past_day()).state is expected
+        else:
+            error = expected if expected is BillUnavailable else BillError
+            with pytest.raises(error) as e:
+                scripted.wx.bill(past_day())
+            assert isinstance(expected, type) or expected in str(e.value)
+            assert error is BillUnavailable or not isinstance(e.value, BillUnavailable)
+    finally:
+        scripted.raw = None
+
+
+def test_the_adapter_says_it_has_a_bill(wx):
+    assert wx.has_bill
