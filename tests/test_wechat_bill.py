@@ -11,7 +11,8 @@ import time
 import pytest
 
 from appliance.payments import PayRequest, Status
-from appliance.payments.bills import BillError, BillState, BillTotals, LineKind, beijing_day, day_start
+from appliance.payments.bills import BillError, BillState, BillTotals, BillUnavailable, LineKind, beijing_day, \
+    day_start
 from appliance.payments.wechat_bill import parse_bill, unpacked
 from appliance.simulators.ledger import Ledger
 from appliance.simulators.wechat_bill import HEADER, SUMMARY_HEADER, bill_text, refusal, Refusal
@@ -209,6 +210,26 @@ def a_day_of_payments(provider, clock: Clock, day: dt.date) -> list[tuple]:
             (LineKind.REFUND, "B2", 500, "REFUND/SUCCESS"), (LineKind.PAYMENT, "B3", 600, "SUCCESS"),
             (LineKind.REFUND, "B3", 600, "REFUND/PROCESSING"), (LineKind.PAYMENT, "B4", 500, "SUCCESS"),
             (LineKind.REVOKED, "B4", 500, "REVOKED/SUCCESS")]
+
+
+def a_billed_day(provider, ledger: Ledger, *, hour: float = 10.0) -> tuple[dt.date, list[tuple]]:
+    """`a_day_of_payments` on `past_day()` with `ledger` on a settable clock, left at `hour` (Beijing)
+    of the next morning. Returns the day and the lines its bill must list."""
+    ledger.clock = Clock()
+    day = past_day()
+    expected = a_day_of_payments(provider, ledger.clock, day)
+    ledger.clock.t = next_morning(day, hour)
+    return day, expected
+
+
+def bill_error(provider, day: dt.date, words: str) -> BillError:
+    """The BillError (not BillUnavailable) `provider.bill(day)` raises, naming the platform and the day."""
+    with pytest.raises(BillError) as e:
+        provider.bill(day)
+    assert not isinstance(e.value, BillUnavailable)
+    assert str(e.value).startswith(f"platform {provider.name}: bill of {day.isoformat()}: ")
+    assert words in str(e.value)
+    return e.value
 
 
 def check_fetched(bill, expected: list[tuple], ledger: Ledger) -> None:

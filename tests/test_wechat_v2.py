@@ -33,7 +33,7 @@ from appliance.simulators import Answer, Request
 from appliance.simulators.ledger import Ledger
 from appliance.simulators.wechat_v2 import APPID, MCH_ID, WechatV2Simulator, new_certificate, private_pem
 from conftest import ALL_TYPES, ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
-from test_wechat_bill import Clock, a_day_of_payments, check_fetched, next_morning, past_day
+from test_wechat_bill import a_billed_day, bill_error, check_fetched, next_morning, past_day
 
 CODE = "134567890123456700"  # paid at once (the ledger's scenario table: the last two digits)
 
@@ -831,35 +831,24 @@ def test_an_answer_that_cannot_be_decompressed_is_unknown_not_an_httpx_exception
 # --- the daily bill (head office's call) ------------------------------------------------------------
 
 
-@pytest.fixture
-def clock(sim):
-    """The simulator's ledger on a settable clock (the bill's day is `past_day()`)."""
-    sim.ledger.clock = Clock()
-    return sim.ledger.clock
-
-
-def test_the_bill_of_a_day_lists_its_payments_refunds_and_reversals(wx, sim, clock):
-    day = past_day()
-    expected = a_day_of_payments(wx, clock, day)
-    clock.t = next_morning(day)
+def test_the_bill_of_a_day_lists_its_payments_refunds_and_reversals(wx, sim):
+    day, expected = a_billed_day(wx, sim.ledger)
     check_fetched(wx.bill(day), expected, sim.ledger)
     assert sim.ledger.calls["bill"] == 1
 
 
 @pytest.mark.parametrize("fault", [None, "plain"], ids=["gzip", "plain"])
-def test_a_bill_is_read_gzipped_or_plain(wx, sim, clock, fault):
-    day = past_day()
-    expected = a_day_of_payments(wx, clock, day)
-    clock.t, sim.bill_fault = next_morning(day), fault
+def test_a_bill_is_read_gzipped_or_plain(wx, sim, fault):
+    day, expected = a_billed_day(wx, sim.ledger)
+    sim.bill_fault = fault
     check_fetched(wx.bill(day), expected, sim.ledger)
 
 
 def test_the_bill_request_is_signed_xml_for_one_day_gzipped(lab, tmp_path):
-    sim = Recording(tmp_path / "keys", Ledger(clock=Clock())).start()
+    sim = Recording(tmp_path / "keys").start()
     try:
         wx = lab.provider(sim.provider_options(), connect_timeout_s=0.5, read_timeout_s=0.5)
         day = past_day()
-        sim.ledger.clock.t = next_morning(day)
         assert wx.bill(day).state is BillState.NO_TRANSACTIONS
         fields = sim.fields()
         assert sim.seen[-1].path == "/pay/downloadbill"
@@ -870,12 +859,10 @@ def test_the_bill_request_is_signed_xml_for_one_day_gzipped(lab, tmp_path):
         sim.stop()
 
 
-def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_day(wx, sim, clock):
-    day = past_day()
-    a_day_of_payments(wx, clock, day)
-    clock.t = next_morning(day, hour=8.99)
+def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_day(wx, sim):
+    day, _ = a_billed_day(wx, sim.ledger, hour=8.99)
     assert wx.bill(day).state is BillState.NOT_YET
-    clock.t = next_morning(day, hour=9)
+    sim.ledger.clock.t = next_morning(day, hour=9)
     assert wx.bill(day).state is BillState.FETCHED
     empty = wx.bill(day - dt.timedelta(days=1))
     assert empty.state is BillState.NO_TRANSACTIONS and "No Bill Exist" in empty.detail
@@ -885,24 +872,19 @@ def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_da
     ("summary", "the bill's summary disagrees with its lines: paid_fen"),
     ("garbled", "line 1: not UTF-8"),
 ])
-def test_a_wrong_file_is_a_bill_error_naming_the_platform_and_the_day(wx, sim, clock, fault, words):
-    day = past_day()
-    a_day_of_payments(wx, clock, day)
-    clock.t, sim.bill_fault = next_morning(day), fault
-    with pytest.raises(BillError) as e:
-        wx.bill(day)
-    assert not isinstance(e.value, BillUnavailable)
-    assert str(e.value).startswith(f"platform wx: bill of {day.isoformat()}: ") and words in str(e.value)
+def test_a_wrong_file_is_a_bill_error_naming_the_platform_and_the_day(wx, sim, fault, words):
+    day, _ = a_billed_day(wx, sim.ledger)
+    sim.bill_fault = fault
+    bill_error(wx, day, words)
 
 
 @pytest.mark.parametrize("days_back, words", [(0, "is not over yet"), (100, "invalid bill_date 20001")])
-def test_days_that_cannot_have_a_bill(wx, sim, clock, days_back, words):
-    clock.t = time.time()
+def test_days_that_cannot_have_a_bill(wx, sim, days_back, words):
     with pytest.raises(BillError, match=words):
         wx.bill(beijing_day(time.time()) - dt.timedelta(days=days_back))
 
 
-def test_a_wrong_api_key_is_an_error_quoting_wechat(lab, sim, clock, tmp_path):
+def test_a_wrong_api_key_is_an_error_quoting_wechat(lab, sim, tmp_path):
     other = tmp_path / "other-key"
     other.write_text("A" * 32)
     other.chmod(0o600)
@@ -912,7 +894,7 @@ def test_a_wrong_api_key_is_an_error_quoting_wechat(lab, sim, clock, tmp_path):
     assert not isinstance(e.value, BillUnavailable)
 
 
-def test_an_unreachable_platform_is_unavailable(wx, sim, clock):
+def test_an_unreachable_platform_is_unavailable(wx, sim):
     sim.stop()
     with pytest.raises(BillUnavailable, match="platform wx: bill of"):
         wx.bill(past_day())

@@ -36,7 +36,7 @@ from appliance.simulators import Request, simulator_class
 from appliance.simulators.ledger import Ledger
 from appliance.simulators.wechat_v3 import MCHID, MERCHANT_SERIAL, PUBLIC_KEY_ID, WechatV3Simulator
 from conftest import ROOT, appliance_cmd, lane_dict, subprocess_env, write_config
-from test_wechat_bill import Clock, a_day_of_payments, check_fetched, next_morning, past_day
+from test_wechat_bill import a_billed_day, bill_error, check_fetched, next_morning, past_day
 
 NAME = "wx"  # the [providers.NAME] the tests configure
 _numbers = iter(range(1, 10**9))
@@ -898,36 +898,24 @@ def test_an_answer_that_cannot_be_decompressed_is_unknown_not_an_httpx_exception
 # --- the daily bill (head office's call) ------------------------------------------------------------
 
 
-@pytest.fixture
-def clock(sim):
-    """The simulator's ledger on a settable clock (the bill's day is `past_day()`)."""
-    sim.ledger.clock = Clock()
-    return sim.ledger.clock
-
-
-def test_the_bill_of_a_day_lists_its_payments_refunds_and_reversals(wx, sim, clock):
-    day = past_day()
-    expected = a_day_of_payments(wx, clock, day)
-    clock.t = next_morning(day)
+def test_the_bill_of_a_day_lists_its_payments_refunds_and_reversals(wx, sim):
+    day, expected = a_billed_day(wx, sim.ledger)
     bill = wx.bill(day)
     check_fetched(bill, expected, sim.ledger)
     assert sim.ledger.calls["bill"] == sim.ledger.calls["bill_download"] == 1
 
 
 @pytest.mark.parametrize("fault", [None, "plain"], ids=["gzip", "plain"])
-def test_a_bill_is_read_gzipped_or_plain(wx, sim, clock, fault):
-    day = past_day()
-    expected = a_day_of_payments(wx, clock, day)
-    clock.t, sim.bill_fault = next_morning(day), fault
+def test_a_bill_is_read_gzipped_or_plain(wx, sim, fault):
+    day, expected = a_billed_day(wx, sim.ledger)
+    sim.bill_fault = fault
     check_fetched(wx.bill(day), expected, sim.ledger)
 
 
-def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_day(wx, sim, clock):
-    day = past_day()
-    a_day_of_payments(wx, clock, day)
-    clock.t = next_morning(day, hour=8.99)
+def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_day(wx, sim):
+    day, _ = a_billed_day(wx, sim.ledger, hour=8.99)
     assert wx.bill(day).state is BillState.NOT_YET
-    clock.t = next_morning(day, hour=9)
+    sim.ledger.clock.t = next_morning(day, hour=9)
     assert wx.bill(day).state is BillState.FETCHED
     assert wx.bill(day - dt.timedelta(days=1)).state is BillState.NO_TRANSACTIONS
 
@@ -937,20 +925,15 @@ def test_not_yet_before_nine_the_next_morning_and_no_transactions_on_an_empty_da
     ("summary", "the bill's summary disagrees with its lines: paid_fen"),
     ("garbled", "line 1: not UTF-8"),
 ])
-def test_a_wrong_file_is_a_bill_error_naming_the_platform_and_the_day(wx, sim, clock, fault, words):
-    day = past_day()
-    a_day_of_payments(wx, clock, day)
-    clock.t, sim.bill_fault = next_morning(day), fault
-    with pytest.raises(BillError) as e:
-        wx.bill(day)
-    assert not isinstance(e.value, BillUnavailable)
-    assert str(e.value).startswith(f"platform {NAME}: bill of {day.isoformat()}: ") and words in str(e.value)
+def test_a_wrong_file_is_a_bill_error_naming_the_platform_and_the_day(wx, sim, fault, words):
+    day, _ = a_billed_day(wx, sim.ledger)
+    sim.bill_fault = fault
+    bill_error(wx, day, words)
 
 
-def test_an_expired_download_link_is_unavailable_not_an_error(wx, sim, clock):
-    day = past_day()
-    a_day_of_payments(wx, clock, day)
-    clock.t, sim.bill_link_s = next_morning(day), -1.0
+def test_an_expired_download_link_is_unavailable_not_an_error(wx, sim):
+    day, _ = a_billed_day(wx, sim.ledger)
+    sim.bill_link_s = -1.0
     with pytest.raises(BillUnavailable, match="INVALID_REQUEST"):
         wx.bill(day)
     sim.bill_link_s = 30.0
@@ -958,22 +941,18 @@ def test_an_expired_download_link_is_unavailable_not_an_error(wx, sim, clock):
 
 
 @pytest.mark.parametrize("base", ["http://192.0.2.10:8080", "ftp://127.0.0.1:21", "http://user:pw@127.0.0.1:1"])
-def test_a_download_link_that_is_not_https_or_loopback_is_refused_unfetched(wx, sim, clock, base):
-    day = past_day()
-    a_day_of_payments(wx, clock, day)
-    clock.t, sim.bill_link_base = next_morning(day), base
-    with pytest.raises(BillError, match="download_url refused"):
-        wx.bill(day)
+def test_a_download_link_that_is_not_https_or_loopback_is_refused_unfetched(wx, sim, base):
+    day, _ = a_billed_day(wx, sim.ledger)
+    sim.bill_link_base = base
+    bill_error(wx, day, "download_url refused")
     assert "bill_download" not in sim.ledger.calls
 
 
 def test_the_download_needs_a_signature_over_its_path_and_query(tmp_path):
-    with Recording(tmp_path / "keys", Ledger(clock=Clock())) as sim:
+    with Recording(tmp_path / "keys") as sim:
         wx = WechatV3Provider(NAME, options(sim, tmp_path), tmp_path)
         try:
-            day = past_day()
-            a_day_of_payments(wx, sim.ledger.clock, day)
-            sim.ledger.clock.t = next_morning(day)
+            day, _ = a_billed_day(wx, sim.ledger)
             wx.bill(day)
         finally:
             wx.close()
@@ -997,22 +976,20 @@ def test_the_download_needs_a_signature_over_its_path_and_query(tmp_path):
     (-1, BillError, "is not over yet"),
     (100, BillError, "INVALID_REQUEST"),
 ])
-def test_days_that_cannot_have_a_bill(wx, sim, clock, days_back, error, words):
-    clock.t = time.time()
+def test_days_that_cannot_have_a_bill(wx, sim, days_back, error, words):
     with pytest.raises(error, match=words):
         wx.bill(beijing_day(time.time()) - dt.timedelta(days=days_back))
 
 
-def test_an_unreachable_platform_is_unavailable(wx, sim, clock):
+def test_an_unreachable_platform_is_unavailable(wx, sim):
     sim.stop()
     with pytest.raises(BillUnavailable, match=f"platform {NAME}: bill of"):
         wx.bill(past_day())
 
 
-def test_an_apply_answer_that_does_not_verify_is_an_error_and_a_security_event(sim, make, tmp_path, clock, caplog):
+def test_an_apply_answer_that_does_not_verify_is_an_error_and_a_security_event(sim, make, tmp_path, caplog):
     generate_rsa(tmp_path / "other.pem", tmp_path / "other_pub.pem")
     wx = make(platform_public_key_file=str(tmp_path / "other_pub.pem"))
-    clock.t = next_morning(past_day())
     with pytest.raises(BillError, match="does not verify") as e:
         wx.bill(past_day())
     assert not isinstance(e.value, BillUnavailable)
@@ -1020,7 +997,7 @@ def test_an_apply_answer_that_does_not_verify_is_an_error_and_a_security_event(s
     assert "bill_download" not in sim.ledger.calls
 
 
-def test_a_refused_request_signature_is_an_error(sim, make, tmp_path, clock):
+def test_a_refused_request_signature_is_an_error(sim, make, tmp_path):
     generate_rsa(tmp_path / "wrong.pem", tmp_path / "wrong_pub.pem")
     wx = make(merchant_key_file=str(tmp_path / "wrong.pem"))
     with pytest.raises(BillError, match="SIGN_ERROR") as e:
