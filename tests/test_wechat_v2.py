@@ -912,6 +912,8 @@ def _failure(**fields) -> Answer:
     (_failure(return_msg="CompressGZip Error"), "CompressGZip Error"),
     (_failure(), "(no message)"),
     (Answer(200, b"<xml><return_code>FAIL</return_code>"), "not WeChat's XML"),
+    (Answer(200, b'<?xml version="1.0"?>\n' + _failure(return_msg="No Bill Exist").body), BillState.NO_TRANSACTIONS),
+    (Answer(200, b"<html><body>502 Bad Gateway</body></html>"), "root element <html>"),
     (Answer(503, b"busy"), BillUnavailable),
     (Answer(404, b"Not Found"), "HTTP 404"),
     (Answer(200, b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\xff" * 20), "not a valid gzip stream"),

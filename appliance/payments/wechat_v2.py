@@ -405,7 +405,7 @@ class WechatV2Provider(Provider):
             raise BillUnavailable(self.name, day, f"HTTP {reply.status} from {DOWNLOAD_BILL}: ask again later")
         if reply.status != 200:
             raise BillError(self.name, day, f"HTTP {reply.status} from {DOWNLOAD_BILL}")
-        if reply.body.lstrip().startswith(b"<xml>"):
+        if reply.body.lstrip().startswith(b"<"):  # a bill starts with its header (or the gzip magic): XML is a failure
             return self._bill_failure(day, reply.body)
         return parse_bill(self.name, day, unpacked(self.name, day, reply.body))
 
