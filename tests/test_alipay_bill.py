@@ -11,7 +11,8 @@ import zipfile
 
 import pytest
 
-from appliance.payments.alipay_bill import is_zip, link_problem, parse_bill
+from appliance.payments.alipay_bill import is_zip, parse_bill
+from appliance.payments.http import link_problem
 from appliance.payments.bills import BillError, BillState, BillTotals, LineKind, day_start
 from appliance.simulators.alipay_bill import bill_zip
 from appliance.simulators.ledger import Ledger

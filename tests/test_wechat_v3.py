@@ -944,7 +944,7 @@ def test_an_expired_download_link_is_unavailable_not_an_error(wx, sim):
 def test_a_download_link_that_is_not_https_or_loopback_is_refused_unfetched(wx, sim, base):
     day, _ = a_billed_day(wx, sim.ledger)
     sim.bill_link_base = base
-    bill_error(wx, day, "download_url refused")
+    bill_error(wx, day, "download_url not fetched: ")
     assert "bill_download" not in sim.ledger.calls
 
 

@@ -63,8 +63,8 @@ from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured, Provi
 from appliance.money import format_amount
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.bills import MAX_BILL_BYTES, Bill, BillError, BillState, BillUnavailable
-from appliance.payments.alipay_bill import DOWNLOAD_S, is_zip, link_problem, parse_bill, without_query
-from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url
+from appliance.payments.alipay_bill import DOWNLOAD_S, is_zip, parse_bill, without_query
+from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url, link_problem
 from appliance.payments.keys import (load_private_key, load_public_key, private_key_file, public_key_file,
                                      rsa_sign, rsa_verify)
 from appliance.redact import mask
@@ -498,7 +498,6 @@ class AlipayProvider(Provider):
         if success and ask.call == "pay" and fields.get("total_amount") not in (None, amount):
             return f"signed success for {_text(str(fields['total_amount']))[:20]} yuan, not {amount}"
         return ""
-
 
     def _unverified(self, answer: SignedAnswer, fields: dict) -> str:
         """Why the answer's signature is not Alipay's, or "" when it verifies."""

@@ -40,11 +40,9 @@ import io
 import re
 import zipfile
 import zlib
-from urllib.parse import urlsplit
 
 from appliance.payments.bills import (MAX_BILL_BYTES, Bill, BillError, BillLine, BillState, BillTotals, LineKind,
                                       check_totals, yuan_to_fen)
-from appliance.payments.http import loopback_host
 
 DETAIL_SUFFIX = "_业务明细.csv"
 SUMMARY_SUFFIX = "_业务明细(汇总).csv"
@@ -201,22 +199,6 @@ class _Parse:
         return BillTotals(payments=counts["交易订单总笔数"], returns=counts["退款订单总笔数"],
                           net_fen=self.fen(name, n, row, "订单金额（元）"),
                           fee_fen=FEE_SIGN * self.fen(name, n, row, "服务费（元）"))
-
-
-def link_problem(url: str) -> str:
-    """Why a `bill_download_url` is not fetched ("" when it may be): it must be https, or http only
-    to this machine (a simulator), as every gateway address (appliance/payments/http.py)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        parts.port  # noqa: B018 - a port that is not a number raises here
-    except ValueError as e:
-        return f"not a URL ({e})"
-    if parts.username or parts.password:
-        return "it carries credentials"
-    if parts.scheme == "https" and host or parts.scheme == "http" and loopback_host(host):
-        return ""
-    return f"{parts.scheme or 'no scheme'}://{host}: only https, or plain http to a loopback address, is fetched"
 
 
 def without_query(text: str, url: str) -> str:

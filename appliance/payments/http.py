@@ -77,6 +77,23 @@ def loopback_host(host: str) -> bool:
         return False
 
 
+def link_problem(url: str) -> str:
+    """Why a download link a platform answered (a bill's) is not fetched ("" when it may be): it must
+    be https, or http only to this machine (a simulator), like every gateway address. The reason
+    names the scheme and host only, never the link's query (a one-use token)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if parts.username or parts.password:
+        return "it carries credentials"
+    if parts.scheme == "https" and host or parts.scheme == "http" and loopback_host(host):
+        return ""
+    return f"{parts.scheme or 'no scheme'}://{host}: only https, or plain http to a loopback address, is fetched"
+
+
 def gateway_urls(values: tuple[str, ...]) -> tuple[str, ...]:
     if len(values) > 2:
         raise ValueError(f"at most 2 backup addresses, got {len(values)}")
