@@ -520,7 +520,7 @@ def render(results: list[Result]) -> str:
             head += (f"; matched {m['payments']} payment(s) {format_amount(m['paid_fen'])}, {m['returns']} "
                      f"return(s) {format_amount(m['returned_fen'])}")
             head += f"; fees {format_amount(r.fee_fen)}" if r.fee_fen is not None else ""
-            head += f"; {len(r.differences) or 'no'} difference(s)"
+            head += f"; {len(r.differences)} difference(s)" if r.differences else "; no differences"
         if r.error:
             head += f"\n  {r.error}"
         if r.next_try_at is not None:
