@@ -56,7 +56,7 @@ bench: $(STAMP)
 	@command -v strace >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y -q strace || echo "strace not installed: no syscall counts"; }
 	@# every bench runs even when one misses its target; make bench fails if any did
-	@failed=""; for b in run ingest lane idle; do \
+	@failed=""; for b in run ingest lane idle reconcile; do \
 	  echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || failed="$$failed $$b"; done; \
 	  if [ -n "$$failed" ]; then echo "targets missed in:$$failed" >&2; exit 1; fi
 

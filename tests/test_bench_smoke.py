@@ -1,5 +1,5 @@
-"""Benchmarks are not tests; this only runs bench/run.py, bench/lane.py, bench/idle.py and bench/ingest.py at smoke
-size so they cannot rot."""
+"""Benchmarks are not tests; this only runs bench/run.py, bench/lane.py, bench/idle.py, bench/ingest.py and
+bench/reconcile.py at smoke size so they cannot rot."""
 
 import re
 import subprocess
@@ -56,3 +56,15 @@ def test_idle_bench_smoke():
         assert figure in figures, r.stdout
     wakeups = float(re.search(r"idle wakeups, mqtt disabled: ([0-9.]+) /s", r.stdout).group(1))
     assert wakeups <= 1.0, r.stdout
+
+
+def test_reconcile_bench_smoke():
+    """bench/reconcile.py at smoke size: each platform's day of payments through its real adapter reconciles
+    to zero differences, every figure printed."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "reconcile.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith(("| wechat", "| alipay"))]
+    assert [(row[0], row[2], row[3]) for row in rows] == [("| wechat_v3", "210", "0"), ("| wechat_v2", "210", "0"),
+                                                          ("| alipay", "210", "0")], r.stdout
+    assert "peak RSS:" in r.stdout
