@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from appliance.payments.alipay_bill import is_zip, parse_bill
+from appliance.payments.alipay_bill import bill_link, is_zip, parse_bill
 from appliance.payments.http import link_problem
 from appliance.payments.bills import BillError, BillState, BillTotals, LineKind, day_start
 from appliance.simulators.alipay_bill import bill_zip
@@ -187,6 +187,21 @@ def test_is_zip():
 ])
 def test_download_links_fetched_only_over_https_or_to_loopback(url, ok):
     assert (link_problem(url) == "") is ok
+
+
+@pytest.mark.parametrize("url, over_http, fetched", [
+    ("http://dwbillcenter.alipay.com/downloadBillFile.resource?token=x", False,
+     "https://dwbillcenter.alipay.com/downloadBillFile.resource?token=x"),  # Alipay's documented link: over https
+    ("http://dwbillcenter.alipay.com/downloadBillFile.resource?token=x", True,
+     "http://dwbillcenter.alipay.com/downloadBillFile.resource?token=x"),  # the operator chose http
+    ("https://dwbillcenter.alipay.com/x", False, "https://dwbillcenter.alipay.com/x"),
+    ("http://alipay.com.example.net/x", True, None),  # not Alipay's domain: refused
+    ("http://192.0.2.1/x", True, None),
+    ("http://127.0.0.1:9/bill/download", False, "http://127.0.0.1:9/bill/download"),  # a simulator
+])
+def test_alipays_http_bill_links_are_fetched_over_https_unless_configured(url, over_http, fetched):
+    link, why = bill_link(url, over_http)
+    assert (link if not why else None) == fetched
 
 
 def test_the_simulators_zip_has_gbk_names_without_the_utf8_flag_and_parses():

@@ -63,8 +63,8 @@ from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured, Provi
 from appliance.money import format_amount
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.bills import MAX_BILL_BYTES, Bill, BillError, BillState, BillUnavailable
-from appliance.payments.alipay_bill import DOWNLOAD_S, is_zip, parse_bill, without_query
-from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url, link_problem
+from appliance.payments.alipay_bill import DOWNLOAD_S, bill_link, is_zip, parse_bill, without_query
+from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url
 from appliance.payments.keys import (load_private_key, load_public_key, private_key_file, public_key_file,
                                      rsa_sign, rsa_verify)
 from appliance.redact import mask
@@ -111,6 +111,10 @@ class AlipayOptions(HttpOptions):
                                            doc="the app private key (Alipay's key tool), mode 0600")
     alipay_public_key_file: Path = opt(check=public_key_file,
                                        doc="the Alipay public key (open.alipay.com, the app's key settings)")
+    bill_link_over_http: bool = opt(False, doc="head office's bill: fetch an http:// link on Alipay's own domain "
+                                               "as given (Alipay documents http://dwbillcenter.alipay.com links; "
+                                               "the zip is unsigned, so over http it is unprotected); false: "
+                                               "fetch it over https")
 
 
 # --- the wire format: pure functions, tested with published vectors ------------------------------------
@@ -354,6 +358,7 @@ class AlipayProvider(Provider):
     def __init__(self, name: str, options: AlipayOptions, state_dir: Path | None = None):
         super().__init__(name, options.policy())
         key = f"providers.{name}"
+        self.options = options
         self.app_id = options.app_id
         self._app_key = _load(load_private_key, options.app_private_key_file, f"{key}.app_private_key_file")
         self._alipay_key = _load(load_public_key, options.alipay_public_key_file, f"{key}.alipay_public_key_file")
@@ -425,8 +430,9 @@ class AlipayProvider(Provider):
         raise BillError(self.name, day, f"Alipay refused: {says(a)}{hint}")
 
     def _download_bill(self, day: dt.date, url: str) -> Bill:
-        """GET the link at once (no signature: the zip is not signed) and parse what it gives."""
-        why = link_problem(url)
+        """GET the link at once (no signature: the zip is not signed) and parse what it gives. An
+        http:// link on Alipay's own domain is fetched over https unless `bill_link_over_http`."""
+        url, why = bill_link(url, self.options.bill_link_over_http)
         if why:
             raise BillError(self.name, day, f"bill_download_url not fetched: {why}")
         try:

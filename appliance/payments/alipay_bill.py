@@ -40,9 +40,11 @@ import io
 import re
 import zipfile
 import zlib
+from urllib.parse import urlsplit, urlunsplit
 
 from appliance.payments.bills import (MAX_BILL_BYTES, Bill, BillError, BillLine, BillState, BillTotals, LineKind,
                                       check_totals, yuan_to_fen)
+from appliance.payments.http import link_problem
 
 DETAIL_SUFFIX = "_业务明细.csv"
 SUMMARY_SUFFIX = "_业务明细(汇总).csv"
@@ -199,6 +201,17 @@ class _Parse:
         return BillTotals(payments=counts["交易订单总笔数"], returns=counts["退款订单总笔数"],
                           net_fen=self.fen(name, n, row, "订单金额（元）"),
                           fee_fen=FEE_SIGN * self.fen(name, n, row, "服务费（元）"))
+
+
+def bill_link(url: str, over_http: bool) -> tuple[str, str]:
+    """(the link to fetch, why it is not fetched or ""). Alipay documents plain-http links on its
+    own domain (http://dwbillcenter.alipay.com/...): such a link is fetched over https, or as given
+    when `over_http` (the operator's choice: the zip is unsigned). Any other link must pass
+    `link_problem`: https, or http to a loopback simulator."""
+    parts = urlsplit(url)
+    if parts.scheme == "http" and (parts.hostname or "").endswith(".alipay.com") and not parts.username:
+        return (url, "") if over_http else (urlunsplit(parts._replace(scheme="https")), "")
+    return url, link_problem(url)
 
 
 def without_query(text: str, url: str) -> str:
