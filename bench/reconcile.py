@@ -105,7 +105,7 @@ def one(name: str, payments: int, tmp: Path) -> dict:
         diffs, matched = reconcile.match(DAY, name, kind, bill.lines, orders,
                                          reconcile.elsewhere(store, DAY, name, orders))
         t2 = time.perf_counter()
-        result = reconcile.Result(DAY, name, kind, "bill", reconcile.Outcome.FETCHED, diffs, matched, lines=bill.lines,
+        result = reconcile.Result(DAY, name, kind, "bill", reconcile.DayState.FETCHED, diffs, matched, lines=bill.lines,
                                   stated=bill.totals, fee_fen=bill.totals.fee_fen)
         reconcile.save(store, result, ledger.clock.t)
         t3 = time.perf_counter()

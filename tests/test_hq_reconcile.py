@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from appliance.hq import reconcile
-from appliance.hq.reconcile import Kind, Order, Outcome, Result
+from appliance.hq.reconcile import Kind, Order, DayState, Result
 from appliance.hq.store import Store
 from appliance.payments.bills import Bill, BillLine, BillState, LineKind, beijing_day, day_start
 from appliance.payments.jeepay import JeepayOptions, JeepayProvider
@@ -179,7 +179,7 @@ def test_a_rerun_replaces_the_day_and_a_failed_rerun_keeps_the_final_result(stor
 
     from appliance.payments.bills import BillUnavailable
     failed = reconcile.reconcile(store, Books(BillUnavailable("wx", DAY, "HTTP 500")), DAY)
-    assert failed.state is Outcome.ERROR and failed.retryable and "platform wx: bill of 2026-11-20" in failed.error
+    assert failed.state is DayState.ERROR and failed.retryable and "platform wx: bill of 2026-11-20" in failed.error
     assert not reconcile.save(store, failed, NEXT_MORNING + 120)
     (kept,) = reconcile.stored(store, DAY)
     assert (kept["state"], kept["attempts"]) == ("fetched", 3)
@@ -190,14 +190,14 @@ def test_no_transactions_on_the_bill_leaves_head_office_payments_unmatched(store
     shop.amounts["S0001_L01_1"] = 1000
     shop.event("S0001_L01_1", "paid")
     r = reconcile.reconcile(store, Books(Bill("wx", DAY, BillState.NO_TRANSACTIONS)), DAY)
-    assert r.state is Outcome.NO_TRANSACTIONS and r.fee_fen == 0
+    assert r.state is DayState.NO_TRANSACTIONS and r.fee_fen == 0
     assert kinds(r.differences) == [("not_on_bill", "1", "payment")]
 
 
 def test_a_bill_error_is_an_error_naming_platform_and_day_never_an_empty_match(store):
     from appliance.payments.bills import BillError
     r = reconcile.reconcile(store, Books(BillError("wx", DAY, "SHA-1 mismatch")), DAY)
-    assert (r.state, r.retryable, r.differences) == (Outcome.ERROR, False, [])
+    assert (r.state, r.retryable, r.differences) == (DayState.ERROR, False, [])
     assert r.error == "platform wx: bill of 2026-11-20: SHA-1 mismatch"
     assert reconcile.exit_code([r]) == reconcile.EXIT_ERROR
 
@@ -222,9 +222,9 @@ def test_due_is_yesterday_and_the_retries_whose_time_has_come(store):
     assert reconcile.due(store, ["wx", "ali"], now, 2) == [(DAY - dt.timedelta(days=1), "wx"),
                                                            (DAY - dt.timedelta(days=1), "ali"), (DAY, "wx"),
                                                            (DAY, "ali")]
-    later = Result(DAY, "wx", "wechat_v3", "bill", Outcome.NOT_YET, next_try_at=now + 1800)
-    done = Result(DAY, "ali", "alipay", "bill", Outcome.FETCHED)
-    old = Result(DAY - dt.timedelta(days=1), "wx", "wechat_v3", "bill", Outcome.ERROR, next_try_at=None)
+    later = Result(DAY, "wx", "wechat_v3", "bill", DayState.NOT_YET, next_try_at=now + 1800)
+    done = Result(DAY, "ali", "alipay", "bill", DayState.FETCHED)
+    old = Result(DAY - dt.timedelta(days=1), "wx", "wechat_v3", "bill", DayState.ERROR, next_try_at=None)
     for r in (later, done, old):
         reconcile.save(store, r, now)
     assert reconcile.due(store, ["wx", "ali"], now, 2) == [(DAY - dt.timedelta(days=1), "ali")]
@@ -232,11 +232,11 @@ def test_due_is_yesterday_and_the_retries_whose_time_has_come(store):
 
 
 def test_exit_codes_take_the_worst():
-    ok = Result(DAY, "a", "k", "bill", Outcome.FETCHED)
-    later = Result(DAY, "b", "k", "bill", Outcome.NOT_YET)
-    diff = Result(DAY, "c", "k", "bill", Outcome.FETCHED, differences=[reconcile.Difference(Kind.STATE, "x", "payment",
+    ok = Result(DAY, "a", "k", "bill", DayState.FETCHED)
+    later = Result(DAY, "b", "k", "bill", DayState.NOT_YET)
+    diff = Result(DAY, "c", "k", "bill", DayState.FETCHED, differences=[reconcile.Difference(Kind.STATE, "x", "payment",
                                                                                           "")])
-    bad = Result(DAY, "d", "k", "bill", Outcome.ERROR, error="x")
+    bad = Result(DAY, "d", "k", "bill", DayState.ERROR, error="x")
     assert [reconcile.exit_code(rs) for rs in ([ok], [ok, later], [later, diff], [diff, bad])] == [0, 75, 3, 4]
 
 
@@ -262,7 +262,7 @@ def test_an_aggregator_day_is_reconciled_by_query(store, jeepay):
     shop.cancel(refunded, refund=True)
     shop.cancel(cancelled)
     r = reconcile.reconcile(store, provider, DAY)
-    assert (r.state, r.method, r.queried, r.differences) == (Outcome.BY_QUERY, "query", 4, [])
+    assert (r.state, r.method, r.queried, r.differences) == (DayState.BY_QUERY, "query", 4, [])
     assert r.matched == {"payments": 1, "paid_fen": 1000, "returns": 2, "returned_fen": 550}
     assert "no bill API" in r.note and declined
 
@@ -273,7 +273,7 @@ def test_an_aggregator_day_is_reconciled_by_query(store, jeepay):
 
     sim.stop()  # unreachable: an error tried again later, not a clean day
     r = reconcile.reconcile(store, provider, DAY)
-    assert (r.state, r.retryable) == (Outcome.ERROR, True) and "4 of 4 queries" in r.error
+    assert (r.state, r.retryable) == (DayState.ERROR, True) and "4 of 4 queries" in r.error
 
 
 # --- the command ---------------------------------------------------------------------------------

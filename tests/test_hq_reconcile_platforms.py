@@ -16,7 +16,7 @@ import pytest
 
 from appliance.config import ProviderConfig
 from appliance.hq import reconcile
-from appliance.hq.reconcile import Outcome
+from appliance.hq.reconcile import DayState
 from appliance.hq.store import Store
 from appliance.payments import make_provider, providers
 from appliance.payments.bills import day_start
@@ -80,7 +80,7 @@ def test_a_day_reconciles_to_zero_differences_and_the_fees_add_up(platform):
     a_day(shop)
     clock.t = NEXT_MORNING
     r = reconcile.reconcile(store, provider, DAY)
-    assert (r.state, r.method, r.differences) == (Outcome.FETCHED, "bill", [])
+    assert (r.state, r.method, r.differences) == (DayState.FETCHED, "bill", [])
     assert r.matched == {"payments": 5, "paid_fen": 1234 + 2000 + 300 + 500 + 700,
                          "returns": 4, "returned_fen": 2000 + 300 + 500 + 700}
     assert len(r.lines) == 9  # 5 payments, 2 refunds, 2 reversals that gave money back
@@ -103,7 +103,7 @@ def test_each_kind_of_difference_is_caught_with_its_order_number(platform):
     moves.remove(next(m for m in moves if m.out_trade_no == day["refunded"] and m.kind == "refund"))
     clock.t = NEXT_MORNING
     r = reconcile.reconcile(store, provider, DAY)
-    assert r.state is Outcome.FETCHED
+    assert r.state is DayState.FETCHED
     found = {(str(d.kind), d.out_trade_no, d.movement) for d in r.differences}
     assert found == {("not_on_bill", day["paid"], "payment"),  # a bill missing an order
                      ("amount", day["cancelled"], "payment"),  # an amount that differs
@@ -129,7 +129,7 @@ def test_the_next_morning_before_the_bill_is_made_it_is_not_yet_and_tried_again(
     shop.pay()
     clock.t = day_start(DAY) + 86_400 + 8 * 3600  # 08:00 Beijing: not generated yet
     (r,) = reconcile.run_day(store, {"pf": provider}, DAY, now=clock.t, retry_every_s=1800, retry_for_days=3)
-    assert (r.state, r.differences) == (Outcome.NOT_YET, [])
+    assert (r.state, r.differences) == (DayState.NOT_YET, [])
     assert r.next_try_at == day_start(DAY) + 86_400 + 10 * 3600  # not before 10:00
     assert reconcile.exit_code([r]) == reconcile.EXIT_LATER
     assert reconcile.due(store, ["pf"], clock.t, 1) == []  # yesterday only: tried, not due again yet
@@ -142,7 +142,7 @@ def test_a_bill_whose_summary_disagrees_with_its_lines_is_an_error_naming_platfo
     sim.bill_fault = "summary"
     clock.t = NEXT_MORNING
     r = reconcile.reconcile(store, provider, DAY)
-    assert (r.state, r.differences, r.lines) == (Outcome.ERROR, [], ())
+    assert (r.state, r.differences, r.lines) == (DayState.ERROR, [], ())
     assert r.error.startswith("platform pf: bill of 2026-11-20: ") and "summary" in r.error
 
 
@@ -151,7 +151,7 @@ def test_a_quiet_day(platform):
     sim, provider, shop, store, clock = platform
     clock.t = NEXT_MORNING
     r = reconcile.reconcile(store, provider, DAY)
-    expected = Outcome.NOT_YET if provider.kind == "alipay" else Outcome.NO_TRANSACTIONS
+    expected = DayState.NOT_YET if provider.kind == "alipay" else DayState.NO_TRANSACTIONS
     assert (r.state, r.differences) == (expected, [])
 
 
@@ -166,12 +166,12 @@ def test_a_wechat_v3_download_whose_hash_differs_is_an_error_never_an_empty_matc
             sim.bill_fault = "hash"
             clock.t = NEXT_MORNING
             r = reconcile.reconcile(store, provider, DAY)
-            assert (r.state, r.lines, r.differences) == (Outcome.ERROR, (), [])
+            assert (r.state, r.lines, r.differences) == (DayState.ERROR, (), [])
             assert r.error.startswith("platform wx: bill of 2026-11-20: ") and "SHA-1" in r.error
             reconcile.save(store, r, NEXT_MORNING)
             sim.bill_fault = None  # the next try gets a good download: the day is reconciled
             r = reconcile.reconcile(store, provider, DAY)
-            assert (r.state, r.differences) == (Outcome.FETCHED, [])
+            assert (r.state, r.differences) == (DayState.FETCHED, [])
         finally:
             provider.close()
             store.close()

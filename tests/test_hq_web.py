@@ -212,18 +212,18 @@ def test_the_day_page_shows_each_platforms_reconciliation(filled):
     import datetime as dt
 
     from appliance.hq import reconcile
-    from appliance.hq.reconcile import Difference, Kind, Outcome, Result
+    from appliance.hq.reconcile import Difference, Kind, DayState, Result
 
     day = dt.date.fromisoformat(DAY)
     store = Store(filled)
     try:
-        for r in (Result(day, "wx", "wechat_v3", "bill", Outcome.FETCHED, fee_fen=74,
+        for r in (Result(day, "wx", "wechat_v3", "bill", DayState.FETCHED, fee_fen=74,
                          matched={"payments": 3, "paid_fen": 6583, "returns": 1, "returned_fen": 100}),
-                  Result(day, "ali", "alipay", "bill", Outcome.FETCHED, fee_fen=12, differences=[
+                  Result(day, "ali", "alipay", "bill", DayState.FETCHED, fee_fen=12, differences=[
                       Difference(Kind.NOT_ON_BILL, "S0001_L02_7", "payment", "paid at head office, not on the bill",
                                  store_id="S0001", terminal_id="L02", hq_state="paid", hq_amount_fen=2583),
                       Difference(Kind.NOT_AT_HQ, "X99", "payment", "on the bill only", bill_amount_fen=500)]),
-                  Result(day, "jp", "jeepay", "query", Outcome.ERROR, error="1 of 2 queries had no definite answer",
+                  Result(day, "jp", "jeepay", "query", DayState.ERROR, error="1 of 2 queries had no definite answer",
                          next_try_at=1_900_000_000.0, note="jeepay has no bill API")):
             reconcile.save(store, r, 1_800_000_000.0)
     finally:

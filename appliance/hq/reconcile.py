@@ -71,7 +71,7 @@ RETURNED = GIVEN_BACK | {"reversed"}  # states in which a return line is expecte
 OPEN = frozenset({"pending", "unknown", "deferred"})
 
 
-class Outcome(StrEnum):
+class DayState(StrEnum):
     FETCHED = "fetched"
     NO_TRANSACTIONS = "no_transactions"
     BY_QUERY = "by_query"
@@ -80,7 +80,7 @@ class Outcome(StrEnum):
 
     @property
     def final(self) -> bool:
-        return self in (Outcome.FETCHED, Outcome.NO_TRANSACTIONS, Outcome.BY_QUERY)
+        return self in (DayState.FETCHED, DayState.NO_TRANSACTIONS, DayState.BY_QUERY)
 
 
 class Kind(StrEnum):
@@ -150,7 +150,7 @@ class Result:
     platform: str
     kind: str  # the adapter kind
     method: str  # bill | query
-    state: Outcome
+    state: DayState
     differences: list[Difference] = field(default_factory=list)
     matched: dict = field(default_factory=lambda: {"payments": 0, "paid_fen": 0, "returns": 0, "returned_fen": 0})
     fee_fen: int | None = None  # the bill's fees over its lines (None: no bill)
@@ -321,7 +321,7 @@ def match(day: dt.date, platform: str, kind: str, lines, orders: dict[str, Order
 
 def by_query(provider: Provider, day: dt.date, orders: dict[str, Order]) -> Result:
     """A platform without a bill: each of its payments with an event on `day` queried, its state compared."""
-    result = Result(day, provider.name, provider.kind, "query", Outcome.BY_QUERY,
+    result = Result(day, provider.name, provider.kind, "query", DayState.BY_QUERY,
                     note=f"{provider.kind} has no bill API: each payment was queried and its state compared; "
                          "money taken outside the appliance, amounts and fees cannot be checked this way")
     failed = []
@@ -350,7 +350,7 @@ def by_query(provider: Provider, day: dt.date, orders: dict[str, Order]) -> Resu
             result.matched["returns"] += 1
             result.matched["returned_fen"] += o.amount_fen
     if failed:
-        result.state, result.retryable = Outcome.ERROR, True
+        result.state, result.retryable = DayState.ERROR, True
         result.error = f"{len(failed)} of {result.queried} queries had no definite answer: " + "; ".join(failed[:3])
     return result
 
@@ -378,18 +378,18 @@ def reconcile(store: Store, provider: Provider, day: dt.date, *, now: float | No
     try:
         bill = provider.bill(day)
     except BillError as e:
-        return Result(day, provider.name, provider.kind, "bill", Outcome.ERROR, error=str(e), retryable=e.retryable)
+        return Result(day, provider.name, provider.kind, "bill", DayState.ERROR, error=str(e), retryable=e.retryable)
     except ApplianceError as e:  # anything else an adapter raises: a fault of this attempt, named
-        return Result(day, provider.name, provider.kind, "bill", Outcome.ERROR, error=f"platform {provider.name}: "
+        return Result(day, provider.name, provider.kind, "bill", DayState.ERROR, error=f"platform {provider.name}: "
                       f"bill of {day}: {e}", retryable=e.retryable)
     if bill.state is BillState.NOT_YET:
-        return Result(day, provider.name, provider.kind, "bill", Outcome.NOT_YET, note=bill.detail)
+        return Result(day, provider.name, provider.kind, "bill", DayState.NOT_YET, note=bill.detail)
     orders = load_orders(store, day, {x.out_trade_no for x in bill.lines})
     diffs, matched = match(day, provider.name, provider.kind, bill.lines, orders,
                            elsewhere(store, day, provider.name, orders))
-    state = Outcome.FETCHED if bill.state is BillState.FETCHED else Outcome.NO_TRANSACTIONS
+    state = DayState.FETCHED if bill.state is BillState.FETCHED else DayState.NO_TRANSACTIONS
     return Result(day, provider.name, provider.kind, "bill", state, diffs, matched,
-                  fee_fen=totals_of(bill.lines).fee_fen if state is Outcome.FETCHED else 0, stated=bill.totals,
+                  fee_fen=totals_of(bill.lines).fee_fen if state is DayState.FETCHED else 0, stated=bill.totals,
                   lines=bill.lines, note=bill.detail)
 
 
@@ -411,7 +411,7 @@ def save(store: Store, result: Result, now: float) -> bool:
     with store.guard(), store.atomic():
         old = R.get_or_none((R.day == day) & (R.platform == result.platform))
         result.attempts = (old.attempts + 1) if old else 1
-        if old is not None and Outcome(old.state).final and not result.state.final:
+        if old is not None and DayState(old.state).final and not result.state.final:
             R.update(attempts=result.attempts).where((R.day == day) & (R.platform == result.platform)).execute()
             return False
         for model in (R, D, B):
@@ -447,7 +447,7 @@ def stored(store: Store, day: dt.date | None = None) -> list[dict]:
                      for d in D.select().where((D.day == r.day) & (D.platform == r.platform))
                      .order_by(D.kind, D.out_trade_no, D.movement)]
             out.append({"day": r.day, "platform": r.platform, "kind": r.kind, "method": r.method, "state": r.state,
-                        "final": Outcome(r.state).final, "differences": diffs, "attempts": r.attempts,
+                        "final": DayState(r.state).final, "differences": diffs, "attempts": r.attempts,
                         "checked_at": r.checked_at, "next_try_at": r.next_try_at, "error": r.error,
                         "summary": json.loads(r.summary)})
     return out
@@ -468,7 +468,7 @@ def due(store: Store, platforms: list[str], now: float, retry_for_days: int) -> 
     for day in sorted(days):
         for p in platforms:
             r = kept.get((day.isoformat(), p))
-            if r is None or (not Outcome(r.state).final and r.next_try_at is not None
+            if r is None or (not DayState(r.state).final and r.next_try_at is not None
                              and r.next_try_at <= _utc(now)):
                 out.append((day, p))
     return out
@@ -490,9 +490,9 @@ def run_day(store: Store, providers: dict[str, Provider], day: dt.date, *, now: 
 
 def _log(r: Result, kept: bool) -> None:
     where = f"reconcile {r.platform} {r.day}"
-    if r.state is Outcome.ERROR:
+    if r.state is DayState.ERROR:
         log.error("%s: %s%s", where, r.error, "" if kept else " (the earlier final result is kept)")
-    elif r.state is Outcome.NOT_YET:
+    elif r.state is DayState.NOT_YET:
         log.info("%s: bill not yet available; next try %s", where, _rfc3339(r.next_try_at) or "by hand")
     elif r.differences:
         log.warning("%s: %s, %d difference(s)", where, r.state, len(r.differences))
@@ -501,7 +501,7 @@ def _log(r: Result, kept: bool) -> None:
 
 
 def exit_code(results: list[Result]) -> int:
-    if any(r.state is Outcome.ERROR and not r.retryable for r in results):
+    if any(r.state is DayState.ERROR and not r.retryable for r in results):
         return EXIT_ERROR
     if any(r.differences for r in results):
         return EXIT_DIFFERENCES
@@ -542,9 +542,9 @@ def render(results: list[Result]) -> str:
     return "\n".join(out) if out else "(no platforms to reconcile)"
 
 
-STATE_WORDS = {Outcome.FETCHED: "bill fetched", Outcome.NO_TRANSACTIONS: "no transactions on the bill",
-               Outcome.BY_QUERY: "reconciled by query", Outcome.NOT_YET: "bill not yet available",
-               Outcome.ERROR: "failed"}
+STATE_WORDS = {DayState.FETCHED: "bill fetched", DayState.NO_TRANSACTIONS: "no transactions on the bill",
+               DayState.BY_QUERY: "reconciled by query", DayState.NOT_YET: "bill not yet available",
+               DayState.ERROR: "failed"}
 
 
 def as_json(results: list[Result]) -> dict:

@@ -177,7 +177,7 @@ def _models(db: pw.Database):
         platform = pw.CharField(max_length=64)
         kind = pw.CharField(max_length=32)  # the adapter kind
         method = pw.CharField(max_length=8)  # bill | query
-        state = pw.CharField(max_length=16)  # reconcile.Outcome: fetched, no_transactions, by_query, not_yet, error
+        state = pw.CharField(max_length=16)  # reconcile.DayState: fetched, no_transactions, by_query, not_yet, error
         differences = pw.IntegerField()
         attempts = pw.IntegerField()
         checked_at = pw.CharField(max_length=24)

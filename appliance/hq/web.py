@@ -212,7 +212,7 @@ def reconciliation_main(store: Store, day: str) -> str:
     out = ['<h2>Reconciliation (Beijing day)</h2>']
     for r in reconcile.stored(store, dt.date.fromisoformat(day)):
         m, p = r["summary"]["matched"], escape(r["platform"])
-        words = escape(reconcile.STATE_WORDS[reconcile.Outcome(r["state"])])
+        words = escape(reconcile.STATE_WORDS[reconcile.DayState(r["state"])])
         fee = r["summary"]["fee_fen"]
         facts = (f'{m["payments"]} payment(s) {format_amount(m["paid_fen"])} and {m["returns"]} return(s) '
                  f'{format_amount(m["returned_fen"])} matched' + (f', fees {format_amount(fee)}' if fee is not None
