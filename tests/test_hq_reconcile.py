@@ -115,8 +115,9 @@ def test_match_counts_what_matched_and_names_the_lane():
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'hq.sqlite'}")
+def store(hq_db_url):
+    """Head office's database: SQLite, then PostgreSQL."""
+    s = Store(hq_db_url)
     yield s
     s.close()
 

@@ -114,12 +114,11 @@ class Order:
     done_at: float | None = None  # the `cancelled` or `refunded` event
     event_days: set = field(default_factory=set)  # Beijing days with an event of this payment
 
-    def return_day(self, kind: str) -> dt.date | None:
-        """The Beijing day the platform of adapter `kind` dates this payment's money given back."""
+    def return_at(self, kind: str) -> float | None:
+        """When the platform of adapter `kind` dates this payment's money given back (None: not given back)."""
         if self.state not in GIVEN_BACK:
             return None
-        at = self.asked_at if kind in REFUNDS_DATED_WHEN_ASKED and self.asked_at is not None else self.done_at
-        return beijing_day(at) if at is not None else None
+        return self.asked_at if kind in REFUNDS_DATED_WHEN_ASKED and self.asked_at is not None else self.done_at
 
 
 @dataclass
@@ -311,10 +310,10 @@ def match(day: dt.date, platform: str, kind: str, lines, orders: dict[str, Order
         if o.paid_at is not None and beijing_day(o.paid_at) == day and "payment" not in have:
             diffs.append(Difference(Kind.NOT_ON_BILL, o.out_trade_no, "payment", "paid at head office, not on the "
                                     "platform's bill", at=_utc(o.paid_at), **where))
-        if o.return_day(kind) == day and "return" not in have:
-            at = o.asked_at if kind in REFUNDS_DATED_WHEN_ASKED and o.asked_at else o.done_at
+        back = o.return_at(kind)
+        if back is not None and beijing_day(back) == day and "return" not in have:
             diffs.append(Difference(Kind.NOT_ON_BILL, o.out_trade_no, "refund", f"{o.state} at head office, the "
-                                    "money given back is not on the platform's bill", at=_utc(at), **where))
+                                    "money given back is not on the platform's bill", at=_utc(back), **where))
     diffs.sort(key=lambda d: (d.kind, d.out_trade_no, d.movement))
     return diffs, matched
 
