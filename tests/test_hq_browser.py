@@ -17,6 +17,7 @@ saying so. HQ_SCREENSHOTS=DIR saves the screenshots there (docs/ for docs/hq.md)
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import os
 import shutil
@@ -178,6 +179,24 @@ def downloaded(directory: Path, timeout: float = 30) -> Path:
     return next(directory.iterdir())
 
 
+def reconciled(url: str) -> None:
+    """The day's reconciliation as `appliance hq reconcile` stores it: WeChat clean, Alipay with one
+    payment of lane 03 missing from its bill (the matching itself: tests/test_hq_reconcile*.py)."""
+    from appliance.hq import reconcile
+    from appliance.hq.reconcile import DayState, Difference, Kind, Result
+
+    day = dt.date.fromisoformat(DAY)
+    store = Store(url)
+    try:
+        reconcile.save(store, Result(day, "wechat_main", "wechat_v3", "bill", DayState.FETCHED, fee_fen=12, matched={
+            "payments": 2, "paid_fen": 1950, "returns": 1, "returned_fen": 700}), time.time())
+        reconcile.save(store, Result(day, "alipay_main", "alipay", "bill", DayState.FETCHED, fee_fen=0, differences=[
+            Difference(Kind.NOT_ON_BILL, f"{C[0]}_{C[1]}_1", "payment", "paid at head office, not on the platform's "
+                       "bill", store_id=C[0], terminal_id=C[1], hq_state="paid", hq_amount_fen=333)]), time.time())
+    finally:
+        store.close()
+
+
 def test_the_day_view_in_chromium(browser, broker, hq_db_url, tmp_path):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
@@ -195,6 +214,7 @@ def test_the_day_view_in_chromium(browser, broker, hq_db_url, tmp_path):
         events = sum(kind != "status" for sent in docs.values() for kind, _ in sent)
         _wait(lambda: stored(hq_db_url) == (events, {A: "online", B: "offline", C: "online"}, 0), 60,
               "every lane's messages at head office", lambda: stored(hq_db_url))
+        reconciled(hq_db_url)
 
         server = Server(hq_db_url)
         browser.get(f"{server.base}/?date={DAY}")
@@ -202,6 +222,11 @@ def test_the_day_view_in_chromium(browser, broker, hq_db_url, tmp_path):
             "amount": "65.83", "count": "3", "declined": "1", "cancelled": "1", "open": "1"}
         WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
             lambda d: d.find_element(By.ID, "hours").is_displayed())
+        ok = browser.find_element(By.ID, "rec-wechat_main").text
+        assert ok.startswith("\u2714 wechat_main (wechat_v3): bill fetched; 2 payment(s) 19.50"), ok
+        assert "1 difference(s)" in browser.find_element(By.ID, "rec-alipay_main").text
+        link = browser.find_element(By.LINK_TEXT, f"{C[0]}/{C[1]}")  # the difference's lane
+        assert link.get_attribute("href").endswith(f"/lane/{C[0]}/{C[1]}?date={DAY}")
         shot(browser, tmp_path, "hq-day.png")
 
         browser.execute_script("window.notReloaded = true")
