@@ -5,10 +5,12 @@ The simulator's ledger takes `payments` payments of one Beijing day (every 20th 
 office's database (SQLite) holds the events a lane sends for each (pending, paid; cancel_requested,
 refunded). Measured, per platform: the bill call (apply or query, download, gunzip or unzip, hash,
 parse, summary check), the matching (head office's payments loaded, every line matched), storing the
-result (bill lines, differences, the summary, one transaction), and the process's peak RSS.
+result (bill lines, differences, the summary, one transaction); then the same day again as a
+technician runs it, `appliance hq reconcile --date D --platform P` in its own process: its wall time
+and its peak RSS (the bench process itself holds the simulator's books as well).
 
-Target (bench/RESULTS.md): a day of 100,000 payments reconciled, fetch to stored, within 60 s per
-platform on the development VM, with zero differences; peak RSS under 1 GB.
+Target (bench/RESULTS.md): a day of 100,000 payments reconciled by the command, fetch to stored,
+within 60 s per platform on the development VM, with zero differences; its peak RSS under 512 MB.
 
     python bench/reconcile.py                 # 100,000 payments per platform
     python bench/reconcile.py --payments 5000
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +47,7 @@ from appliance.simulators.wechat_v3 import WechatV3Simulator  # noqa: E402
 
 DAY = dt.date(2026, 11, 20)
 TARGET_S = 60.0
-TARGET_RSS_MB = 1024
+TARGET_RSS_MB = 512
 PLATFORMS = {"wechat_v3": (WechatV3Simulator, "13"), "wechat_v2": (WechatV2Simulator, "13"),
              "alipay": (AlipaySimulator, "28")}
 
@@ -86,6 +90,29 @@ class Clock:
         return self.t
 
 
+#: The command in a child process that reports its own peak RSS (KB) on its last stderr line: VmHWM of
+#: its memory map (getrusage's ru_maxrss would count this process's RSS at the fork, kept across exec).
+RUN_AND_MEASURE = ("import re, sys; from appliance.cli import main; rc = main(sys.argv[1:]); "
+                   "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+                   "print('maxrss', hwm, file=sys.stderr); sys.exit(rc)")
+
+
+def command(sim, name: str, url: str, tmp: Path) -> tuple[float, float, int]:
+    """`appliance hq reconcile` of DAY for `name` in its own process: (wall s, peak RSS MB, differences)."""
+    cfg = tmp / "hq.toml"
+    cfg.write_text(f"[providers.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in
+                                                     sim.provider_options().items()))
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", RUN_AND_MEASURE, "hq", "reconcile", "--config", str(cfg), "--db", url,
+                        "--date", DAY.isoformat(), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    took = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"appliance hq reconcile exited {r.returncode}: {r.stderr[-2000:]}")
+    (result,) = json.loads(r.stdout)["results"]
+    rss_kb = int(r.stderr.strip().splitlines()[-1].split()[1])
+    return took, rss_kb / 1024, len(result["differences"])
+
+
 def one(name: str, payments: int, tmp: Path) -> dict:
     cls, prefix = PLATFORMS[name]
     ledger = Ledger(clock=Clock())
@@ -110,8 +137,10 @@ def one(name: str, payments: int, tmp: Path) -> dict:
         reconcile.save(store, result, ledger.clock.t)
         t3 = time.perf_counter()
         provider.close()
-        return {"platform": name, "lines": len(bill.lines), "differences": len(diffs), "fetch_s": t1 - t0,
-                "match_s": t2 - t1, "store_s": t3 - t2, "total_s": t3 - t0}
+        cli_s, cli_rss_mb, cli_diffs = command(sim, name, store.url, tmp / name)
+        return {"platform": name, "lines": len(bill.lines), "differences": len(diffs) + cli_diffs,
+                "fetch_s": t1 - t0, "match_s": t2 - t1, "store_s": t3 - t2, "total_s": t3 - t0, "cli_s": cli_s,
+                "cli_rss_mb": cli_rss_mb}
     finally:
         store.close()
         sim.stop()
@@ -125,18 +154,17 @@ def main() -> int:
     payments = 200 if args.smoke else args.payments
     missed = []
     print("| platform | payments | bill lines | differences | fetch + parse s | match s | store s | total s | "
-          "lines/s |\n|---|---|---|---|---|---|---|---|---|")
+          "lines/s | command s | command peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in PLATFORMS:
             r = one(name, payments, Path(tmp))
             print(f"| {name} | {payments} | {r['lines']} | {r['differences']} | {r['fetch_s']:.2f} | "
-                  f"{r['match_s']:.2f} | {r['store_s']:.2f} | {r['total_s']:.2f} | {r['lines'] / r['total_s']:,.0f} |")
-            if r["differences"] or (not args.smoke and r["total_s"] > TARGET_S):
+                  f"{r['match_s']:.2f} | {r['store_s']:.2f} | {r['total_s']:.2f} | {r['lines'] / r['total_s']:,.0f} | "
+                  f"{r['cli_s']:.2f} | {r['cli_rss_mb']:.0f} |")
+            if r["differences"] or (not args.smoke and (r["cli_s"] > TARGET_S or r["cli_rss_mb"] > TARGET_RSS_MB)):
                 missed.append(name)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS: {rss_mb:.0f} MB (target < {TARGET_RSS_MB} MB)")
-    if not args.smoke and rss_mb > TARGET_RSS_MB:
-        missed.append("rss")
+    print(f"targets: the command within {TARGET_S:.0f} s and {TARGET_RSS_MB} MB per platform, no differences; "
+          f"this process's peak RSS (simulators included): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if missed:
         print(f"targets missed: {', '.join(missed)}", file=sys.stderr)
         return 1

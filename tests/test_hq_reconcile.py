@@ -29,7 +29,7 @@ AFTER = NOON + 86_400  # the day after
 def order(n: int, state: str = "paid", fen: int = 1000, *, paid: float | None = NOON, asked: float | None = None,
           done: float | None = None, platform: str = "wx") -> Order:
     o = Order(f"S0001_L01_{n}", "S0001", "L01", platform, fen, state, paid_at=paid, asked_at=asked, done_at=done)
-    o.event_days = {beijing_day(t) for t in (paid, asked, done) if t is not None}
+    o.event_days = tuple({beijing_day(t) for t in (paid, asked, done) if t is not None})
     return o
 
 

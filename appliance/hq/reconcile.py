@@ -42,6 +42,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -99,7 +100,7 @@ MEANING = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Order:
     """Head office's view of one payment, from its txn events."""
 
@@ -112,7 +113,7 @@ class Order:
     paid_at: float | None = None  # the first `paid` event (Unix time)
     asked_at: float | None = None  # the first `cancel_requested` event
     done_at: float | None = None  # the `cancelled` or `refunded` event
-    event_days: set = field(default_factory=set)  # Beijing days with an event of this payment
+    event_days: tuple = ()  # the Beijing days with an event of this payment
 
     def return_at(self, kind: str) -> float | None:
         """When the platform of adapter `kind` dates this payment's money given back (None: not given back)."""
@@ -200,32 +201,36 @@ def load_orders(store: Store, day: dt.date, out_trade_nos=()) -> dict[str, Order
     lo, hi = _utc(day_start(day)), _utc(day_start(day) + 86_400)
     near = [(day + dt.timedelta(days=k)).isoformat() for k in (-2, -1, 0, 1)]  # business dates it can carry
     numbers = set(out_trade_nos)
+    orders: dict[str, Order] = {}
     with store.guard():
         numbers |= {n for (n,) in E.select(E.out_trade_no).distinct()
                     .where(E.kind == "txn", E.business_date.in_(near), E.at >= lo, E.at < hi).tuples()}
-        rows = []
         ordered = sorted(numbers)
-        for i in range(0, len(ordered), CHUNK):
-            rows.extend(E.select(E.out_trade_no, E.store_id, E.terminal_id, E.seq, E.state, E.amount_fen, E.at,
-                                 E.payload).where(E.kind == "txn", E.out_trade_no.in_(ordered[i:i + CHUNK])).tuples())
-    events = defaultdict(list)
-    for row in rows:
-        events[row[0]].append(row)
-    return {number: _order(sorted(evs, key=lambda r: r[3])) for number, evs in events.items()}
+        for i in range(0, len(ordered), CHUNK):  # a chunk's events (payloads) at a time: memory stays bounded
+            events = defaultdict(list)
+            for row in E.select(E.out_trade_no, E.store_id, E.terminal_id, E.seq, E.state, E.amount_fen, E.at,
+                                E.payload).where(E.kind == "txn", E.out_trade_no.in_(ordered[i:i + CHUNK])).tuples():
+                events[row[0]].append(row)
+            orders.update((number, _order(sorted(evs, key=lambda r: r[3]))) for number, evs in events.items())
+    return orders
 
 
 def _order(events: list[tuple]) -> Order:
     number, store_id, terminal_id, _, _, amount, _, payload = events[-1]
-    o = Order(number, store_id, terminal_id, json.loads(payload).get("platform", ""), amount, events[-1][4])
+    intern = sys.intern  # a busy day holds 100,000 orders: their few distinct ids and states once each
+    o = Order(number, intern(store_id), intern(terminal_id), intern(json.loads(payload).get("platform", "")), amount,
+              intern(events[-1][4]))
+    days = set()
     for _, _, _, _, state, _, at, _ in events:
         t = _unix(at)
-        o.event_days.add(beijing_day(t))
+        days.add(beijing_day(t))
         if state == "paid" and o.paid_at is None:
             o.paid_at = t
         elif state == "cancel_requested" and o.asked_at is None:
             o.asked_at = t
         elif state in GIVEN_BACK:
             o.done_at = t
+    o.event_days = tuple(days)
     return o
 
 
@@ -419,15 +424,14 @@ def save(store: Store, result: Result, now: float) -> bool:
                  differences=len(result.differences), attempts=result.attempts, checked_at=_utc(now),
                  next_try_at=_rfc3339(result.next_try_at), error=result.error,
                  summary=json.dumps(result.summary(), ensure_ascii=False)).execute()
-        rows = [{"day": day, "platform": result.platform, **d.as_dict()} for d in result.differences]
-        for i in range(0, len(rows), 200):
-            D.insert_many(rows[i:i + 200]).execute()
-        lines = [{"day": day, "platform": result.platform, "out_trade_no": x.out_trade_no,
-                  "platform_txn_id": x.platform_txn_id, "movement": str(x.kind), "amount_fen": x.amount_fen,
-                  "fee_fen": x.fee_fen, "at": x.at, "state": x.state, "out_refund_no": x.out_refund_no}
-                 for x in result.lines]
-        for i in range(0, len(lines), 200):
-            B.insert_many(lines[i:i + 200]).execute()
+        for i in range(0, len(result.differences), 200):  # rows built a chunk at a time: a big day stays small
+            D.insert_many([{"day": day, "platform": result.platform, **d.as_dict()}
+                           for d in result.differences[i:i + 200]]).execute()
+        for i in range(0, len(result.lines), 200):
+            B.insert_many([{"day": day, "platform": result.platform, "out_trade_no": x.out_trade_no,
+                            "platform_txn_id": x.platform_txn_id, "movement": str(x.kind), "amount_fen": x.amount_fen,
+                            "fee_fen": x.fee_fen, "at": x.at, "state": x.state, "out_refund_no": x.out_refund_no}
+                           for x in result.lines[i:i + 200]]).execute()
     return True
 
 

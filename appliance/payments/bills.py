@@ -58,7 +58,7 @@ class LineKind(StrEnum):
     REVOKED = "revoked"  # money back by a reversal of a code payment (WeChat REVOKED)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BillLine:
     """One line of a bill: one money movement of one order."""
 

@@ -82,18 +82,18 @@ def parse_bill(platform: str, day: dt.date, data: bytes) -> Bill:
         line = data.count(b"\n", 0, e.start) + 1
         raise BillError(platform, day, f"line {line}: not UTF-8 (a gzip stream read as text, or another "
                                        f"charset)") from None
-    numbered = [(n, line) for n, line in enumerate(re.split(r"\r?\n", text.removeprefix("\ufeff")), 1)
-                if line.strip()]
-    if not numbered:
+    rest = _numbered(text.removeprefix("\ufeff"))
+    first = next(rest, None)
+    if first is None:
         raise BillError(platform, day, "the bill is empty (no header, no summary)")
     reader = _Reader(platform, day)
-    n, first = numbered[0]
-    header = reader.header(n, first)
+    n, raw = first
+    header = reader.header(n, raw)
     missing = [c for c in REQUIRED if c not in header] + \
         ([] if any(c in header for c in AMOUNT_COLUMNS) else ["订单金额"])
     if missing:
         raise BillError(platform, day, f"line {n}: not a WeChat bill header (no {', '.join(missing)})")
-    lines, rest = [], iter(numbered[1:])
+    lines = []
     for n, raw in rest:
         if _cells(raw)[0] == SUMMARY_FIRST:
             totals = _totals(reader, n, raw, next(rest, None))
@@ -104,7 +104,21 @@ def parse_bill(platform: str, day: dt.date, data: bytes) -> Bill:
             return Bill(platform, day, BillState.FETCHED, tuple(lines), totals,
                         detail=f"{len(lines)} lines, summary checked")
         lines.append(_line(reader, n, reader.values(n, raw, header)))
-    raise BillError(platform, day, f"no summary: no {SUMMARY_FIRST} header after line {numbered[-1][0]}")
+    raise BillError(platform, day, f"no summary: no {SUMMARY_FIRST} header after line {n}")
+
+
+def _numbered(text: str):
+    """(line number, line) of each line that is not blank; lines end in LF or CRLF. A generator, so
+    that a bill of many MB is never held twice (as its text and as a list of its lines)."""
+    start, n = 0, 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        n += 1
+        line = text[start:end].removesuffix("\r")
+        if line.strip():
+            yield n, line
+        start = end + 1
 
 
 class _Reader:
