@@ -67,4 +67,4 @@ def test_reconcile_bench_smoke():
     rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith(("| wechat", "| alipay"))]
     assert [(row[0], row[2], row[3]) for row in rows] == [("| wechat_v3", "210", "0"), ("| wechat_v2", "210", "0"),
                                                           ("| alipay", "210", "0")], r.stdout
-    assert "peak RSS:" in r.stdout
+    assert "| command peak RSS MB |" in r.stdout and r.stdout.rstrip().splitlines()[-1].startswith("targets:")
