@@ -232,6 +232,18 @@ def test_due_is_yesterday_and_the_retries_whose_time_has_come(store):
     assert reconcile.due(store, ["wx", "ali"], now + 1800, 2) == [(DAY - dt.timedelta(days=1), "ali"), (DAY, "wx")]
 
 
+def test_a_day_with_differences_is_due_once_more_after_the_next_days_bill(store):
+    day2 = DAY + dt.timedelta(days=1)
+    now = day_start(day2) + 86_400 + 10 * 3600  # day2 is yesterday
+    diff = reconcile.Difference(Kind.NOT_ON_BILL, "S0001_L01_1", "payment", "")
+    reconcile.save(store, Result(DAY, "wx", "wechat_v3", "bill", DayState.FETCHED, differences=[diff]), now - 86_400)
+    assert reconcile.due(store, ["wx"], now, 2) == [(day2, "wx")]  # day2 never tried; DAY waits for it
+    reconcile.save(store, Result(day2, "wx", "wechat_v3", "bill", DayState.FETCHED), now)
+    assert reconcile.due(store, ["wx"], now + 1800, 2) == [(DAY, "wx")]  # its bill may hold DAY's payment
+    reconcile.save(store, Result(DAY, "wx", "wechat_v3", "bill", DayState.FETCHED, differences=[diff]), now + 1800)
+    assert reconcile.due(store, ["wx"], now + 3600, 2) == []  # once: still different, it is a person's now
+
+
 def test_exit_codes_take_the_worst():
     ok = Result(DAY, "a", "k", "bill", DayState.FETCHED)
     later = Result(DAY, "b", "k", "bill", DayState.NOT_YET)

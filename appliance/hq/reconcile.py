@@ -23,7 +23,8 @@ of head office's payments (any day), and each payment of the day must be on the 
 
 A movement that head office dates one side of midnight and the platform the other is found on the
 other day's bill once that bill is stored (`bill_line`): it is not a difference. Until then (the
-later day's bill is fetched the next morning) it is, and re-running the day clears it.
+later day's bill is fetched the next morning) it is, and re-running the day clears it: the schedule
+(`--due`) re-runs a day with differences once, after the next day's bill is stored.
 
 **Platforms without a bill API** (kind jeepay): each payment of the day with an event that day is
 queried instead, and its state compared (`by_query`). This cannot see money taken outside the
@@ -460,8 +461,10 @@ def stored(store: Store, day: dt.date | None = None) -> list[dict]:
 
 
 def due(store: Store, platforms: list[str], now: float, retry_for_days: int) -> list[tuple[dt.date, str]]:
-    """The (day, platform) pairs the schedule should try now: each of the last `retry_for_days` days
-    (yesterday included) without a final result whose next try has come (or that was never tried)."""
+    """The (day, platform) pairs the schedule should try now, among the last `retry_for_days` days
+    (yesterday included): a day never tried; a day not final whose next try has come; and, once, a
+    final day with differences after the next day's bill was stored (a movement on the other side
+    of midnight, or a lane's late events, then match)."""
     R = store.Reconciliation
     yesterday = beijing_day(now) - dt.timedelta(days=1)
     days = [yesterday - dt.timedelta(days=k) for k in range(retry_for_days)]
@@ -471,8 +474,14 @@ def due(store: Store, platforms: list[str], now: float, retry_for_days: int) -> 
     for day in sorted(days):
         for p in platforms:
             r = kept.get((day.isoformat(), p))
-            if r is None or (not DayState(r.state).final and r.next_try_at is not None
-                             and r.next_try_at <= _utc(now)):
+            after = kept.get(((day + dt.timedelta(days=1)).isoformat(), p))
+            if r is None:
+                out.append((day, p))
+            elif not DayState(r.state).final:
+                if r.next_try_at is not None and r.next_try_at <= _utc(now):
+                    out.append((day, p))
+            elif r.differences and after is not None and DayState(after.state).final \
+                    and after.checked_at > r.checked_at:
                 out.append((day, p))
     return out
 
