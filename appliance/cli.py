@@ -569,7 +569,8 @@ def add_hq(sub) -> None:
     when = sp.add_mutually_exclusive_group()
     when.add_argument("--date", type=_date, help="the Beijing day YYYY-MM-DD (default: yesterday there)")
     when.add_argument("--due", action="store_true", help="what the schedule wants now: yesterday and earlier "
-                                                         "days not yet reconciled whose next try has come")
+                                                         "days not yet reconciled whose next try has come, and "
+                                                         "once more a day with differences after the next day's bill")
     sp.add_argument("--platform", metavar="NAME", help="only this [providers.NAME]")
     sp.add_argument("--json", action="store_true", help="print the results as one JSON object")
     sp = add("serve", cmd_hq_serve, "a read-only web day view of the database: the day's figures, lanes, "

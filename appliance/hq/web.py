@@ -226,8 +226,9 @@ def reconciliation_main(store: Store, day: str) -> str:
                      escape(d["out_trade_no"]), escape(d["hq_state"] or ""),
                      "" if d["hq_amount_fen"] is None else format_amount(d["hq_amount_fen"]),
                      "" if d["bill_amount_fen"] is None else format_amount(d["bill_amount_fen"]),
-                     f'<a href="/lane/{d["store_id"]}/{d["terminal_id"]}?date={day}">{escape(d["store_id"])}/'
-                     f'{escape(d["terminal_id"])}</a>' if d["store_id"] else "", escape(d["detail"])]
+                     f'<a href="/lane/{quote(d["store_id"])}/{quote(d["terminal_id"])}?date={day}">'
+                     f'{escape(d["store_id"])}/{escape(d["terminal_id"])}</a>' if d["store_id"] else "",
+                     escape(d["detail"])]
                     for d in r["differences"]]
             out.append(_table(["difference", "movement", "out_trade_no", "state here", "amount here", "on the bill",
                                "lane", "detail"], rows, {4, 5}))
