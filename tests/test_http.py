@@ -11,7 +11,7 @@ import pytest
 
 from appliance.errors import ConfigError, NoAnswer, ProviderUnavailable
 from appliance.payments import Status
-from appliance.payments.http import MAX_ANSWER_BYTES, Gateway, HttpOptions, UntrustedAnswers
+from appliance.payments.http import MAX_ANSWER_BYTES, Gateway, HttpOptions, UntrustedAnswers, link_problem
 from appliance.schema import build
 from appliance.simulators import Answer, Request, Simulator
 
@@ -167,3 +167,29 @@ def test_an_untrusted_answer_is_unknown_and_logged_once_per_call_and_trade(caplo
     assert {o.status for o in outs} == {Status.UNKNOWN}
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3 and all(line.startswith("SECURITY: platform wx") for line in lines)
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://dwbillcenter.alipay.com/downloadBillFile.resource?bizType=trade&token=x", True),
+    ("http://127.0.0.1:8080/bill/download?token=x", True),
+    ("http://localhost/bill/download", True),
+    ("http://dwbillcenter.alipay.com/downloadBillFile.resource?token=x", False),
+    ("ftp://127.0.0.1/bill.zip", False),
+    ("https://user:pw@example.com/x", False),
+    ("https://example.com:port/x", False),
+    ("/relative/path", False),
+])
+def test_download_links_fetched_only_over_https_or_to_loopback(url, ok):
+    assert (link_problem(url) == "") is ok
+
+
+def test_a_full_download_link_is_the_only_address_and_errors_leave_out_its_token():
+    gw = Gateway(options(base_url=f"http://127.0.0.1:{refused_port()}"), key="providers.p")
+    link = f"http://127.0.0.1:{refused_port()}/bill/download?token=SECRET1"
+    try:
+        with pytest.raises(ProviderUnavailable) as e:
+            gw.request("GET", link)
+    finally:
+        gw.close()
+    assert str(e.value).startswith(link.partition("?")[0] + "?…: ") and "SECRET1" not in str(e.value)
+    assert str(e.value).count("127.0.0.1") == 1  # the link only, not the gateway's base_url

@@ -63,7 +63,7 @@ from appliance.errors import ConfigError, NoAnswer, ProviderMisconfigured, Provi
 from appliance.money import format_amount
 from appliance.payments import Outcome, PayRequest, Provider, Status, providers
 from appliance.payments.bills import MAX_BILL_BYTES, Bill, BillError, BillState, BillUnavailable
-from appliance.payments.alipay_bill import DOWNLOAD_S, bill_link, is_zip, parse_bill, without_query
+from appliance.payments.alipay_bill import DOWNLOAD_S, bill_link, is_zip, parse_bill
 from appliance.payments.http import Gateway, HttpOptions, UntrustedAnswers, gateway_url
 from appliance.payments.keys import (load_private_key, load_public_key, private_key_file, public_key_file,
                                      rsa_sign, rsa_verify)
@@ -438,9 +438,9 @@ class AlipayProvider(Provider):
         try:
             reply = self._gateway.request("GET", url, max_bytes=MAX_BILL_BYTES, answer_s=DOWNLOAD_S)
         except (NoAnswer, ProviderUnavailable) as e:
-            raise BillUnavailable(self.name, day, f"the download failed: {without_query(str(e), url)}") from None
+            raise BillUnavailable(self.name, day, f"the download failed: {e}") from None
         except ProviderMisconfigured as e:
-            raise BillError(self.name, day, f"the download failed: {without_query(str(e), url)}") from None
+            raise BillError(self.name, day, f"the download failed: {e}") from None
         if reply.status != 200 or not is_zip(reply.body):
             got = f"HTTP {reply.status}" if reply.status != 200 else f"{len(reply.body)} bytes that are not a zip"
             raise BillUnavailable(self.name, day, f"the download link answered {got}: the link expired (it works "

@@ -212,8 +212,3 @@ def bill_link(url: str, over_http: bool) -> tuple[str, str]:
     if parts.scheme == "http" and (parts.hostname or "").endswith(".alipay.com") and not parts.username:
         return (url, "") if over_http else (urlunsplit(parts._replace(scheme="https")), "")
     return url, link_problem(url)
-
-
-def without_query(text: str, url: str) -> str:
-    """`text` with the link's query (its one-use token) cut out, for errors and logs."""
-    return text.replace(url, url.partition("?")[0] + ("?…" if "?" in url else ""))

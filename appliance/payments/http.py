@@ -179,22 +179,24 @@ class Gateway:
 
         `max_bytes` and `answer_s` (the whole answer's time, from the request) are raised only for
         head office's bill downloads; a lane's calls keep the defaults, bounded by `call_limit_s`.
-        `path` may be a full http(s) URL (a bill's download link): then it is the only address."""
+        `path` may be a full http(s) URL (a bill's download link): then it is the only address, and
+        errors name it without its query (a one-use token)."""
         refused = []
-        urls = [""] if path.startswith(("https://", "http://")) else self.urls
-        for base in urls:
+        link = path.startswith(("https://", "http://"))
+        for base in [""] if link else self.urls:
+            where = path.partition("?")[0] + ("?…" if "?" in path else "") if link else base + path
             try:
-                return self._once(base, method, path, body, headers, params, max_bytes, answer_s)
+                return self._once(base, method, path, body, headers, params, max_bytes, answer_s, where)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as e:
-                refused.append(f"{base or path}: {_why(e)}")  # nothing was sent: the next address may take it
+                refused.append(f"{base or where}: {_why(e)}")  # nothing was sent: the next address may take it
             except httpx.UnsupportedProtocol as e:
-                raise ProviderMisconfigured(f"{base}: {e}") from None
+                raise ProviderMisconfigured(f"{base or where}: {e}") from None
             except (httpx.TransportError, httpx.DecodingError) as e:  # timeout, reset, protocol or
                 # Content-Encoding error (DecodingError is no TransportError): maybe sent
-                raise NoAnswer(f"{base}{path}: {_why(e)}") from None
+                raise NoAnswer(f"{where}: {_why(e)}") from None
         raise ProviderUnavailable("; ".join(refused))
 
-    def _once(self, base, method, path, body, headers, params, max_bytes, answer_s) -> Reply:
+    def _once(self, base, method, path, body, headers, params, max_bytes, answer_s, where) -> Reply:
         deadline = time.monotonic() + (answer_s or self._answer_s)
         with self._client.stream(method, base + path, content=body, headers=headers, params=params) as r:
             chunks, size = [], 0
@@ -202,9 +204,9 @@ class Gateway:
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_bytes:
-                    raise NoAnswer(f"{base}{path}: answer larger than {max_bytes} bytes")
+                    raise NoAnswer(f"{where}: answer larger than {max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise NoAnswer(f"{base}{path}: answer still arriving after {answer_s or self._read_s:g} s")
+                    raise NoAnswer(f"{where}: answer still arriving after {answer_s or self._read_s:g} s")
             return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, b"".join(chunks), base)
 
     def close(self) -> None:
