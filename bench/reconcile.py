@@ -20,7 +20,6 @@ within 60 s per platform on the development VM, with zero differences; its peak 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import resource
 import subprocess
@@ -35,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from appliance.config import ProviderConfig  # noqa: E402
 from appliance.hq import reconcile  # noqa: E402
+from appliance.hq.reconcile import rfc3339_at  # noqa: E402
 from appliance.hq.store import Store, event_row  # noqa: E402
 from appliance.money import format_amount  # noqa: E402
 from appliance.payments import make_provider, providers  # noqa: E402
@@ -44,16 +44,12 @@ from appliance.simulators.alipay import AlipaySimulator  # noqa: E402
 from appliance.simulators.ledger import Ledger  # noqa: E402
 from appliance.simulators.wechat_v2 import WechatV2Simulator  # noqa: E402
 from appliance.simulators.wechat_v3 import WechatV3Simulator  # noqa: E402
+from reconcile_kit import DAY, Clock  # noqa: E402
 
-DAY = dt.date(2026, 11, 20)
 TARGET_S = 60.0
 TARGET_RSS_MB = 512
 PLATFORMS = {"wechat_v3": (WechatV3Simulator, "13"), "wechat_v2": (WechatV2Simulator, "13"),
              "alipay": (AlipaySimulator, "28")}
-
-
-def at(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 def fill(name: str, ledger: Ledger, store: Store, payments: int, prefix: str) -> None:
@@ -76,18 +72,10 @@ def fill(name: str, ledger: Ledger, store: Store, payments: int, prefix: str) ->
             msg = {"kind": "txn", "event_id": uuid.uuid4().hex, "seq": seq, "store_id": "S0001", "terminal_id": "L01",
                    "txn_id": i + 1, "out_trade_no": no, "state": state, "payment_type": "wechat", "platform": name,
                    "funding_source": None, "amount_fen": fen, "amount": format_amount(fen), "txn_kind": kind,
-                   "business_date": DAY.isoformat(), "at": at(clock.t)}
-            rows.append(event_row(msg, at(clock.t)))
+                   "business_date": DAY.isoformat(), "at": rfc3339_at(clock.t)}
+            rows.append(event_row(msg, rfc3339_at(clock.t)))
     with store.atomic():
         store.add_events(rows)
-
-
-class Clock:
-    def __init__(self):
-        self.t = day_start(DAY) + 3600
-
-    def __call__(self):
-        return self.t
 
 
 #: The command in a child process that reports its own peak RSS (KB) on its last stderr line: VmHWM of
@@ -115,7 +103,7 @@ def command(sim, name: str, url: str, tmp: Path) -> tuple[float, float, int]:
 
 def one(name: str, payments: int, tmp: Path) -> dict:
     cls, prefix = PLATFORMS[name]
-    ledger = Ledger(clock=Clock())
+    ledger = Ledger(clock=Clock(day_start(DAY) + 3600))
     sim = cls(tmp / name / "keys", ledger).start()
     store = Store(f"sqlite:///{tmp / name / 'hq.sqlite'}")
     try:

@@ -12,17 +12,22 @@ import itertools
 import uuid
 from types import SimpleNamespace
 
+from appliance.config import ProviderConfig
+from appliance.hq.reconcile import rfc3339_at
 from appliance.hq.store import Store
 from appliance.money import format_amount
-from appliance.payments import PayRequest, Provider, Status
+from appliance.payments import PayRequest, Provider, Status, make_provider, providers
 from appliance.payments.bills import day_start
 from appliance.resolver import refund_number
+from appliance.schema import build
 from test_schemas import TXN, changed
 
 #: A Beijing day in the past whose bills the tests fetch.
 DAY = dt.date(2026, 11, 20)
 NOON = day_start(DAY) + 12 * 3600
 NEXT_MORNING = day_start(DAY) + 86_400 + 10 * 3600
+#: An adapter's time limits in these tests: a simulator on loopback answers at once.
+FAST = {"connect_timeout_s": 1.0, "read_timeout_s": 2.0}
 
 _numbers = itertools.count(1)
 
@@ -39,10 +44,6 @@ class Clock:
     def tick(self, seconds: float = 60.0) -> float:
         self.t += seconds
         return self.t
-
-
-def _rfc3339(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 class Shop:
@@ -75,8 +76,8 @@ class Shop:
                       terminal_id=self.terminal_id, txn_id=1, out_trade_no=out_trade_no, state=state,
                       previous_state=previous, txn_kind=kind, amount_fen=fen, amount=format_amount(fen),
                       platform=platform or self.provider.name, business_date=DAY.isoformat(),
-                      created_at=_rfc3339(self.clock()), at=_rfc3339(self.clock()))
-        self.store.add_event(msg, _rfc3339(self.clock()))
+                      created_at=rfc3339_at(self.clock()), at=rfc3339_at(self.clock()))
+        self.store.add_event(msg, rfc3339_at(self.clock()))
 
     def pay(self, scenario: str = "00", fen: int = 1000, *, record: bool = True) -> str:
         """A payment as the lane makes it; `record` False: head office never hears of it."""
@@ -116,3 +117,12 @@ class Shop:
 def refund_number_of(out_trade_no: str) -> str:
     """The lane's refund number of a payment (the resolver's rule reads out_trade_no only)."""
     return refund_number(SimpleNamespace(out_trade_no=out_trade_no))
+
+
+def adapter(sim, name: str, tmp_path):
+    """The real adapter of `sim`'s kind, configured through the schema as head office's config would be."""
+    raw = dict(sim.provider_options())
+    kind = raw.pop("kind")
+    options = build(providers.get(kind, "kind").options, raw | FAST,
+                    f"providers.{name}", tmp_path)
+    return make_provider(name, ProviderConfig(kind, options), tmp_path)

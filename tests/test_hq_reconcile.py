@@ -14,12 +14,10 @@ from appliance.hq import reconcile
 from appliance.hq.reconcile import Kind, Order, DayState, Result
 from appliance.hq.store import Store
 from appliance.payments.bills import Bill, BillLine, BillState, LineKind, beijing_day, day_start
-from appliance.payments.jeepay import JeepayOptions, JeepayProvider
-from appliance.schema import build
 from appliance.simulators.jeepay import JeepaySimulator
 from appliance.simulators.ledger import Ledger
 from conftest import appliance_cmd, subprocess_env
-from reconcile_kit import DAY, NEXT_MORNING, NOON, Clock, Shop
+from reconcile_kit import DAY, NEXT_MORNING, NOON, Clock, Shop, adapter
 
 P = LineKind.PAYMENT
 BEFORE = NOON - 86_400  # the day before DAY
@@ -260,9 +258,7 @@ def test_exit_codes_take_the_worst():
 def jeepay(tmp_path):
     clock = Clock()
     with JeepaySimulator(tmp_path / "keys", Ledger(clock=clock)) as sim:
-        raw = {k: v for k, v in sim.provider_options().items() if k != "kind"}
-        p = JeepayProvider("jp", build(JeepayOptions, raw | {"connect_timeout_s": 1, "read_timeout_s": 2},
-                                       "providers.jp", tmp_path), tmp_path)
+        p = adapter(sim, "jp", tmp_path)
         yield sim, p, clock
         p.close()
 

@@ -8,27 +8,24 @@ next day (a day's bill exists only then), and `reconcile` is given that time as 
 
 import signal
 import subprocess
-import threading
 
 import pytest
 
-from appliance.config import ProviderConfig
 from appliance.hq import reconcile
 from appliance.hq.reconcile import DayState
 from appliance.hq.store import Store
-from appliance.payments import make_provider, providers
 from appliance.payments.bills import beijing_day, day_start
-from appliance.schema import build
 from appliance.simulators.alipay import AlipaySimulator
 from appliance.simulators.ledger import Ledger
 from appliance.simulators.wechat_v2 import WechatV2Simulator
 from conftest import appliance_cmd, lane_dict, subprocess_env, write_config
+from reconcile_kit import FAST, adapter
+from test_hq_browser import Ingest
 from test_hq_end_to_end import _journal, _settled, _wait
 
 pytestmark = pytest.mark.integration
 
 LANE = ("S001", "01")
-FAST = {"connect_timeout_s": 1.0, "read_timeout_s": 2.0}
 #: The cashier's day: (scans, what the lane journals). Codes: 13... WeChat, 28... Alipay; the last two
 #: digits pick the simulators' outcome (00 paid, 90 declined).
 ACTIONS = [(("ORD:R1:12.50", "130000000000000100"), "paid"),
@@ -42,16 +39,10 @@ def test_a_lanes_day_through_the_broker_reconciles_with_both_platforms_bills(tmp
     sims = {"wx": WechatV2Simulator(tmp_path / "wx", Ledger()).start(),
             "ali": AlipaySimulator(tmp_path / "ali", Ledger()).start()}
     db = f"sqlite:///{tmp_path / 'hq.sqlite'}"
-    hq = subprocess.Popen(appliance_cmd() + ["hq", "ingest", "--db", db, "--host", broker.host, "--port",
-                                            str(broker.port), "--username", "hq", "--password-file",
-                                            str(broker.password_file("hq"))],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env())
-    log = []
-    threading.Thread(target=lambda: log.extend(iter(hq.stderr.readline, b"")), daemon=True).start()
+    hq = Ingest(broker, db)  # ready once subscribed: a share group without a session drops messages
     state = tmp_path / "lane" / "state"
     lane = None
     try:
-        _wait(lambda: any(b"subscribed:" in line for line in log), 30, "head office to subscribe")
         doc = lane_dict(state, terminal={"store_id": LANE[0], "terminal_id": LANE[1]}, scanner={"kind": "stdin"},
                         indicator={"kind": "log"}, mqtt=broker.mqtt_config(*LANE),
                         providers={name: {**sim.provider_options(), **FAST} for name, sim in sims.items()},
@@ -90,10 +81,7 @@ def test_a_lanes_day_through_the_broker_reconciles_with_both_platforms_bills(tmp
         try:
             for name, sim in sims.items():
                 sim.ledger.clock = lambda: morning
-                raw = {**sim.provider_options(), **FAST}
-                kind = raw.pop("kind")
-                options = build(providers.get(kind, "kind").options, raw, f"providers.{name}", tmp_path)
-                adapters[name] = make_provider(name, ProviderConfig(kind, options), tmp_path)
+                adapters[name] = adapter(sim, name, tmp_path)
             results = {r.platform: r for r in reconcile.run_day(store, adapters, day, now=morning, retry_every_s=1800,
                                                                  retry_for_days=3)}
         finally:
@@ -110,8 +98,6 @@ def test_a_lanes_day_through_the_broker_reconciles_with_both_platforms_bills(tmp
             lane.kill()
             lane.stdin.close()
             lane.wait(15)
-        hq.send_signal(signal.SIGTERM)
-        hq.wait(15)
-        hq.stderr.close()
+        hq.stop()
         for sim in sims.values():
             sim.stop()

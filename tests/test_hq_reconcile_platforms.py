@@ -14,32 +14,20 @@ import subprocess
 
 import pytest
 
-from appliance.config import ProviderConfig
 from appliance.hq import reconcile
 from appliance.hq.reconcile import DayState
 from appliance.hq.store import Store
-from appliance.payments import make_provider, providers
 from appliance.payments.bills import day_start
-from appliance.schema import build
 from appliance.simulators.alipay import AlipaySimulator
 from appliance.simulators.ledger import Ledger
 from appliance.simulators.wechat_v2 import WechatV2Simulator
 from appliance.simulators.wechat_v3 import WechatV3Simulator
 from conftest import appliance_cmd, subprocess_env
-from reconcile_kit import DAY, NEXT_MORNING, Clock, Shop
+from reconcile_kit import DAY, NEXT_MORNING, Clock, Shop, adapter
 
 #: kind -> (the simulator, the first two digits of its payment codes)
 PLATFORMS = {"wechat_v3": (WechatV3Simulator, "13"), "wechat_v2": (WechatV2Simulator, "13"),
              "alipay": (AlipaySimulator, "28")}
-
-
-def adapter(sim, name: str, tmp_path):
-    """The real adapter of `sim`'s kind, configured through the schema as head office's config would be."""
-    raw = dict(sim.provider_options())
-    kind = raw.pop("kind")
-    options = build(providers.get(kind, "kind").options, raw | {"connect_timeout_s": 1.0, "read_timeout_s": 2.0},
-                    f"providers.{name}", tmp_path)
-    return make_provider(name, ProviderConfig(kind, options), tmp_path)
 
 
 @pytest.fixture(params=PLATFORMS, ids=PLATFORMS)

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from appliance.errors import ApplianceError, ConfigError, ProviderError
 from appliance.hq.store import Store
+from appliance.journal import rfc3339
 from appliance.money import format_amount
 from appliance.payments import Provider, Status, make_provider
 from appliance.payments.bills import (FETCH_FROM_HOUR, BillError, BillLine, BillState, BillTotals,
@@ -183,12 +184,13 @@ class Result:
 # --- head office's side --------------------------------------------------------------------------
 
 
-def _utc(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+def rfc3339_at(t: float) -> str:
+    """A Unix time as the events' `at` is written (journal.rfc3339: UTC, milliseconds), so it sorts with them."""
+    return rfc3339(dt.datetime.fromtimestamp(t, dt.timezone.utc))
 
 
 def _rfc3339(t: float | None) -> str | None:
-    return None if t is None else _utc(t)
+    return None if t is None else rfc3339_at(t)
 
 
 def _unix(at: str) -> float:
@@ -199,7 +201,7 @@ def load_orders(store: Store, day: dt.date, out_trade_nos=()) -> dict[str, Order
     """Head office's payments with an event in Beijing `day`, and those named in `out_trade_nos`,
     by out_trade_no, each from all its txn events (of any day)."""
     E = store.Event
-    lo, hi = _utc(day_start(day)), _utc(day_start(day) + 86_400)
+    lo, hi = rfc3339_at(day_start(day)), rfc3339_at(day_start(day) + 86_400)
     near = [(day + dt.timedelta(days=k)).isoformat() for k in (-2, -1, 0, 1)]  # business dates it can carry
     numbers = set(out_trade_nos)
     orders: dict[str, Order] = {}
@@ -315,11 +317,11 @@ def match(day: dt.date, platform: str, kind: str, lines, orders: dict[str, Order
                  "hq_amount_fen": o.amount_fen}
         if o.paid_at is not None and beijing_day(o.paid_at) == day and "payment" not in have:
             diffs.append(Difference(Kind.NOT_ON_BILL, o.out_trade_no, "payment", "paid at head office, not on the "
-                                    "platform's bill", at=_utc(o.paid_at), **where))
+                                    "platform's bill", at=rfc3339_at(o.paid_at), **where))
         back = o.return_at(kind)
         if back is not None and beijing_day(back) == day and "return" not in have:
             diffs.append(Difference(Kind.NOT_ON_BILL, o.out_trade_no, "refund", f"{o.state} at head office, the "
-                                    "money given back is not on the platform's bill", at=_utc(back), **where))
+                                    "money given back is not on the platform's bill", at=rfc3339_at(back), **where))
     diffs.sort(key=lambda d: (d.kind, d.out_trade_no, d.movement))
     return diffs, matched
 
@@ -422,7 +424,7 @@ def save(store: Store, result: Result, now: float) -> bool:
         for model in (R, D, B):
             model.delete().where((model.day == day) & (model.platform == result.platform)).execute()
         R.insert(day=day, platform=result.platform, kind=result.kind, method=result.method, state=str(result.state),
-                 differences=len(result.differences), attempts=result.attempts, checked_at=_utc(now),
+                 differences=len(result.differences), attempts=result.attempts, checked_at=rfc3339_at(now),
                  next_try_at=_rfc3339(result.next_try_at), error=result.error,
                  summary=json.dumps(result.summary(), ensure_ascii=False)).execute()
         for i in range(0, len(result.differences), 200):  # rows built a chunk at a time: a big day stays small
@@ -478,7 +480,7 @@ def due(store: Store, platforms: list[str], now: float, retry_for_days: int) -> 
             if r is None:
                 out.append((day, p))
             elif not DayState(r.state).final:
-                if r.next_try_at is not None and r.next_try_at <= _utc(now):
+                if r.next_try_at is not None and r.next_try_at <= rfc3339_at(now):
                     out.append((day, p))
             elif r.differences and after is not None and DayState(after.state).final \
                     and after.checked_at > r.checked_at:
